@@ -1,0 +1,81 @@
+# ModelPilot. `make test` is the one test command: it installs what it needs (apt packages,
+# pinned Go builds cached outside the clone, the venv), lints, and runs every test.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# Debian's python3.11: Triton's python backend stub links against its libpython.
+PYTHON ?= /usr/bin/python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := .cache/bin
+APT_PACKAGES := prometheus shellcheck
+export KUBECONFIG := $(CURDIR)/.cache/kubeconfig
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: help
+help: ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+# ------------------------------------------------------------------------------ install
+.PHONY: apt
+apt: ## install the Debian packages the tests use (idempotent)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo ">> apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.stamp ## create the virtualenv with the project and its test extras
+
+.PHONY: tools
+tools: ## build the pinned control plane, etcd, kwok and helm (cached per pin)
+	hack/build-tools.sh
+
+# ------------------------------------------------------------------------- local infra
+.PHONY: cluster-up cluster-down prometheus-up prometheus-down
+cluster-up: tools ## start etcd, apiserver, controller-manager, scheduler, kwok + 3 fake nodes
+	hack/cluster.sh up
+	@echo "export KUBECONFIG=$(KUBECONFIG)"
+cluster-down: ## stop the local control plane and drop its data
+	hack/cluster.sh down
+prometheus-up: apt ## start Debian's Prometheus with file-based scrape targets
+	hack/prometheus.sh up
+prometheus-down: ## stop Prometheus
+	hack/prometheus.sh down
+
+# -------------------------------------------------------------------------- develop
+.PHONY: crds
+crds: $(VENV)/.stamp ## regenerate crds/ and the chart's CRD from the pydantic models
+	$(PY) -m modelpilot.crdgen
+
+.PHONY: run
+run: $(VENV)/.stamp ## run the operator against $$KUBECONFIG (the local control plane by default)
+	$(BIN)/kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml
+	$(VENV)/bin/kopf run --all-namespaces --standalone -m modelpilot.handlers
+
+.PHONY: lint
+lint: $(VENV)/.stamp apt ## ruff, mypy, import contracts, shellcheck, CRD drift
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	shellcheck hack/*.sh hack/tools/*.sh .ci/run
+	$(PY) -m modelpilot.crdgen --check
+
+# ----------------------------------------------------------------------------- test
+PYTEST_ARGS ?=
+.PHONY: test
+test: apt $(VENV)/.stamp tools lint ## the one test command: install, lint, all tests
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: $(VENV)/.stamp ## only the pure tests (no processes)
+	$(VENV)/bin/pytest -m unit $(PYTEST_ARGS)

@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# A local Kubernetes control plane as plain processes: etcd, kube-apiserver (RBAC, TLS,
+# service-account signing), kube-controller-manager, kube-scheduler and kwok with fake nodes.
+# Usage: hack/cluster.sh up|down|status
+# Env: MODELPILOT_ETCD_PORT (23790), MODELPILOT_APISERVER_PORT (16443),
+#      MODELPILOT_KCM_PORT (20257), MODELPILOT_SCHEDULER_PORT (20259),
+#      MODELPILOT_KWOK_PORT (20247)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+state="$root/.cache/cluster"
+pki="$state/pki"
+run="$state/run"
+logs="$root/.cache/logs"
+bin="$root/.cache/bin"
+kubeconfig="$root/.cache/kubeconfig"
+etcd_port=${MODELPILOT_ETCD_PORT:-23790}
+api_port=${MODELPILOT_APISERVER_PORT:-16443}
+kcm_port=${MODELPILOT_KCM_PORT:-20257}
+sched_port=${MODELPILOT_SCHEDULER_PORT:-20259}
+kwok_port=${MODELPILOT_KWOK_PORT:-20247}
+components=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+
+log() { printf '%s cluster: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND until it succeeds or the deadline passes.
+wait_for() {
+  local deadline=$((SECONDS + $1)) what=$2
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "timed out waiting for $what (logs: $logs)"
+    sleep 0.2
+  done
+}
+
+alive() { [ -f "$run/$1.pid" ] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null; }
+
+start() { # start NAME BINARY ARGS...: detach into its own session so the caller may exit.
+  local name=$1
+  shift
+  alive "$name" && return 0
+  setsid "$@" >"$logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$run/$name.pid"
+}
+
+gen_cert() { # gen_cert NAME SUBJECT [SAN]: a key and a certificate signed by the local CA.
+  local name=$1 subj=$2 san=${3:-}
+  [ -f "$pki/$name.crt" ] && return 0
+  openssl genrsa -out "$pki/$name.key" 2048 2>/dev/null
+  openssl req -new -key "$pki/$name.key" -subj "$subj" -out "$pki/$name.csr" 2>/dev/null
+  local ext="$pki/$name.ext"
+  {
+    echo "basicConstraints=CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    if [ -n "$san" ]; then
+      echo "extendedKeyUsage=serverAuth,clientAuth"
+      echo "subjectAltName=$san"
+    else
+      echo "extendedKeyUsage=clientAuth"
+    fi
+  } >"$ext"
+  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$ext" -out "$pki/$name.crt" 2>/dev/null
+  rm -f "$pki/$name.csr" "$ext"
+}
+
+write_kubeconfig() { # write_kubeconfig FILE CERT_NAME
+  cat >"$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: modelpilot-local
+  cluster:
+    server: https://127.0.0.1:$api_port
+    certificate-authority: $pki/ca.crt
+users:
+- name: $2
+  user:
+    client-certificate: $pki/$2.crt
+    client-key: $pki/$2.key
+contexts:
+- name: modelpilot-local
+  context: {cluster: modelpilot-local, user: $2}
+current-context: modelpilot-local
+EOF
+}
+
+make_pki() {
+  mkdir -p "$pki"
+  if [ ! -f "$pki/ca.crt" ]; then
+    openssl genrsa -out "$pki/ca.key" 2048 2>/dev/null
+    openssl req -x509 -new -key "$pki/ca.key" -subj "/CN=modelpilot-local-ca" -days 3650 \
+      -out "$pki/ca.crt" 2>/dev/null
+  fi
+  gen_cert apiserver "/CN=kube-apiserver" \
+    "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+  gen_cert admin "/O=system:masters/CN=modelpilot-admin"
+  gen_cert kube-controller-manager "/CN=system:kube-controller-manager"
+  gen_cert kube-scheduler "/CN=system:kube-scheduler"
+  gen_cert kwok "/O=system:masters/CN=kwok"
+  [ -f "$pki/sa.key" ] || openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  [ -f "$pki/sa.pub" ] || openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  write_kubeconfig "$state/admin.kubeconfig" admin
+  write_kubeconfig "$state/kube-controller-manager.kubeconfig" kube-controller-manager
+  write_kubeconfig "$state/kube-scheduler.kubeconfig" kube-scheduler
+  write_kubeconfig "$state/kwok.kubeconfig" kwok
+}
+
+apiserver_ready() {
+  curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
+    "https://127.0.0.1:$api_port/readyz"
+}
+
+kubectl_() { "$bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
+
+nodes_ready() {
+  local ready
+  ready=$(kubectl_ get nodes -l type=kwok \
+    -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' |
+    grep -c True)
+  [ "$ready" -ge 3 ]
+}
+
+fake_node() { # fake_node NAME [extra capacity lines] [extra label lines]
+  cat <<EOF
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: $1
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    type: kwok
+    kubernetes.io/hostname: $1
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    kubernetes.io/role: agent
+${3:-}
+status:
+  capacity: &cap
+    cpu: "32"
+    memory: 128Gi
+    pods: "110"
+    ephemeral-storage: 500Gi
+${2:-}
+  allocatable: *cap
+EOF
+}
+
+up() {
+  for tool in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok; do
+    [ -x "$bin/$tool" ] || die "missing $bin/$tool: run 'make tools' (hack/build-tools.sh) first"
+  done
+  mkdir -p "$run" "$logs" "$state/etcd"
+  local t0=$SECONDS
+  make_pki
+  cp "$state/admin.kubeconfig" "$kubeconfig"
+
+  start etcd "$bin/etcd" --data-dir "$state/etcd" --name modelpilot \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" \
+    --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
+    --initial-cluster "modelpilot=http://127.0.0.1:$((etcd_port + 1))" \
+    --unsafe-no-fsync --quota-backend-bytes 4294967296 --log-level warn
+  wait_for 30 etcd curl -fsS "http://127.0.0.1:$etcd_port/health"
+
+  start kube-apiserver "$bin/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+    --client-ca-file "$pki/ca.crt" --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
+    --endpoint-reconciler-type none --profiling=false
+  wait_for 90 kube-apiserver apiserver_ready
+
+  start kube-controller-manager "$bin/kube-controller-manager" \
+    --kubeconfig "$state/kube-controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$state/kube-controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$state/kube-controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$kcm_port" --leader-elect=false \
+    --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
+    --use-service-account-credentials=true --controllers '*' \
+    --enable-hostpath-provisioner=true \
+    --concurrent-gc-syncs 10 --profiling=false
+  start kube-scheduler "$bin/kube-scheduler" \
+    --kubeconfig "$state/kube-scheduler.kubeconfig" \
+    --authentication-kubeconfig "$state/kube-scheduler.kubeconfig" \
+    --authorization-kubeconfig "$state/kube-scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$sched_port" --leader-elect=false \
+    --profiling=false
+  local stage_args=()
+  for f in "$bin"/stages/*.yaml; do stage_args+=(--config "$f"); done
+  start kwok "$bin/kwok" --kubeconfig "$state/kwok.kubeconfig" \
+    --manage-all-nodes=false \
+    --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+    --node-ip 10.244.0.1 --cidr 10.244.0.0/16 \
+    --server-address "127.0.0.1:$kwok_port" "${stage_args[@]}"
+
+  {
+    fake_node kwok-node-1
+    fake_node kwok-node-2
+    fake_node kwok-gpu-1 '    nvidia.com/gpu: "4"' \
+      '    nvidia.com/gpu.present: "true"
+    nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3'
+    # PVCs bind through the controller-manager's hostPath provisioner (single-host testing).
+    cat <<EOF
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: standard
+  annotations: {storageclass.kubernetes.io/is-default-class: "true"}
+provisioner: kubernetes.io/host-path
+reclaimPolicy: Delete
+volumeBindingMode: Immediate
+EOF
+  } | kubectl_ apply -f - >/dev/null
+  wait_for 60 "3 Ready kwok nodes" nodes_ready
+  wait_for 60 "the default ServiceAccount" kubectl_ get serviceaccount default -n default
+  log "control plane up in $((SECONDS - t0))s: export KUBECONFIG=$kubeconfig"
+}
+
+down() {
+  local c pid
+  for c in "${components[@]}"; do
+    [ -f "$run/$c.pid" ] || continue
+    pid=$(cat "$run/$c.pid")
+    kill "$pid" 2>/dev/null || true
+  done
+  for c in "${components[@]}"; do
+    [ -f "$run/$c.pid" ] || continue
+    pid=$(cat "$run/$c.pid")
+    local deadline=$((SECONDS + 15))
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$run/$c.pid"
+  done
+  # Fresh state next time: certificates are kept, cluster data is not.
+  rm -rf "$state/etcd"
+  log "control plane down"
+}
+
+status() {
+  local c rc=0
+  for c in "${components[@]}"; do
+    if alive "$c"; then echo "$c: running (pid $(cat "$run/$c.pid"))"; else echo "$c: stopped"; rc=1; fi
+  done
+  return $rc
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) die "usage: $0 up|down|status" ;;
+esac

@@ -1,0 +1,1 @@
+"""ModelPilot: a Kubernetes operator for self-optimizing ML serving pipelines."""

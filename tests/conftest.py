@@ -1,0 +1,127 @@
+"""Session fixtures: the local control plane and Prometheus, brought up once per run (or
+reused when already running), and a fresh namespace per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+
+from tests.helpers import KUBECONFIG, ROOT, wait_for
+
+
+def _running(script: str) -> bool:
+    if script == "cluster":
+        return (
+            subprocess.run(
+                [str(ROOT / "hack/cluster.sh"), "status"], capture_output=True
+            ).returncode
+            == 0
+        )
+    pid = ROOT / ".cache/prometheus/prometheus.pid"
+    return pid.exists() and Path(f"/proc/{pid.read_text().strip()}").exists()
+
+
+def _bring_up(script: str) -> bool:
+    """Start a component unless it runs already; return whether we started it."""
+    if _running(script):
+        subprocess.run([str(ROOT / f"hack/{script}.sh"), "up"], check=True)  # re-check ready
+        return False
+    subprocess.run([str(ROOT / f"hack/{script}.sh"), "up"], check=True)
+    return True
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[Path]:
+    """The local control plane; yields the admin kubeconfig path."""
+    started = _bring_up("cluster")
+    yield KUBECONFIG
+    if started and not os.environ.get("MODELPILOT_KEEP_CLUSTER"):
+        subprocess.run([str(ROOT / "hack/cluster.sh"), "down"], check=False)
+
+
+@pytest.fixture(scope="session")
+def prometheus_url() -> Iterator[str]:
+    """Debian's Prometheus with file-based scrape targets."""
+    started = _bring_up("prometheus")
+    yield f"http://127.0.0.1:{os.environ.get('MODELPILOT_PROMETHEUS_PORT', '19090')}"
+    if started and not os.environ.get("MODELPILOT_KEEP_CLUSTER"):
+        subprocess.run([str(ROOT / "hack/prometheus.sh"), "down"], check=False)
+
+
+@pytest.fixture(scope="session")
+def api_client(control_plane: Path) -> client.ApiClient:
+    return config.new_client_from_config(config_file=str(control_plane))
+
+
+@pytest.fixture
+def namespace(api_client: client.ApiClient) -> Iterator[str]:
+    """A fresh namespace, with its default ServiceAccount, deleted after the test."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    core = client.CoreV1Api(api_client)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    wait_for(
+        lambda: core.read_namespaced_service_account("default", name),
+        60,
+        what=f"default ServiceAccount in {name}",
+    )
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture(scope="session")
+def crd(control_plane: Path) -> str:
+    """The ModelDeployment CRD, installed from crds/ and Established."""
+    from tests.helpers import kubectl
+
+    kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds/modeldeployment.yaml")
+    )
+    kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/modeldeployments.modelpilot.io"
+    )
+    return "modeldeployments.modelpilot.io"
+
+
+@pytest.fixture(scope="session")
+def operator_process(crd: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The operator as a real process (kopf run), watching all namespaces."""
+    from tests.helpers import free_port
+
+    health = f"http://127.0.0.1:{free_port()}/healthz"
+    log_path = ROOT / ".cache/logs/operator-test.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(ROOT / ".venv/bin/kopf"),
+                "run",
+                "--all-namespaces",
+                "--standalone",
+                f"--liveness={health}",
+                "-m",
+                "modelpilot.handlers",
+            ],
+            env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    import urllib.request
+
+    wait_for(
+        lambda: urllib.request.urlopen(health, timeout=2),
+        60,
+        what="the operator's health endpoint",
+    )
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
