@@ -1,0 +1,1 @@
+"""The ModelDeployment API types."""

@@ -1,0 +1,550 @@
+"""The ModelDeployment API, v1alpha1: the single source of truth for the CRD schema.
+
+Field constraints become OpenAPI constraints; cross-field rules are declared as CEL
+(``x-kubernetes-validations``) on the models so the apiserver itself rejects bad objects.
+Decimal values are quantity strings (no floats in spec, per the Kubernetes API conventions).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from kubernetes.utils.quantity import parse_quantity
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.config import JsonDict, JsonValue
+
+GROUP = "modelpilot.io"
+VERSION = "v1alpha1"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SINGULAR = "modeldeployment"
+SHORT_NAMES = ("md",)
+STAGES = ("ingestion", "embedding", "retrieval", "inference")
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
+    """One ``x-kubernetes-validations`` entry."""
+    entry: JsonDict = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def _quantity_field(description: str, rules: list[JsonValue], **kw: Any) -> Any:
+    return Field(
+        description=description,
+        pattern=QUANTITY,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-validations": rules},
+        **kw,
+    )
+
+
+def _in_unit_interval(name: str, *, open_low: bool) -> list[JsonValue]:
+    low = "isGreaterThan(quantity('0'))" if open_low else "compareTo(quantity('0')) >= 0"
+    interval = "(0, 1]" if open_low else "[0, 1]"
+    return [
+        cel(
+            f"isQuantity(self) && quantity(self).{low} && "
+            "quantity(self).compareTo(quantity('1')) <= 0",
+            f"{name} must be a quantity in {interval}",
+        )
+    ]
+
+
+class _Model(BaseModel):
+    """Strict base: unknown fields are an error, names are camelCase on the wire."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+# ---------------------------------------------------------------------------------- spec
+
+
+class OptimizerMode(StrEnum):
+    AUTO = "Auto"
+    RECOMMEND = "Recommend"
+    OFF = "Off"
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    DISTILLED = "distilled"
+
+
+class SLO(_Model):
+    """What the pipeline must deliver; the optimizer never trades these away."""
+
+    latency_p95_ms: int = Field(
+        alias="latencyP95Ms",
+        gt=0,
+        le=600_000,
+        description="End-to-end query latency target: the 95th percentile, in milliseconds.",
+    )
+    min_quality: str = _quantity_field(
+        "Floor on a variant's quality, a quantity in [0, 1]; 1 is the reference variant. "
+        "Variants below it are never served.",
+        _in_unit_interval("minQuality", open_low=False),
+        alias="minQuality",
+    )
+    max_cost_per_hour: str | None = _quantity_field(
+        "Optional budget: the most the pipeline may cost per hour, in the units of the "
+        "variants' cost (relative cost per replica-hour). The optimizer moves to cheaper "
+        "variants before it breaks the budget.",
+        [
+            cel(
+                "isQuantity(self) && quantity(self).compareTo(quantity('0')) >= 0",
+                "maxCostPerHour must be a quantity >= 0",
+            )
+        ],
+        alias="maxCostPerHour",
+        default=None,
+    )
+
+
+class Optimizer(_Model):
+    """How the self-optimizing loop acts."""
+
+    mode: OptimizerMode = Field(
+        default=OptimizerMode.AUTO,
+        description="Auto applies decisions; Recommend writes status.recommendations only; "
+        "Off leaves every stage at its starting point.",
+    )
+    interval_seconds: int = Field(
+        default=30,
+        ge=5,
+        le=3600,
+        alias="intervalSeconds",
+        description="Seconds between two optimizer decisions.",
+    )
+    scale_down_stabilization_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=3600,
+        alias="scaleDownStabilizationSeconds",
+        description="A stage scales down only to the highest replica count recommended "
+        "over this window (as the HPA does), so short dips never shed capacity.",
+    )
+    max_scale_up_step: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        alias="maxScaleUpStep",
+        description="The most replicas one decision adds to a stage.",
+    )
+
+
+class PrometheusRef(_Model):
+    url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="Prometheus base URL; the operator's --prometheus-url default applies "
+        "when unset.",
+    )
+
+
+class Replicas(_Model):
+    """Bounds the optimizer keeps a stage's replica count within."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("self.min <= self.max", "replicas.min must be <= replicas.max", ".min")
+            ]
+        },
+    )
+    min: int = Field(default=1, ge=0, le=1000, description="Fewest replicas (0 allowed).")
+    max: int = Field(default=4, ge=0, le=1000, description="Most replicas.")
+
+
+# The resource.Quantity schema Kubernetes itself publishes: an int, or a string matching this.
+RESOURCE_QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+Quantity = Annotated[
+    int | str,
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": RESOURCE_QUANTITY}),
+]
+
+
+class ResourceRequirements(_Model):
+    """The core/v1 ResourceRequirements shape (requests and limits by resource name)."""
+
+    limits: dict[str, Quantity] | None = Field(
+        default=None, max_length=32, description="Most of each resource a container may use."
+    )
+    requests: dict[str, Quantity] | None = Field(
+        default=None,
+        max_length=32,
+        description="Resources reserved for a container when scheduled.",
+    )
+
+
+class KeyRef(_Model):
+    name: str = Field(max_length=253, description="Name of the Secret or ConfigMap.")
+    key: str = Field(max_length=253, description="Key within it.")
+    optional: bool | None = Field(default=None, description="Whether it may be missing.")
+
+
+class EnvVarSource(_Model):
+    secret_key_ref: KeyRef | None = Field(
+        default=None, alias="secretKeyRef", description="A key of a Secret."
+    )
+    config_map_key_ref: KeyRef | None = Field(
+        default=None, alias="configMapKeyRef", description="A key of a ConfigMap."
+    )
+
+
+class EnvVar(_Model):
+    name: str = Field(
+        max_length=256,
+        pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$",
+        description="Environment variable name.",
+    )
+    value: str | None = Field(default=None, max_length=32768, description="Literal value.")
+    value_from: EnvVarSource | None = Field(
+        default=None, alias="valueFrom", description="Value taken from a Secret or ConfigMap."
+    )
+
+
+class Batching(_Model):
+    """Triton dynamic batching: the tuner's upper bounds and its starting point."""
+
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        alias="maxBatchSize",
+        description="Largest batch Triton may form; the tuner searches at or below it.",
+    )
+    max_queue_delay_microseconds: int = Field(
+        default=1000,
+        ge=0,
+        le=1_000_000,
+        alias="maxQueueDelayMicroseconds",
+        description="Longest a request waits for a batch to fill; the tuner searches at or "
+        "below it.",
+    )
+
+
+class Variant(_Model):
+    """One way to serve the stage's model, with its measured quality and its cost."""
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL, description="Unique DNS-label name.")
+    model: str = Field(
+        max_length=253, min_length=1, description="Model name in the Triton model repository."
+    )
+    precision: Precision = Field(description="Numeric form of the weights.")
+    quality: str = _quantity_field(
+        "Quality relative to the reference variant, a quantity in (0, 1].",
+        _in_unit_interval("quality", open_low=True),
+    )
+    cost: str = _quantity_field(
+        "Relative cost per replica-hour, a quantity > 0.",
+        [
+            cel(
+                "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+                "cost must be a quantity > 0",
+            )
+        ],
+    )
+    resources: ResourceRequirements | None = Field(
+        default=None,
+        description="Overrides the stage's resources for this variant (e.g. nvidia.com/gpu).",
+    )
+
+    @field_validator("quality", "cost")
+    @classmethod
+    def _parse(cls, v: str) -> str:
+        parse_quantity(v)
+        return v
+
+    @property
+    def quality_value(self) -> Decimal:
+        return Decimal(parse_quantity(self.quality))
+
+    @property
+    def cost_value(self) -> Decimal:
+        return Decimal(parse_quantity(self.cost))
+
+
+_UNIQUE_NAMES: JsonDict = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+
+
+class Stage(_Model):
+    """A microservice of the pipeline, scaled on its own."""
+
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Container image; the operator's default if unset.",
+    )
+    replicas: Replicas = Field(
+        default_factory=Replicas, description="Replica bounds for the optimizer."
+    )
+    resources: ResourceRequirements | None = Field(
+        default=None, description="Container resources (core/v1 ResourceRequirements)."
+    )
+    env: list[EnvVar] | None = Field(
+        default=None,
+        max_length=64,
+        description="Extra environment variables for the stage's container.",
+        json_schema_extra=_UNIQUE_NAMES,
+    )
+
+
+class ModelStage(Stage):
+    """A stage served by Triton: it has variants and dynamic batching."""
+
+    batching: Batching = Field(
+        default_factory=Batching, description="Dynamic batching bounds and starting point."
+    )
+    variants: list[Variant] = Field(
+        min_length=1,
+        max_length=16,
+        description="Ways to serve this stage; names must be unique.",
+        json_schema_extra=_UNIQUE_NAMES,
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[Variant]) -> list[Variant]:
+        names = [x.name for x in v]
+        if len(names) != len(set(names)):
+            raise ValueError("variant names must be unique")
+        return v
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+
+class Routing(_Model):
+    """Small/large routing by a cheap request-difficulty score."""
+
+    mode: Literal["Off", "Auto"] = Field(
+        default="Off", description="Auto routes easy queries to smallVariant."
+    )
+    small_variant: str | None = Field(
+        default=None, alias="smallVariant", max_length=63, description="Variant for easy queries."
+    )
+    large_variant: str | None = Field(
+        default=None, alias="largeVariant", max_length=63, description="Variant for hard queries."
+    )
+
+
+class SemanticCache(_Model):
+    """Answers a query from a cached similar one."""
+
+    enabled: bool = Field(default=False, description="Whether the cache is on.")
+    similarity_threshold: str = _quantity_field(
+        "Cosine similarity at or above which a cached answer is reused, in (0, 1].",
+        _in_unit_interval("similarityThreshold", open_low=True),
+        alias="similarityThreshold",
+        default="0.95",
+    )
+    max_entries: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        alias="maxEntries",
+        description="Most cached answers kept.",
+    )
+    ttl_seconds: int = Field(
+        default=300,
+        ge=1,
+        le=86_400 * 7,
+        alias="ttlSeconds",
+        description="Seconds a cached answer stays valid.",
+    )
+
+
+class InferenceStage(ModelStage):
+    """The query gateway and its Triton answer/re-rank model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.routing) || self.routing.mode == 'Off' || "
+                    "(has(self.routing.smallVariant) && "
+                    "self.variants.exists(v, v.name == self.routing.smallVariant))",
+                    "routing.smallVariant must name one of inference.variants",
+                    ".routing",
+                ),
+                cel(
+                    "!has(self.routing) || self.routing.mode == 'Off' || "
+                    "(has(self.routing.largeVariant) && "
+                    "self.variants.exists(v, v.name == self.routing.largeVariant))",
+                    "routing.largeVariant must name one of inference.variants",
+                    ".routing",
+                ),
+            ]
+        },
+    )
+    routing: Routing = Field(default_factory=Routing, description="Small/large routing.")
+    semantic_cache: SemanticCache = Field(
+        default_factory=SemanticCache, alias="semanticCache", description="Semantic answer cache."
+    )
+
+
+class Index(_Model):
+    dimensions: int = Field(default=384, ge=1, le=65536, description="Vector dimensions.")
+    metric: Literal["cosine", "l2", "ip"] = Field(default="cosine", description="Distance metric.")
+
+
+class Storage(_Model):
+    size: str = Field(
+        default="1Gi", pattern=QUANTITY, max_length=32, description="Size of the index volume."
+    )
+    storage_class_name: str | None = Field(
+        default=None, alias="storageClassName", max_length=253, description="StorageClass to use."
+    )
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        default="ReadWriteOnce",
+        alias="accessMode",
+        description="ReadWriteMany lets retrieval replicas on different nodes share the "
+        "index; it needs a StorageClass that supports it.",
+    )
+
+
+class RetrievalStage(Stage):
+    """The ANN index service."""
+
+    index: Index = Field(default_factory=Index, description="Vector index settings.")
+    top_k: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        alias="topK",
+        description="Default number of neighbours returned.",
+    )
+    storage: Storage = Field(default_factory=Storage, description="Persistent index volume.")
+
+
+def _meets_quality(stage: str) -> JsonDict:
+    return cel(
+        f"self.{stage}.variants.exists(v, "
+        "quantity(v.quality).compareTo(quantity(self.slo.minQuality)) >= 0)",
+        f"at least one {stage} variant must have quality >= slo.minQuality",
+        f".{stage}.variants",
+    )
+
+
+class ModelDeploymentSpec(_Model):
+    """Desired state of a ModelDeployment."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [_meets_quality("embedding"), _meets_quality("inference")]
+        },
+    )
+    slo: SLO = Field(description="Latency, quality and cost targets.")
+    optimizer: Optimizer = Field(
+        default_factory=Optimizer, description="The self-optimizing loop's settings."
+    )
+    prometheus: PrometheusRef = Field(
+        default_factory=PrometheusRef, description="Where telemetry is read from."
+    )
+    ingestion: Stage = Field(default_factory=Stage, description="Document ingestion service.")
+    embedding: ModelStage = Field(description="Embedding model on Triton.")
+    retrieval: RetrievalStage = Field(
+        default_factory=RetrievalStage, description="ANN retrieval service."
+    )
+    inference: InferenceStage = Field(description="Query gateway and answer model on Triton.")
+
+    def stage(self, name: str) -> Stage:
+        return getattr(self, name)  # type: ignore[no-any-return]
+
+
+# -------------------------------------------------------------------------------- status
+
+
+class Condition(_Model):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, description="One CamelCase word.")
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+    last_transition_time: str = Field(
+        alias="lastTransitionTime", description="When status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        default=None, alias="observedGeneration", description="Generation this was computed for."
+    )
+
+
+class StageStatus(_Model):
+    replicas: int = Field(default=0, description="Replicas the operator has set.")
+    ready_replicas: int = Field(
+        default=0, alias="readyReplicas", description="Replicas observed ready."
+    )
+    variant: str | None = Field(default=None, description="Serving variant.")
+    max_batch_size: int | None = Field(
+        default=None, alias="maxBatchSize", description="Triton max batch size in effect."
+    )
+    max_queue_delay_microseconds: int | None = Field(
+        default=None,
+        alias="maxQueueDelayMicroseconds",
+        description="Triton max queue delay in effect.",
+    )
+
+
+class Decision(_Model):
+    time: str = Field(description="When the decision was taken (RFC 3339).")
+    summary: str = Field(max_length=1024, description="One line: what changed, or hold.")
+    reasons: list[str] = Field(default_factory=list, description="Why, one reason a line.")
+
+
+class Recommendation(_Model):
+    stage: str = Field(description="Stage the recommendation is for.")
+    replicas: int | None = Field(default=None, description="Recommended replicas.")
+    variant: str | None = Field(default=None, description="Recommended variant.")
+    max_batch_size: int | None = Field(
+        default=None, alias="maxBatchSize", description="Recommended max batch size."
+    )
+    max_queue_delay_microseconds: int | None = Field(
+        default=None, alias="maxQueueDelayMicroseconds", description="Recommended max queue delay."
+    )
+    reason: str = Field(default="", description="Why.")
+
+
+class ModelDeploymentStatus(_Model):
+    """Observed state, written by the operator."""
+
+    observed_generation: int | None = Field(
+        default=None, alias="observedGeneration", description="The spec generation last acted on."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Progressing, Degraded, MetricsAvailable, SLOMet.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    stages: dict[str, StageStatus] = Field(
+        default_factory=dict, description="Per stage: replicas, variant, batching."
+    )
+    observed_p95_ms: int | None = Field(
+        default=None, alias="observedP95Ms", description="Last observed end-to-end p95 (ms)."
+    )
+    last_decision: Decision | None = Field(
+        default=None, alias="lastDecision", description="The optimizer's last decision."
+    )
+    recommendations: list[Recommendation] = Field(
+        default_factory=list, description="What the optimizer would do, in Recommend mode."
+    )
+    optimizer_state: dict[str, Any] | None = Field(
+        default=None,
+        alias="optimizerState",
+        description="Opaque history the optimizer needs across operator restarts.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )

@@ -1,0 +1,83 @@
+"""kopf wiring: thin handlers that hand every event to the reconciler.
+
+Run with ``kopf run -m modelpilot.handlers --all-namespaces`` (``make run``). kopf's own
+bookkeeping goes into annotations, never into the user's status.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import kopf
+
+from modelpilot.api.v1alpha1 import GROUP, PLURAL, VERSION
+from modelpilot.kube import Kube, new_api_client, owner_of
+from modelpilot.reconcile import Reconciler, TransientError
+from modelpilot.render import Defaults
+
+MANAGED = {"app.kubernetes.io/managed-by": "modelpilot"}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = 30  # kopf's own events only for warnings; ours are explicit
+    settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    kube = Kube(new_api_client(os.environ.get("KUBECONFIG")))
+    defaults = Defaults(
+        image_repository=os.environ.get("MODELPILOT_IMAGE_REPOSITORY", Defaults.image_repository),
+        image_tag=os.environ.get("MODELPILOT_IMAGE_TAG", Defaults.image_tag),
+        triton_image=os.environ.get("MODELPILOT_TRITON_IMAGE", Defaults.triton_image),
+    )
+    memo.reconciler = Reconciler(kube, defaults)
+    memo.locks = {}
+    memo.locks_guard = threading.Lock()
+
+
+def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int = 0) -> None:
+    with memo.locks_guard:
+        lock = memo.locks.setdefault((namespace, name), threading.Lock())
+    with lock:  # one reconcile per object at a time, whichever event triggered it
+        try:
+            memo.reconciler.reconcile(namespace, name, attempt=retry)
+        except TransientError as exc:
+            # Exponential backoff, capped: a broken object never becomes a hot loop.
+            raise kopf.TemporaryError(str(exc), delay=min(300, 5 * 2**retry)) from exc
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def reconcile_model_deployment(
+    namespace: str | None, name: str, memo: kopf.Memo, retry: int, **_: Any
+) -> None:
+    assert namespace  # the CRD is namespaced
+    _reconcile(memo, namespace, name, retry)
+
+
+def _ours(body: kopf.Body, **_: Any) -> bool:
+    return owner_of(body) is not None
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED, when=_ours)
+@kopf.on.event("v1", "services", labels=MANAGED, when=_ours)
+@kopf.on.event("v1", "configmaps", labels=MANAGED, when=_ours)
+@kopf.on.event("v1", "persistentvolumeclaims", labels=MANAGED, when=_ours)
+def child_changed(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    """A child was edited, deleted or changed status: bring its owner back to the spec."""
+    owner = owner_of(body)
+    if owner is None or namespace is None or event.get("type") is None:
+        return
+    try:
+        _reconcile(memo, namespace, owner)
+    except kopf.TemporaryError:
+        pass  # the owner's own handlers retry; a child event is only a nudge

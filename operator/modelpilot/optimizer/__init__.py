@@ -1,0 +1,1 @@
+"""The pure optimizer: profiles, queueing model, snapshot types and the policy."""

@@ -1,0 +1,484 @@
+"""The optimizer: a pure, deterministic function from what is known to what to run.
+
+``decide(spec, plan, snapshot, history, profiles, now)`` returns a :class:`Decision`: the
+next plan (replicas, variant, batching per stage), the reasons a human can read, and the
+history to carry to the next call. No I/O, no clock: the same code runs in the operator and
+in the trace-replay simulator.
+
+Model. A model stage replica runs Triton with dynamic batching. At arrival rate lambda over
+``c`` replicas, the batch a replica forms is about the requests that arrive while it waits
+(queue delay) or executes the previous batch; batch execution time comes from the measured
+profile; waiting for a free replica follows M/M/c on batches. The prediction is scaled by a
+calibration factor learnt online (measured p95 / predicted p95), so the model corrects
+itself from live telemetry. Replicas are the fewest that keep utilisation under a safety
+margin and the predicted p95 inside the stage's share of the SLO.
+
+Stability. Scale-up is immediate (bounded by ``maxScaleUpStep``); scale-down goes only to the
+highest recommendation over the stabilization window and not within a cooldown of the last
+change; batching and variant change only when the current choice stops fitting or a
+candidate is markedly cheaper. A stationary load therefore settles and stays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+
+from kubernetes.utils.quantity import parse_quantity
+
+from modelpilot.api.v1alpha1 import (
+    STAGES,
+    ModelDeploymentSpec,
+    ModelStage,
+    OptimizerMode,
+    Variant,
+)
+from modelpilot.optimizer.profiles import ModelProfile, Profiles
+from modelpilot.optimizer.queueing import wait_quantile
+from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.plan import Plan, StagePlan
+
+QUERY_PATH = ("embedding", "retrieval", "inference")
+MODEL_STAGES = ("embedding", "inference")
+
+
+@dataclass(frozen=True)
+class Tunables:
+    """Policy constants; documented so SREs can reason about every decision."""
+
+    target_utilisation: float = 0.75  # safety margin: never plan replicas past this
+    slo_headroom: float = 0.85  # share of the SLO the stages may use (rest: network, gateway)
+    min_stage_share: float = 0.10  # no query-path stage gets less of the budget than this
+    switch_saving: float = 0.15  # a variant switch must save at least this share of cost
+    calibration_smoothing: float = 0.3  # EWMA weight of the newest measured/predicted ratio
+    calibration_bounds: tuple[float, float] = (0.5, 4.0)
+    min_metric_age_s: float = 60.0  # metrics older than max(this, 3 intervals) are stale
+
+
+@dataclass(frozen=True)
+class StageHistory:
+    """What the policy remembers about a stage between decisions (persisted in status)."""
+
+    recommendations: tuple[tuple[int, int], ...] = ()  # (time s, replicas), newest last
+    last_change: int | None = None
+    calibration_permille: int = 1000
+
+
+@dataclass(frozen=True)
+class History:
+    stages: Mapping[str, StageHistory] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageHistory:
+        return self.stages.get(name, StageHistory())
+
+    def to_status(self) -> dict[str, object]:
+        return {
+            name: {
+                "recommendations": [list(r) for r in h.recommendations],
+                "lastChange": h.last_change,
+                "calibrationPermille": h.calibration_permille,
+            }
+            for name, h in sorted(self.stages.items())
+        }
+
+    @classmethod
+    def from_status(cls, raw: Mapping[str, object] | None) -> History:
+        stages = {}
+        for name, h in (raw or {}).items():
+            if not isinstance(h, Mapping):
+                continue
+            recs = tuple((int(t), int(r)) for t, r in h.get("recommendations") or [])
+            stages[name] = StageHistory(
+                recs, h.get("lastChange"), int(h.get("calibrationPermille") or 1000)
+            )
+        return cls(stages)
+
+
+@dataclass(frozen=True)
+class Decision:
+    plan: Plan
+    reasons: tuple[str, ...]
+    history: History
+    hold: str | None = None  # why nothing may change now, when that is the case
+    changed: tuple[str, ...] = ()  # stages whose plan differs from the input plan
+    budget_limited: str | None = None  # set when the cost budget overrode the SLO
+    slo_met: bool | None = None
+    cost_per_hour: float = 0.0
+
+    @property
+    def summary(self) -> str:
+        if self.hold:
+            return f"hold: {self.hold}"
+        if not self.changed:
+            return "no change: every stage fits its budget"
+        return "changed " + ", ".join(self.changed)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    replicas: int
+    max_batch_size: int
+    max_queue_delay_us: int
+    p95_ms: float
+    utilisation: float
+    feasible: bool
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    out = [1]
+    while out[-1] * 2 <= limit:
+        out.append(out[-1] * 2)
+    if out[-1] != limit:
+        out.append(limit)
+    return out
+
+
+def _delays(limit: int) -> list[int]:
+    grid = [0, 100, 250, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+    return [d for d in grid if d < limit] + [limit]
+
+
+def predict(
+    profile: ModelProfile, rate: float, replicas: int, max_batch: int, delay_us: int
+) -> tuple[float, float]:
+    """(p95 latency ms, utilisation) of a model stage under the batching model above."""
+    if replicas <= 0:
+        return (math.inf, math.inf) if rate > 0 else (0.0, 0.0)
+    per_replica = rate / replicas
+    delay_ms = delay_us / 1000.0
+    batch = 1.0
+    for _ in range(8):  # fixed point: the batch is what arrives while waiting + executing
+        exec_ms = profile.latency_ms(batch)
+        batch = min(float(max_batch), max(1.0, per_replica * (delay_ms + exec_ms) / 1000.0))
+    exec_ms = profile.latency_ms(batch)
+    utilisation = per_replica * exec_ms / (1000.0 * batch)
+    if utilisation >= 1.0:
+        return math.inf, utilisation
+    wait_ms = 1000.0 * wait_quantile(replicas, rate / batch, 1000.0 / exec_ms, 0.95)
+    fill_ms = min(delay_ms, 1000.0 * (max_batch - 1) / per_replica) if per_replica > 0 else 0
+    return wait_ms + profile.latency_ms(batch, "p95") + max(fill_ms, 0.0), utilisation
+
+
+def size_model_stage(
+    profile: ModelProfile,
+    rate: float,
+    budget_ms: float,
+    calibration: float,
+    bounds: tuple[int, int],
+    max_batch: int,
+    max_delay_us: int,
+    tun: Tunables,
+    prefer: tuple[int, int] | None = None,
+) -> Sizing:
+    """The fewest replicas (then lowest p95) meeting utilisation and latency targets.
+
+    ``prefer`` is the current (max batch, delay): kept whenever it is as good in replicas,
+    so batching does not churn when several settings fit.
+    """
+    lo, hi = bounds
+    best: Sizing | None = None
+    configs = [(b, d) for b in _powers_of_two(max_batch) for d in _delays(max_delay_us)]
+    if prefer in configs:
+        configs.remove(prefer)
+        configs.insert(0, prefer)
+    for b, d in configs:
+        start = max(lo, 1 if rate > 0 else lo)
+        cap = profile.throughput_rps(b) * tun.target_utilisation
+        if rate > 0:
+            start = max(start, math.ceil(rate / cap))
+        for c in range(start, hi + 1):
+            p95, util = predict(profile, rate, c, b, d)
+            p95 *= calibration
+            if util <= tun.target_utilisation and p95 <= budget_ms:
+                cand = Sizing(c, b, d, p95, util, True)
+                if best is None or (c, p95) < (best.replicas, best.p95_ms - 1e-9):
+                    best = cand
+                break
+            if best is not None and c >= best.replicas:
+                break
+    if best is not None:
+        return best
+    # Nothing fits: the most capacity we are allowed, with the largest batch.
+    p95, util = predict(profile, rate, hi, max_batch, max_delay_us)
+    return Sizing(hi, max_batch, max_delay_us, p95 * calibration, util, False)
+
+
+def stage_budgets(spec: ModelDeploymentSpec, snapshot: Snapshot, tun: Tunables) -> dict[str, float]:
+    """Split the end-to-end SLO over the query-path stages by their measured p95 shares."""
+    total = spec.slo.latency_p95_ms * tun.slo_headroom
+    measured = {s: (snapshot.stages.get(s) or StageTelemetry()).p95_ms for s in QUERY_PATH}
+    if all(v is not None and v > 0 for v in measured.values()):
+        weights = {s: float(v or 0) for s, v in measured.items()}
+    else:
+        weights = {s: 1.0 for s in QUERY_PATH}
+    norm = sum(weights.values())
+    shares = {s: max(w / norm, tun.min_stage_share) for s, w in weights.items()}
+    norm = sum(shares.values())
+    return {s: total * shares[s] / norm for s in QUERY_PATH}
+
+
+def _decimal(q: str) -> float:
+    return float(Decimal(parse_quantity(q)))
+
+
+def _calibrate(
+    hist: StageHistory, tele: StageTelemetry, predicted_ms: float | None, tun: Tunables
+) -> int:
+    """New calibration: EWMA of measured p95 / predicted p95 at the current setting."""
+    if tele.p95_ms is None or not predicted_ms or not math.isfinite(predicted_ms):
+        return hist.calibration_permille
+    ratio = tele.p95_ms / predicted_ms
+    lo, hi = tun.calibration_bounds
+    old = hist.calibration_permille / 1000
+    new = (1 - tun.calibration_smoothing) * old + tun.calibration_smoothing * ratio
+    return round(1000 * min(max(new, lo), hi))
+
+
+def _stabilize(
+    name: str,
+    current: int,
+    desired: int,
+    hist: StageHistory,
+    now: int,
+    spec: ModelDeploymentSpec,
+    cooldown: int,
+    reasons: list[str],
+) -> tuple[int, StageHistory]:
+    window = spec.optimizer.scale_down_stabilization_seconds
+    recs = (*tuple(r for r in hist.recommendations if now - r[0] < window), (now, desired))
+    # Keep only what can still be the window's maximum: a monotone, bounded history.
+    kept: list[tuple[int, int]] = []
+    for r in recs:
+        while kept and kept[-1][1] <= r[1]:
+            kept.pop()
+        kept.append(r)
+    hist = replace(hist, recommendations=tuple(kept))
+    if desired > current:
+        new = min(desired, current + spec.optimizer.max_scale_up_step)
+        reasons.append(f"{name}: scale up {current} -> {new} (needs {desired})")
+        return new, hist
+    if desired < current:
+        ceiling = max(r for _, r in kept)
+        if ceiling >= current:
+            return current, hist
+        if hist.last_change is not None and now - hist.last_change < cooldown:
+            return current, hist
+        reasons.append(
+            f"{name}: scale down {current} -> {ceiling} (highest need over the last {window}s)"
+        )
+        return ceiling, hist
+    return current, hist
+
+
+def decide(
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    snapshot: Snapshot | None,
+    history: History,
+    profiles: Profiles,
+    now: float,
+    tun: Tunables | None = None,
+) -> Decision:
+    """Decide the next plan. See the module docstring for the model and the guarantees."""
+    tun = tun or Tunables()
+    t = int(now)
+    if spec.optimizer.mode == OptimizerMode.OFF:
+        return Decision(plan, ("optimizer mode is Off",), history, hold="optimizer is Off")
+    max_age = max(tun.min_metric_age_s, 3.0 * spec.optimizer.interval_seconds)
+    stale = "no telemetry snapshot" if snapshot is None else snapshot.stale(now, max_age)
+    if stale or snapshot is None:
+        return Decision(plan, (f"holding every stage: {stale}",), history, hold=stale)
+
+    reasons: list[str] = []
+    budgets = stage_budgets(spec, snapshot, tun)
+    cooldown = 2 * spec.optimizer.interval_seconds
+    floor = _decimal(spec.slo.min_quality)
+    new_plan: Plan = dict(plan)
+    new_hist: dict[str, StageHistory] = dict(history.stages)
+    chosen_variants: dict[str, Variant] = {}
+    sizings: dict[str, Sizing] = {}
+    slo_ok = True
+
+    for name in STAGES:
+        stage = spec.stage(name)
+        cur = plan[name]
+        tele = snapshot.stages.get(name) or StageTelemetry()
+        hist = history.stage(name)
+        if tele.rate_rps is None:
+            reasons.append(f"{name}: hold, no request rate")
+            continue
+        rate = tele.rate_rps
+        bounds = (stage.replicas.min, stage.replicas.max)
+        if isinstance(stage, ModelStage):
+            budget = budgets[name]
+            cur_var = stage.variant(cur.variant or "")
+            cur_prof = profiles.model(cur_var.model) if cur_var else None
+            if cur_var is None or cur_prof is None:
+                reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
+                continue
+            predicted, _ = predict(
+                cur_prof,
+                rate,
+                max(cur.replicas, 1),
+                cur.max_batch_size or 1,
+                cur.max_queue_delay_us or 0,
+            )
+            calib_pm = _calibrate(hist, tele, predicted, tun)
+            calib = calib_pm / 1000
+            options: list[tuple[float, Variant, Sizing]] = []
+            for v in stage.variants:
+                prof = profiles.model(v.model)
+                if prof is None or float(v.quality_value) < floor:
+                    continue
+                prefer = (
+                    (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
+                    if v.name == cur.variant
+                    else None
+                )
+                s = size_model_stage(
+                    prof,
+                    rate,
+                    budget,
+                    calib,
+                    bounds,
+                    stage.batching.max_batch_size,
+                    stage.batching.max_queue_delay_microseconds,
+                    tun,
+                    prefer,
+                )
+                options.append((s.replicas * float(v.cost_value), v, s))
+            feasible = sorted(
+                (o for o in options if o[2].feasible),
+                key=lambda o: (o[0], -float(o[1].quality_value)),
+            )
+            current = next((o for o in options if o[1].name == cur.variant), None)
+            pick = (
+                feasible[0]
+                if feasible
+                else max(options, key=lambda o: (o[2].utilisation <= 1, -o[2].p95_ms))
+            )
+            recently = hist.last_change is not None and t - hist.last_change < cooldown
+            if (
+                current is not None
+                and current[2].feasible
+                and pick is not current
+                and (recently or pick[0] > current[0] * (1 - tun.switch_saving))
+            ):
+                pick = current  # not worth a switch (or too soon after the last change)
+            cost, variant, sizing = pick
+            if not sizing.feasible:
+                slo_ok = False
+                reasons.append(
+                    f"{name}: even {sizing.replicas} replicas of {variant.name} "
+                    f"predict p95 {sizing.p95_ms:.0f} ms over its {budget:.0f} ms"
+                )
+            if variant.name != cur.variant:
+                reasons.append(
+                    f"{name}: switch variant {cur.variant} -> {variant.name} "
+                    f"(cost/h {cost:.2f}, predicted p95 {sizing.p95_ms:.0f} ms "
+                    f"<= {budget:.0f} ms)"
+                )
+            if (sizing.max_batch_size, sizing.max_queue_delay_us) != (
+                cur.max_batch_size,
+                cur.max_queue_delay_us,
+            ):
+                reasons.append(
+                    f"{name}: batching max {cur.max_batch_size} -> "
+                    f"{sizing.max_batch_size}, delay {cur.max_queue_delay_us} -> "
+                    f"{sizing.max_queue_delay_us} us"
+                )
+            replicas, hist = _stabilize(
+                name, cur.replicas, sizing.replicas, hist, t, spec, cooldown, reasons
+            )
+            hist = replace(hist, calibration_permille=calib_pm)
+            new_plan[name] = StagePlan(
+                replicas, variant.name, sizing.max_batch_size, sizing.max_queue_delay_us
+            )
+            chosen_variants[name] = variant
+            sizings[name] = sizing
+        else:
+            svc = profiles.services.get(name)
+            if svc is None:
+                reasons.append(f"{name}: hold, no capacity profile")
+                continue
+            need = math.ceil(rate / (svc.capacity_rps * tun.target_utilisation)) if rate else 0
+            desired = min(max(need, bounds[0]), bounds[1])
+            if need > bounds[1]:
+                slo_ok = False
+                reasons.append(f"{name}: needs {need} replicas, capped at max {bounds[1]}")
+            replicas, hist = _stabilize(
+                name, cur.replicas, desired, hist, t, spec, cooldown, reasons
+            )
+            new_plan[name] = replace(cur, replicas=replicas)
+        if new_plan[name] != cur:
+            hist = replace(hist, last_change=t)
+        new_hist[name] = hist
+
+    cost = sum(new_plan[s].replicas * float(v.cost_value) for s, v in chosen_variants.items())
+    budget_note = None
+    if spec.slo.max_cost_per_hour is not None:
+        limit = _decimal(spec.slo.max_cost_per_hour)
+        new_plan, cost, budget_note = _enforce_budget(spec, new_plan, cost, limit, reasons)
+        if budget_note:
+            slo_ok = False
+    changed = tuple(s for s in STAGES if new_plan[s] != plan[s])
+    for name in changed:
+        new_hist[name] = replace(new_hist.get(name, StageHistory()), last_change=t)
+    measured_ok = snapshot.e2e_p95_ms is None or snapshot.e2e_p95_ms <= spec.slo.latency_p95_ms
+    if not reasons:
+        reasons.append("every stage fits its latency budget at the current settings")
+    return Decision(
+        new_plan,
+        tuple(reasons),
+        History(new_hist),
+        changed=changed,
+        budget_limited=budget_note,
+        slo_met=slo_ok and measured_ok,
+        cost_per_hour=cost,
+    )
+
+
+def _enforce_budget(
+    spec: ModelDeploymentSpec, plan: Plan, cost: float, limit: float, reasons: list[str]
+) -> tuple[Plan, float, str | None]:
+    """Degrade toward cheaper variants, then fewer replicas, until the plan fits ``limit``."""
+    if cost <= limit:
+        return plan, cost, None
+    plan = dict(plan)
+    floor = _decimal(spec.slo.min_quality)
+
+    def total() -> float:
+        out = 0.0
+        for s in MODEL_STAGES:
+            v = spec.stage(s).variant(plan[s].variant or "")  # type: ignore[attr-defined]
+            out += plan[s].replicas * float(v.cost_value) if v else 0.0
+        return out
+
+    for s in MODEL_STAGES:
+        stage = spec.stage(s)
+        assert isinstance(stage, ModelStage)
+        cheaper = sorted(
+            (v for v in stage.variants if float(v.quality_value) >= floor),
+            key=lambda v: v.cost_value,
+        )
+        if cheaper and cheaper[0].name != plan[s].variant and total() > limit:
+            reasons.append(f"{s}: budget forces the cheapest allowed variant {cheaper[0].name}")
+            plan[s] = replace(plan[s], variant=cheaper[0].name)
+    while total() > limit:
+        # Shed a replica from the stage whose replica costs the most, never below min.
+        costs = []
+        for s in MODEL_STAGES:
+            stage = spec.stage(s)
+            assert isinstance(stage, ModelStage)
+            v = stage.variant(plan[s].variant or "")
+            if v and plan[s].replicas > max(stage.replicas.min, 1):
+                costs.append((float(v.cost_value), s))
+        if not costs:
+            break
+        _, s = max(costs)
+        plan[s] = replace(plan[s], replicas=plan[s].replicas - 1)
+        reasons.append(f"{s}: budget caps replicas at {plan[s].replicas}")
+    note = f"cost/h {cost:.2f} would exceed maxCostPerHour {limit:g}: degraded to {total():.2f}"
+    return plan, total(), note

@@ -1,0 +1,118 @@
+"""Variant profiles: measured batch-size -> latency curves, written by ``make profile``.
+
+File format (JSON, ``schema: modelpilot.io/profile/v1``)::
+
+    {
+      "schema": "modelpilot.io/profile/v1",
+      "measured": {"host": "...", "cpu": "...", "date": "2026-11-23T06:00:00Z"},
+      "models": {
+        "<triton model name>": {
+          "stage": "embedding",            # which stage serves it
+          "quality": 0.97,                 # vs the reference variant (recall@10 overlap)
+          "batches": [                     # one row per measured batch size
+            {"batch": 1, "p50_ms": 4.1, "p95_ms": 4.9},
+            {"batch": 8, "p50_ms": 12.0, "p95_ms": 13.5}
+          ]
+        }
+      },
+      "services": {                        # stages without a model (optional)
+        "retrieval": {"capacity_rps": 2500.0, "p95_ms": 2.0}
+      }
+    }
+
+Latency between measured batch sizes is interpolated linearly; beyond the largest it is
+extrapolated from the last two points (batch execution time is close to affine in the batch).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "modelpilot.io/profile/v1"
+
+
+@dataclass(frozen=True)
+class BatchPoint:
+    batch: int
+    p50_ms: float
+    p95_ms: float
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """How one Triton model's batch execution time grows with the batch size."""
+
+    name: str
+    stage: str
+    quality: float
+    points: tuple[BatchPoint, ...]
+
+    def _interp(self, batch: float, attr: str) -> float:
+        xs = [p.batch for p in self.points]
+        ys = [getattr(p, attr) for p in self.points]
+        if len(xs) == 1:
+            return float(ys[0]) * max(batch, 1) / xs[0]
+        i = bisect.bisect_left(xs, batch)
+        if i == 0:
+            return float(ys[0])
+        i = min(i, len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return float(y0 + (y1 - y0) * (batch - x0) / (x1 - x0))
+
+    def latency_ms(self, batch: float, quantile: str = "p50") -> float:
+        """Execution time of one batch of ``batch`` requests."""
+        return max(self._interp(max(batch, 1.0), f"{quantile}_ms"), 1e-3)
+
+    def throughput_rps(self, batch: float) -> float:
+        """Requests per second one instance sustains with full batches of ``batch``."""
+        return 1000.0 * batch / self.latency_ms(batch)
+
+
+@dataclass(frozen=True)
+class ServiceProfile:
+    capacity_rps: float
+    p95_ms: float
+
+
+@dataclass(frozen=True)
+class Profiles:
+    models: Mapping[str, ModelProfile]
+    services: Mapping[str, ServiceProfile] = field(default_factory=dict)
+    measured: Mapping[str, Any] = field(default_factory=dict)
+
+    def model(self, name: str) -> ModelProfile | None:
+        return self.models.get(name)
+
+
+def parse(doc: Mapping[str, Any]) -> Profiles:
+    """Validate and load a profile document."""
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} document")
+    models = {}
+    for name, m in doc.get("models", {}).items():
+        points = tuple(
+            sorted(
+                (
+                    BatchPoint(int(b["batch"]), float(b["p50_ms"]), float(b["p95_ms"]))
+                    for b in m["batches"]
+                ),
+                key=lambda p: p.batch,
+            )
+        )
+        if not points or any(p.p50_ms <= 0 or p.p95_ms < p.p50_ms for p in points):
+            raise ValueError(f"model {name}: batches must have 0 < p50_ms <= p95_ms")
+        models[name] = ModelProfile(name, str(m["stage"]), float(m["quality"]), points)
+    services = {
+        name: ServiceProfile(float(s["capacity_rps"]), float(s["p95_ms"]))
+        for name, s in doc.get("services", {}).items()
+    }
+    return Profiles(models, services, dict(doc.get("measured", {})))
+
+
+def load(path: str | Path) -> Profiles:
+    return parse(json.loads(Path(path).read_text()))

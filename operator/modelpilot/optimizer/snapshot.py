@@ -1,0 +1,42 @@
+"""The telemetry snapshot the optimizer decides from: typed, frozen, ``None`` when missing.
+
+A missing metric is never 0: 0 requests/s and "no data" lead to opposite decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StageTelemetry:
+    rate_rps: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    queue_ms: float | None = None
+    batch_size: float | None = None  # achieved mean batch size
+    error_ratio: float | None = None
+    in_flight: float | None = None
+    cpu_utilisation: float | None = None
+    gpu_utilisation: float | None = None
+    cache_hit_ratio: float | None = None
+    small_share: float | None = None  # share of queries routed to the small variant
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    time: float  # seconds, when it was taken
+    newest_sample: float | None  # timestamp of the newest sample seen; None if none
+    stages: Mapping[str, StageTelemetry] = field(default_factory=dict)
+    e2e_p95_ms: float | None = None
+
+    def stale(self, now: float, max_age: float) -> str | None:
+        """Why this snapshot must not be acted on, or None when it is fresh enough."""
+        if self.newest_sample is None:
+            return "no samples in Prometheus"
+        age = now - self.newest_sample
+        if age > max_age:
+            return f"newest sample is {age:.0f}s old (limit {max_age:.0f}s)"
+        return None

@@ -1,0 +1,90 @@
+"""The plan: what each stage runs right now (replicas, variant, batching).
+
+It starts from the spec, is changed only by optimizer decisions, and lives in
+``status.stages`` so an operator restart resumes it instead of starting over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
+
+from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec, ModelStage
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    replicas: int
+    variant: str | None = None
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+
+
+Plan = dict[str, StagePlan]
+
+
+def _starting_variant(spec: ModelDeploymentSpec, stage: ModelStage) -> str:
+    """The cheapest variant that meets the quality floor (the spec guarantees one exists)."""
+    floor = parse_quantity(spec.slo.min_quality)
+    ok = [v for v in stage.variants if v.quality_value >= floor]
+    pool = ok or stage.variants
+    return min(pool, key=lambda v: (v.cost_value, -v.quality_value)).name
+
+
+def initial(spec: ModelDeploymentSpec) -> Plan:
+    """Where a new ModelDeployment starts: min replicas (at least 1), spec batching."""
+    plan: Plan = {}
+    for name in STAGES:
+        stage = spec.stage(name)
+        replicas = max(stage.replicas.min, min(1, stage.replicas.max))
+        if isinstance(stage, ModelStage):
+            plan[name] = StagePlan(
+                replicas=replicas,
+                variant=_starting_variant(spec, stage),
+                max_batch_size=stage.batching.max_batch_size,
+                max_queue_delay_us=stage.batching.max_queue_delay_microseconds,
+            )
+        else:
+            plan[name] = StagePlan(replicas=replicas)
+    return plan
+
+
+def resume(spec: ModelDeploymentSpec, stages_status: Mapping[str, Mapping[str, Any]]) -> Plan:
+    """The plan recorded in status, clamped to the current spec's bounds.
+
+    A spec edit can shrink bounds or remove a variant: the recorded value is then clamped
+    or reset to the starting point, never carried over out of bounds.
+    """
+    start = initial(spec)
+    plan: Plan = {}
+    for name in STAGES:
+        stage = spec.stage(name)
+        recorded = stages_status.get(name) or {}
+        base = start[name]
+        replicas = recorded.get("replicas", base.replicas)
+        replicas = min(max(int(replicas), stage.replicas.min), stage.replicas.max)
+        if not isinstance(stage, ModelStage):
+            plan[name] = StagePlan(replicas=replicas)
+            continue
+        variant = recorded.get("variant")
+        if variant is None or stage.variant(variant) is None:
+            variant = base.variant
+        mbs = min(
+            int(recorded.get("maxBatchSize") or stage.batching.max_batch_size),
+            stage.batching.max_batch_size,
+        )
+        delay = min(
+            int(
+                recorded.get(
+                    "maxQueueDelayMicroseconds", stage.batching.max_queue_delay_microseconds
+                )
+            ),
+            stage.batching.max_queue_delay_microseconds,
+        )
+        plan[name] = replace(
+            base, replicas=replicas, variant=variant, max_batch_size=mbs, max_queue_delay_us=delay
+        )
+    return plan

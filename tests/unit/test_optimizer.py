@@ -1,0 +1,245 @@
+"""The optimizer's policy pieces, table-driven, with time sequences on a fake clock."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from typing import Any
+
+import pytest
+from modelpilot import plan as plans
+from modelpilot.api.v1alpha1 import ModelDeploymentSpec
+from modelpilot.optimizer import queueing
+from modelpilot.optimizer.policy import Decision, History, decide, predict
+from modelpilot.optimizer.profiles import parse
+from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+
+pytestmark = pytest.mark.unit
+
+# A hand-made profile with the shape of a measured one: affine batch cost.
+PROFILE_DOC: dict[str, Any] = {
+    "schema": "modelpilot.io/profile/v1",
+    "models": {
+        name: {
+            "stage": stage,
+            "quality": q,
+            "batches": [
+                {"batch": b, "p50_ms": base + per * b, "p95_ms": 1.2 * (base + per * b)}
+                for b in (1, 2, 4, 8, 16, 32, 64)
+            ],
+        }
+        for name, stage, q, base, per in [
+            ("emb_big", "embedding", 1.0, 4.0, 1.0),
+            ("emb_small", "embedding", 0.95, 1.0, 0.25),
+            ("emb_tiny", "embedding", 0.80, 0.2, 0.02),
+            ("inf_big", "inference", 1.0, 6.0, 1.5),
+            ("inf_small", "inference", 0.93, 2.0, 0.5),
+        ]
+    },
+    "services": {
+        "ingestion": {"capacity_rps": 200.0, "p95_ms": 5.0},
+        "retrieval": {"capacity_rps": 500.0, "p95_ms": 2.0},
+    },
+}
+PROFILES = parse(PROFILE_DOC)
+
+SPEC_DOC: dict[str, Any] = {
+    "slo": {"latencyP95Ms": 200, "minQuality": "0.9"},
+    "optimizer": {"intervalSeconds": 15, "scaleDownStabilizationSeconds": 300, "maxScaleUpStep": 4},
+    "ingestion": {"replicas": {"min": 1, "max": 10}},
+    "retrieval": {"replicas": {"min": 1, "max": 10}},
+    "embedding": {
+        "replicas": {"min": 1, "max": 20},
+        "batching": {"maxBatchSize": 64, "maxQueueDelayMicroseconds": 5000},
+        "variants": [
+            {"name": "big", "model": "emb_big", "precision": "fp32", "quality": "1", "cost": "4"},
+            {
+                "name": "small",
+                "model": "emb_small",
+                "precision": "int8",
+                "quality": "0.95",
+                "cost": "1",
+            },
+            {
+                "name": "tiny",
+                "model": "emb_tiny",
+                "precision": "distilled",
+                "quality": "0.8",
+                "cost": "0.2",
+            },
+        ],
+    },
+    "inference": {
+        "replicas": {"min": 1, "max": 20},
+        "batching": {"maxBatchSize": 32, "maxQueueDelayMicroseconds": 5000},
+        "variants": [
+            {"name": "big", "model": "inf_big", "precision": "fp16", "quality": "1", "cost": "8"},
+            {
+                "name": "small",
+                "model": "inf_small",
+                "precision": "int8",
+                "quality": "0.93",
+                "cost": "2",
+            },
+        ],
+    },
+}
+
+
+def make_spec(**slo: Any) -> ModelDeploymentSpec:
+    doc = copy.deepcopy(SPEC_DOC)
+    doc["slo"].update(slo)
+    return ModelDeploymentSpec.model_validate(doc)
+
+
+def snap(now: float, rate: float | None, **extra: Any) -> Snapshot:
+    stages = {
+        s: StageTelemetry(rate_rps=rate, **extra)
+        for s in ("ingestion", "embedding", "retrieval", "inference")
+    }
+    return Snapshot(time=now, newest_sample=now, stages=stages)
+
+
+def run(
+    spec: ModelDeploymentSpec, rates: list[float], start: plans.Plan | None = None, step: int = 15
+) -> list[Decision]:
+    """Feed a rate per tick through decide(), carrying plan and history like the operator."""
+    plan, history, out = start or plans.initial(spec), History(), []
+    for i, rate in enumerate(rates):
+        now = 1_000_000 + i * step
+        d = decide(spec, plan, snap(now, rate), history, PROFILES, now)
+        plan, history = d.plan, d.history
+        out.append(d)
+    return out
+
+
+# ----------------------------------------------------------------------------- queueing
+
+
+@pytest.mark.parametrize(
+    ("servers", "offered", "expected"),
+    [
+        (1, 0.5, 0.5),  # M/M/1: P(wait) = rho
+        (2, 1.0, 1 / 3),
+        (3, 2.0, 4 / 9),
+        (2, 2.0, 1.0),  # unstable
+        (4, 0.0, 0.0),
+    ],
+)
+def test_erlang_c(servers: int, offered: float, expected: float) -> None:
+    assert queueing.erlang_c(servers, offered) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mm1_wait_matches_the_closed_form() -> None:
+    lam, mu = 8.0, 10.0
+    assert queueing.mean_wait(1, lam, mu) == pytest.approx((lam / mu) / (mu - lam))
+    # P(W > t) = rho * exp(-(mu - lam) t) => t95 = ln(rho / 0.05) / (mu - lam)
+    assert queueing.wait_quantile(1, lam, mu) == pytest.approx(math.log(0.8 / 0.05) / 2)
+    assert queueing.wait_quantile(1, 12, mu) == math.inf
+
+
+def test_prediction_grows_with_load_and_shrinks_with_replicas() -> None:
+    prof = PROFILES.models["emb_big"]
+    low, _ = predict(prof, 50, 2, 16, 1000)
+    high, _ = predict(prof, 400, 2, 16, 1000)
+    wider, _ = predict(prof, 400, 4, 16, 1000)
+    assert low < high and wider < high
+
+
+# ------------------------------------------------------------------------ time sequences
+
+
+def test_stationary_load_never_changes_anything_over_100_ticks() -> None:
+    rng = random.Random(7)
+    spec = make_spec()
+    decisions = run(spec, [300 * (1 + rng.uniform(-0.03, 0.03)) for _ in range(110)])
+    settled = decisions[10:]
+    assert all(d.changed == () for d in settled), [d.reasons for d in settled if d.changed]
+    assert settled[-1].plan["embedding"].replicas >= 1
+
+
+def test_a_step_up_scales_up_within_two_ticks() -> None:
+    spec = make_spec()
+    decisions = run(spec, [50] * 20 + [3000] * 5)  # more than batching alone absorbs
+    before = decisions[19].plan
+    after = decisions[21].plan
+    for stage in ("embedding", "inference", "ingestion"):
+        assert after[stage].replicas > before[stage].replicas, stage
+    assert any("scale up" in r for r in decisions[20].reasons)
+
+
+def test_a_drop_scales_down_only_after_the_stabilization_window() -> None:
+    spec = make_spec()  # window 300 s = 20 ticks of 15 s
+    decisions = run(spec, [3000] * 20 + [30] * 30)
+    high = decisions[19].plan["embedding"].replicas
+    assert high > 1
+    for i in range(20, 39):  # inside the window: never lower than at the peak
+        assert decisions[i].plan["embedding"].replicas == high, i
+    assert decisions[-1].plan["embedding"].replicas < high
+
+
+def test_stale_or_missing_metrics_hold_everything() -> None:
+    spec = make_spec()
+    plan = plans.initial(spec)
+    now = 2_000_000.0
+    old = Snapshot(time=now, newest_sample=now - 600, stages=snap(now, 900).stages)
+    for snapshot in (old, None, Snapshot(time=now, newest_sample=None)):
+        d = decide(spec, plan, snapshot, History(), PROFILES, now)
+        assert d.hold and d.plan == plan and d.changed == ()
+
+
+def test_a_missing_rate_holds_that_stage_only() -> None:
+    spec = make_spec()
+    plan = plans.initial(spec)
+    now = 3_000_000.0
+    s = snap(now, 3000)
+    stages = dict(s.stages)
+    stages["embedding"] = StageTelemetry(rate_rps=None)
+    d = decide(spec, plan, Snapshot(now, now, stages), History(), PROFILES, now)
+    assert d.plan["embedding"] == plan["embedding"]
+    assert d.plan["inference"].replicas > plan["inference"].replicas
+    assert "embedding: hold, no request rate" in d.reasons
+
+
+def test_the_budget_forces_cheaper_variants_and_says_so() -> None:
+    rich = run(make_spec(), [4000] * 3)[-1]
+    capped = run(make_spec(maxCostPerHour="5"), [4000] * 3)[-1]
+    assert capped.budget_limited and "maxCostPerHour" in capped.budget_limited
+    assert capped.cost_per_hour <= 5 < rich.cost_per_hour
+    assert any("budget" in r for r in capped.reasons)
+
+
+def test_variant_choice_respects_the_quality_floor() -> None:
+    low_floor = run(make_spec(minQuality="0.5"), [200] * 3)[-1]
+    assert low_floor.plan["embedding"].variant == "tiny"
+    strict = run(make_spec(minQuality="0.99"), [200] * 3)[-1]
+    assert strict.plan["embedding"].variant == "big"
+    assert strict.plan["inference"].variant == "big"
+
+
+def test_the_batch_tuner_batches_more_under_load() -> None:
+    spec = make_spec()
+    quiet = run(spec, [5] * 3)[-1].plan["embedding"]
+    busy = run(spec, [2000] * 3)[-1].plan["embedding"]
+    assert (busy.max_batch_size or 0) > (quiet.max_batch_size or 0)
+
+
+def test_optimizer_off_holds() -> None:
+    doc = copy.deepcopy(SPEC_DOC)
+    doc["optimizer"]["mode"] = "Off"
+    spec = ModelDeploymentSpec.model_validate(doc)
+    d = run(spec, [900])[-1]
+    assert d.hold == "optimizer is Off" and d.plan == plans.initial(spec)
+
+
+def test_history_survives_a_round_trip_through_status() -> None:
+    d = run(make_spec(), [3000] * 3 + [30] * 3)[-1]
+    again = History.from_status(d.history.to_status())
+    assert again == d.history
+
+
+def test_decide_is_deterministic() -> None:
+    a = run(make_spec(), [100, 400, 900, 50, 50])
+    b = run(make_spec(), [100, 400, 900, 50, 50])
+    assert [(x.plan, x.reasons) for x in a] == [(x.plan, x.reasons) for x in b]
