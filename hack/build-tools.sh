@@ -35,10 +35,10 @@ for mod in "${modules[@]}"; do
     start=$(date +%s)
     rm -rf "$out.tmp" && mkdir -p "$out.tmp"
     ldflags="-s -w"
-    [ "$mod" = controlplane ] && ldflags=$(k8s_ldflags)
+    if [ "$mod" = controlplane ]; then ldflags=$(k8s_ldflags); fi
     (cd "$src" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$out.tmp/" tool)
     # etcd's main package is go.etcd.io/etcd/server/v3, so the binary comes out as "server".
-    [ "$mod" = etcd ] && mv "$out.tmp/server" "$out.tmp/etcd"
+    if [ "$mod" = etcd ]; then mv "$out.tmp/server" "$out.tmp/etcd"; fi
     if [ "$mod" = kwok ]; then
       # kwok >= 0.8 ships no built-in stages: keep the fast node/pod stages from its module.
       kdir=$(cd "$src" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
@@ -56,5 +56,5 @@ for mod in "${modules[@]}"; do
     echo ">> built $mod in $(( $(date +%s) - start ))s"
   fi
   for f in "$out"/*; do ln -sfn "$f" "$bin/$(basename "$f")"; done
-  [ "$mod" = etcd ] && rm -f "$bin/server"
+  if [ "$mod" = etcd ]; then rm -f "$bin/server"; fi
 done

@@ -89,8 +89,9 @@ def crd(control_plane: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def operator_process(crd: str) -> Iterator[subprocess.Popen[bytes]]:
-    """The operator as a real process (kopf run), watching all namespaces."""
+def operator_process(crd: str, prometheus_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The operator as a real process (kopf run), watching all namespaces, reading the test
+    Prometheus with the test fixture profile."""
     from tests.helpers import free_port
 
     health = f"http://127.0.0.1:{free_port()}/healthz"
@@ -107,7 +108,13 @@ def operator_process(crd: str) -> Iterator[subprocess.Popen[bytes]]:
                 "-m",
                 "modelpilot.handlers",
             ],
-            env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+            env={
+                **os.environ,
+                "KUBECONFIG": str(KUBECONFIG),
+                "MODELPILOT_PROFILES": str(ROOT / "tests/fixtures/slow-profile.json"),
+                "MODELPILOT_PROMETHEUS_URL": prometheus_url,
+                "MODELPILOT_TRITON_LIVE": "false",
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

@@ -14,8 +14,12 @@ import kopf
 
 from modelpilot.api.v1alpha1 import GROUP, PLURAL, VERSION
 from modelpilot.kube import Kube, new_api_client, owner_of
+from modelpilot.optimize import Optimizer
+from modelpilot.optimizer import profiles
 from modelpilot.reconcile import Reconciler, TransientError
 from modelpilot.render import Defaults
+from modelpilot.telemetry import Telemetry
+from modelpilot.triton import push_batching
 
 MANAGED = {"app.kubernetes.io/managed-by": "modelpilot"}
 
@@ -39,6 +43,19 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.reconciler = Reconciler(kube, defaults)
     memo.locks = {}
     memo.locks_guard = threading.Lock()
+    profile_path = os.environ.get("MODELPILOT_PROFILES")
+    memo.optimizer = Optimizer(
+        kube=kube,
+        reconciler=memo.reconciler,
+        profiles=profiles.load(profile_path) if profile_path else profiles.Profiles({}),
+        snapshot_source=lambda url, ns, name, now: Telemetry(url).snapshot(ns, name, now),
+        default_prometheus_url=os.environ.get(
+            "MODELPILOT_PROMETHEUS_URL", "http://prometheus-server.monitoring.svc"
+        ),
+        push_batching=push_batching(kube)
+        if os.environ.get("MODELPILOT_TRITON_LIVE", "true") == "true"
+        else None,
+    )
 
 
 def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int = 0) -> None:
@@ -81,3 +98,32 @@ def child_changed(
         _reconcile(memo, namespace, owner)
     except kopf.TemporaryError:
         pass  # the owner's own handlers retry; a child event is only a nudge
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5)
+def optimize(
+    stopped: kopf.DaemonStopped,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    logger: Any,
+    **_: Any,
+) -> None:
+    """The self-optimizing loop: one decision every spec.optimizer.intervalSeconds."""
+    assert namespace
+    while not stopped:
+        interval = 30
+        with memo.locks_guard:
+            lock = memo.locks.setdefault((namespace, name), threading.Lock())
+        try:
+            with lock:
+                decision = memo.optimizer.tick(namespace, name)
+            md = memo.reconciler.kube.get_model_deployment(namespace, name)
+            interval = int(
+                ((md or {}).get("spec") or {}).get("optimizer", {}).get("intervalSeconds", 30)
+            )
+            if decision is not None and decision.changed:
+                logger.info(f"optimizer: {decision.summary}: {'; '.join(decision.reasons)}")
+        except Exception as exc:  # a failed tick is retried at the next interval
+            logger.warning(f"optimizer tick failed: {exc}")
+        stopped.wait(interval)

@@ -103,6 +103,19 @@ class Kube:
             action = "unchanged"
         return Applied(obj["kind"], meta["name"], action)
 
+    def ready_pod_ips(self, namespace: str, label_selector: str) -> list[str]:
+        pods = (
+            client.CoreV1Api(self.api)
+            .list_namespaced_pod(namespace, label_selector=label_selector)
+            .items
+        )
+        return [
+            p.status.pod_ip
+            for p in pods
+            if p.status.pod_ip
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
+
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:
             self._resource(api_version, kind).delete(name=name, namespace=namespace)

@@ -519,6 +519,25 @@ class Recommendation(_Model):
     reason: str = Field(default="", description="Why.")
 
 
+class StageHistoryStatus(_Model):
+    """What the optimizer remembers about a stage, so a restart resumes, not restarts."""
+
+    recommendations: list[list[int]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="[unix time, replicas] pairs that can still be the maximum of the "
+        "scale-down stabilization window, oldest first.",
+    )
+    last_change: int | None = Field(
+        default=None, alias="lastChange", description="Unix time of the stage's last change."
+    )
+    calibration_permille: int = Field(
+        default=1000,
+        alias="calibrationPermille",
+        description="Measured / predicted p95 latency, in thousandths, learnt online.",
+    )
+
+
 class ModelDeploymentStatus(_Model):
     """Observed state, written by the operator."""
 
@@ -542,9 +561,8 @@ class ModelDeploymentStatus(_Model):
     recommendations: list[Recommendation] = Field(
         default_factory=list, description="What the optimizer would do, in Recommend mode."
     )
-    optimizer_state: dict[str, Any] | None = Field(
+    optimizer_state: dict[str, StageHistoryStatus] | None = Field(
         default=None,
         alias="optimizerState",
-        description="Opaque history the optimizer needs across operator restarts.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="Per stage, the history the optimizer needs across operator restarts.",
     )

@@ -1,0 +1,252 @@
+"""One optimizer tick for one ModelDeployment: telemetry -> decide() -> act and explain.
+
+``Auto`` writes the new plan into ``status.stages`` (where the reconciler reads it) and
+reconciles, so replicas and variants change through the Deployments and batching through
+the ConfigMap and, live, through Triton's repository API. ``Recommend`` writes
+``status.recommendations`` only. ``Off`` does nothing. Every applied change gets an Event
+and ``status.lastDecision``; status is written only when something changed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from modelpilot import conditions as cond
+from modelpilot import plan as plans
+from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec, OptimizerMode
+from modelpilot.kube import Kube
+from modelpilot.optimizer.policy import Decision, History, decide
+from modelpilot.optimizer.profiles import Profiles
+from modelpilot.optimizer.snapshot import Snapshot
+from modelpilot.reconcile import Reconciler
+
+log = logging.getLogger(__name__)
+
+SnapshotSource = Callable[[str, str, str, float], Snapshot]  # (url, namespace, name, now)
+BatchPusher = Callable[[str, str, str, plans.StagePlan], None]  # (namespace, owner, stage, plan)
+
+
+def _rfc3339(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _stages_status(plan: plans.Plan, current: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for stage in STAGES:
+        p = plan[stage]
+        entry = dict(current.get(stage) or {})
+        entry["replicas"] = p.replicas
+        if p.variant is not None:
+            entry.update(
+                variant=p.variant,
+                maxBatchSize=p.max_batch_size,
+                maxQueueDelayMicroseconds=p.max_queue_delay_us,
+            )
+        out[stage] = entry
+    return out
+
+
+def recommendations(
+    old: plans.Plan, new: plans.Plan, reasons: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    out = []
+    for stage in STAGES:
+        if old[stage] == new[stage]:
+            continue
+        why = "; ".join(r for r in reasons if r.startswith(f"{stage}:"))
+        p = new[stage]
+        rec: dict[str, Any] = {"stage": stage, "replicas": p.replicas, "reason": why}
+        if p.variant is not None:
+            rec.update(
+                variant=p.variant,
+                maxBatchSize=p.max_batch_size,
+                maxQueueDelayMicroseconds=p.max_queue_delay_us,
+            )
+        out.append(rec)
+    return out
+
+
+@dataclass
+class Optimizer:
+    kube: Kube
+    reconciler: Reconciler
+    profiles: Profiles
+    snapshot_source: SnapshotSource
+    default_prometheus_url: str
+    push_batching: BatchPusher | None = None
+    clock: Callable[[], float] = time.time
+    started: float = field(default_factory=time.time)
+    # In-memory history between ticks; status holds the copy a restart resumes from.
+    memory: dict[tuple[str, str], History] = field(default_factory=dict)
+
+    def tick(self, namespace: str, name: str) -> Decision | None:
+        md = self.kube.get_model_deployment(namespace, name)
+        if md is None or md["metadata"].get("deletionTimestamp"):
+            return None
+        try:
+            spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+        except ValidationError:
+            return None  # the reconciler reports it as Degraded
+        now = self.clock()
+        status = md.get("status") or {}
+        plan = plans.resume(spec, status.get("stages") or {})
+        history = self.memory.get((namespace, name)) or self._restored(status)
+        url = spec.prometheus.url or self.default_prometheus_url
+        snapshot: Snapshot | None
+        problem = None
+        try:
+            snapshot = self.snapshot_source(url, namespace, name, now)
+        except Exception as exc:  # any failure to read telemetry means: hold
+            snapshot, problem = None, f"Prometheus at {url} unreachable: {exc}"[:500]
+        decision = decide(spec, plan, snapshot, history, self.profiles, now)
+        self.memory[(namespace, name)] = decision.history
+        self._record(md, spec, plan, decision, snapshot, problem, now)
+        return decision
+
+    def _restored(self, status: Mapping[str, Any]) -> History:
+        """History from status, with an operator start counted as a change: a restart must
+        not be followed at once by a scale-down (no decision storm)."""
+        from dataclasses import replace
+
+        history = History.from_status(status.get("optimizerState"))
+        started = int(self.started)
+        return History(
+            {
+                s: replace(h, last_change=max(h.last_change or 0, started))
+                for s, h in history.stages.items()
+            }
+        )
+
+    def _record(
+        self,
+        md: Mapping[str, Any],
+        spec: ModelDeploymentSpec,
+        plan: plans.Plan,
+        decision: Decision,
+        snapshot: Snapshot | None,
+        problem: str | None,
+        now: float,
+    ) -> None:
+        meta = md["metadata"]
+        status = md.get("status") or {}
+        gen = meta.get("generation")
+        stamp = _rfc3339(now)
+        conditions = status.get("conditions") or []
+        if decision.hold and spec.optimizer.mode != OptimizerMode.OFF:
+            conditions = cond.set_condition(
+                conditions,
+                "MetricsAvailable",
+                "False",
+                "PrometheusUnreachable" if problem else "MetricsStale",
+                problem or decision.hold or "",
+                stamp,
+                gen,
+            )
+        elif snapshot is not None:
+            conditions = cond.set_condition(
+                conditions,
+                "MetricsAvailable",
+                "True",
+                "MetricsFresh",
+                "telemetry is fresh",
+                stamp,
+                gen,
+            )
+        if not decision.hold:
+            e2e = snapshot.e2e_p95_ms if snapshot else None
+            if decision.budget_limited:
+                conditions = cond.set_condition(
+                    conditions,
+                    "SLOMet",
+                    "False",
+                    "BudgetLimited",
+                    decision.budget_limited,
+                    stamp,
+                    gen,
+                )
+            elif decision.slo_met is False:
+                conditions = cond.set_condition(
+                    conditions,
+                    "SLOMet",
+                    "False",
+                    "CapacityExhausted",
+                    "; ".join(r for r in decision.reasons if "predict" in r or "capped" in r)
+                    or "the SLO cannot be met within the replica bounds",
+                    stamp,
+                    gen,
+                )
+            else:
+                msg = (
+                    f"observed p95 {e2e:.0f} ms <= {spec.slo.latency_p95_ms} ms"
+                    if e2e is not None
+                    else "every stage is predicted within its budget"
+                )
+                conditions = cond.set_condition(
+                    conditions, "SLOMet", "True", "WithinSLO", msg, stamp, gen
+                )
+
+        new_status: dict[str, Any] = {"conditions": conditions}
+        if snapshot is not None and snapshot.e2e_p95_ms is not None:
+            new_status["observedP95Ms"] = round(snapshot.e2e_p95_ms)
+        last = status.get("lastDecision") or {}
+        explained = {
+            "time": stamp,
+            "summary": decision.summary,
+            "reasons": list(decision.reasons)[:20],
+        }
+        news = (last.get("summary"), last.get("reasons")) != (
+            explained["summary"],
+            explained["reasons"],
+        )
+        mode = spec.optimizer.mode
+        acted = False
+        if mode == OptimizerMode.AUTO and decision.changed:
+            new_status["stages"] = _stages_status(decision.plan, status.get("stages") or {})
+            new_status["optimizerState"] = decision.history.to_status()
+            new_status["recommendations"] = []
+            acted = True
+        elif mode == OptimizerMode.RECOMMEND:
+            recs = recommendations(plan, decision.plan, decision.reasons)
+            if recs != (status.get("recommendations") or []):
+                new_status["recommendations"] = recs
+                news = True
+        if news or acted:
+            new_status["lastDecision"] = explained
+        merged = {**status, **new_status}
+        if merged != status:
+            self.kube.patch_status(meta["namespace"], meta["name"], new_status)
+        if acted:
+            self.kube.event(
+                md, "Normal", "Optimized", f"{decision.summary}: " + "; ".join(decision.reasons)
+            )
+            self.reconciler.reconcile(meta["namespace"], meta["name"])
+            if self.push_batching is not None:
+                for stage in decision.changed:
+                    old, new = plan[stage], decision.plan[stage]
+                    if new.variant == old.variant and (
+                        new.max_batch_size,
+                        new.max_queue_delay_us,
+                    ) != (old.max_batch_size, old.max_queue_delay_us):
+                        self._push(meta, stage, new)
+        elif news and mode == OptimizerMode.RECOMMEND and decision.changed:
+            self.kube.event(md, "Normal", "Recommended", "; ".join(decision.reasons)[:1000])
+
+    def _push(self, meta: Mapping[str, Any], stage: str, plan: plans.StagePlan) -> None:
+        assert self.push_batching is not None
+        try:
+            self.push_batching(meta["namespace"], meta["name"], stage, plan)
+        except Exception as exc:  # the ConfigMap still carries it for the next restart
+            log.warning(
+                "live batching update for %s/%s %s failed: %s",
+                meta["namespace"],
+                meta["name"],
+                stage,
+                exc,
+            )
