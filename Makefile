@@ -56,6 +56,19 @@ prometheus-down: ## stop Prometheus
 crds: $(VENV)/.stamp ## regenerate crds/ and the chart's CRD from the pydantic models
 	$(PY) -m modelpilot.crdgen
 
+$(VENV)/.serve: $(VENV)/.stamp
+	$(PY) -m pip install -q -e '.[serve,bench]'
+	touch $@
+
+.PHONY: profile
+profile: $(VENV)/.serve ## measure each model variant (latency per batch, quality) -> profiles/cpu.json
+	$(PY) -m modelpilot_services.profile --out profiles/cpu.json
+
+TRACE ?=
+.PHONY: bench
+bench: $(VENV)/.serve ## replay traces (TRACE=path.csv, default: all built-in) under every policy
+	$(PY) -m modelpilot.sim.bench $(if $(TRACE),--trace $(TRACE)) --profiles profiles/cpu.json
+
 .PHONY: run
 run: $(VENV)/.stamp ## run the operator against $$KUBECONFIG (the local control plane by default)
 	$(BIN)/kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml

@@ -43,10 +43,12 @@ class Telemetry:
         self,
         url: str,
         window: str = "1m",
+        short_window: str = "15s",
         timeout_s: float = 5.0,
         query: Callable[[str], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.window = window
+        self.short_window = short_window
         if query is None:
             prom = PrometheusConnect(url=url, disable_ssl=True)
             prom._session.request = _with_timeout(prom._session.request, timeout_s)
@@ -82,6 +84,9 @@ class Telemetry:
             )
 
         rate = self._by_stage(f"sum by (stage) (rate(modelpilot_requests_total{{{sel}}}[{w}]))")
+        short = self._by_stage(
+            f"sum by (stage) (rate(modelpilot_requests_total{{{sel}}}[{self.short_window}]))"
+        )
         errors = self._by_stage(
             f'sum by (stage) (rate(modelpilot_requests_total{{{sel},code=~"5.."}}[{w}])) / '
             f"sum by (stage) (rate(modelpilot_requests_total{{{sel}}}[{w}]))"
@@ -113,6 +118,7 @@ class Telemetry:
         for stage in set(rate) | set(p95) | set(in_flight):
             stages[stage] = StageTelemetry(
                 rate_rps=rate.get(stage),
+                rate_short_rps=short.get(stage),
                 p50_ms=ms(p50.get(stage)),
                 p95_ms=ms(p95.get(stage)),
                 p99_ms=ms(p99.get(stage)),

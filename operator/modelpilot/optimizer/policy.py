@@ -309,7 +309,9 @@ def decide(
         if tele.rate_rps is None:
             reasons.append(f"{name}: hold, no request rate")
             continue
-        rate = tele.rate_rps
+        # Size for the higher of the stable and the short-window rate: a surge shows in the
+        # short window first (fast up); scale-down is held back by the stabilization window.
+        rate = max(tele.rate_rps, tele.rate_short_rps or 0.0)
         bounds = (stage.replicas.min, stage.replicas.max)
         if isinstance(stage, ModelStage):
             budget = budgets[name]

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class StageTelemetry:
-    rate_rps: float | None = None
+    rate_rps: float | None = None  # over the stable window (1 minute)
+    rate_short_rps: float | None = None  # over a short window, to see a surge early
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None

@@ -1,0 +1,1 @@
+"""Trace-replay simulator: the operator optimizer against HPA, KEDA, KPA, static, oracle."""
