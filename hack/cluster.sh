@@ -121,6 +121,10 @@ nodes_ready() {
   [ "$ready" -ge 3 ]
 }
 
+node_leases() {
+  [ "$(kubectl_ get leases -n kube-node-lease -o name | grep -c kwok-)" -ge 3 ]
+}
+
 fake_node() { # fake_node NAME [extra capacity lines] [extra label lines]
   cat <<EOF
 ---
@@ -199,6 +203,7 @@ up() {
     --manage-all-nodes=false \
     --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --node-ip 10.244.0.1 --cidr 10.244.0.0/16 \
+    --node-lease-duration-seconds 40 \
     --server-address "127.0.0.1:$kwok_port" "${stage_args[@]}"
 
   {
@@ -221,6 +226,7 @@ volumeBindingMode: Immediate
 EOF
   } | kubectl_ apply -f - >/dev/null
   wait_for 60 "3 Ready kwok nodes" nodes_ready
+  wait_for 60 "kwok's node leases" node_leases
   wait_for 60 "the default ServiceAccount" kubectl_ get serviceaccount default -n default
   log "control plane up in $((SECONDS - t0))s: export KUBECONFIG=$kubeconfig"
 }

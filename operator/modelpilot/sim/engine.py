@@ -6,7 +6,7 @@ with Triton's dynamic-batching rule: it sends as soon as ``max_batch_size`` requ
 when the oldest has waited ``max_queue_delay``. A batch of ``b`` takes the variant's measured
 latency at ``b`` times log-normal noise fitted to the measured p95/p50. New replicas are ready
 only after ``startup_s``; a variant switch is a surge rollout. Policies observe windowed
-metrics at their own tick interval, as they would from Prometheus.
+metrics at their own tick interval as of the last scrape, as they would from Prometheus.
 
 The loop advances a batch at a time (not a request at a time), which is what lets a 4-hour
 trace at 1 s resolution replay under every policy within a minute.
@@ -18,7 +18,7 @@ import bisect
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class Config:
     min_replicas: int = 1
     max_replicas: int = 64
     startup_s: float = 20.0
+    scrape_s: float = 15.0  # policies see metrics as of the last Prometheus scrape
     service: str = "lognormal"  # or "exponential" (M/M/c validation)
     seed: int = 7
 
@@ -147,7 +148,8 @@ def simulate(
 
     def tick(now: float) -> None:
         nonlocal current, actions, batch_sum, batch_n
-        obs = observe(now)
+        scraped = observe(math.floor(now / cfg.scrape_s) * cfg.scrape_s)
+        obs = replace(scraped, now=now)
         want = policy.decide(obs, current)
         want_variant = want.variant or current.variant
         want = Action(
