@@ -66,8 +66,13 @@ def load(port: int, rps: float, seconds: float, stop: threading.Event) -> None:
     deadline = time.monotonic() + seconds
     next_at = time.monotonic()
     while time.monotonic() < deadline and not stop.is_set():
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/work", timeout=5) as r:
-            r.read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/work", timeout=5) as r:
+                r.read()
+        except OSError:
+            if stop.is_set():  # the fixture shut the server down under us: done
+                return
+            raise
         next_at += 1 / rps
         time.sleep(max(0.0, next_at - time.monotonic()))
 

@@ -96,9 +96,10 @@ class SLO(_Model):
         alias="minQuality",
     )
     max_cost_per_hour: str | None = _quantity_field(
-        "Optional budget: the most the pipeline may cost per hour, in the units of the "
-        "variants' cost (relative cost per replica-hour). The optimizer moves to cheaper "
-        "variants before it breaks the budget.",
+        "Optional budget: the most the pipeline may cost per hour, as the sum over the "
+        "embedding and inference replicas of their variant's cost (relative cost per "
+        "replica-hour). The optimizer moves to cheaper variants, then fewer replicas, before "
+        "it breaks the budget, and sets SLOMet=False/BudgetLimited when it does.",
         [
             cel(
                 "isQuantity(self) && quantity(self).compareTo(quantity('0')) >= 0",
