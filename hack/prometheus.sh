@@ -2,10 +2,11 @@
 # Debian's Prometheus as a local process. Scrape targets come from file-based service
 # discovery: drop a JSON file into .cache/prometheus/targets/ and it is picked up within
 # seconds, no restart. Usage: hack/prometheus.sh up|down
-# Env: MODELPILOT_PROMETHEUS_PORT (19090), MODELPILOT_SCRAPE_INTERVAL (2s)
+# Env: MODELPILOT_PROMETHEUS_PORT (19090), MODELPILOT_SCRAPE_INTERVAL (2s),
+#      MODELPILOT_PROMETHEUS_DIR (.cache/prometheus: config, targets, data, pid)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-dir="$root/.cache/prometheus"
+dir=${MODELPILOT_PROMETHEUS_DIR:-$root/.cache/prometheus}
 logs="$root/.cache/logs"
 port=${MODELPILOT_PROMETHEUS_PORT:-19090}
 interval=${MODELPILOT_SCRAPE_INTERVAL:-2s}
@@ -34,11 +35,11 @@ scrape_configs:
 EOF
   setsid prometheus --config.file "$dir/prometheus.yml" --storage.tsdb.path "$dir/data" \
     --storage.tsdb.retention.time 6h --web.listen-address "127.0.0.1:$port" \
-    --web.enable-lifecycle >"$logs/prometheus.log" 2>&1 </dev/null &
+    --web.enable-lifecycle >"$logs/prometheus-$port.log" 2>&1 </dev/null &
   echo $! >"$pidfile"
   local deadline=$((SECONDS + 60))
   until curl -fsS "http://127.0.0.1:$port/-/ready" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || { log "not ready after 60s (see $logs/prometheus.log)"; exit 1; }
+    [ $SECONDS -lt $deadline ] || { log "not ready after 60s (see $logs/prometheus-$port.log)"; exit 1; }
     sleep 0.2
   done
   log "ready: http://127.0.0.1:$port (targets: $dir/targets/*.json)"

@@ -88,47 +88,74 @@ def crd(control_plane: Path) -> str:
     return "modeldeployments.modelpilot.io"
 
 
+class Operator:
+    """The operator as a real process (kopf run) that a test may crash and restart."""
+
+    def __init__(self, prometheus_url: str) -> None:
+        self.prometheus_url = prometheus_url
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = ROOT / ".cache/logs/operator-test.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self, wait_healthy: bool = True) -> None:
+        import urllib.request
+
+        from tests.helpers import free_port
+
+        health = f"http://127.0.0.1:{free_port()}/healthz"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(ROOT / ".venv/bin/kopf"),
+                    "run",
+                    "--all-namespaces",
+                    "--standalone",
+                    f"--liveness={health}",
+                    "-m",
+                    "modelpilot.handlers",
+                ],
+                env={
+                    **os.environ,
+                    "KUBECONFIG": str(KUBECONFIG),
+                    "MODELPILOT_PROFILES": str(ROOT / "tests/fixtures/slow-profile.json"),
+                    "MODELPILOT_PROMETHEUS_URL": self.prometheus_url,
+                    "MODELPILOT_TRITON_LIVE": "false",
+                },
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        if wait_healthy:
+            wait_for(
+                lambda: urllib.request.urlopen(health, timeout=2),
+                60,
+                what="the operator's health endpoint",
+            )
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no finally blocks, as a node failure would do."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def poll(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 @pytest.fixture(scope="session")
-def operator_process(crd: str, prometheus_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    """The operator as a real process (kopf run), watching all namespaces, reading the test
-    Prometheus with the test fixture profile."""
-    from tests.helpers import free_port
-
-    health = f"http://127.0.0.1:{free_port()}/healthz"
-    log_path = ROOT / ".cache/logs/operator-test.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                str(ROOT / ".venv/bin/kopf"),
-                "run",
-                "--all-namespaces",
-                "--standalone",
-                f"--liveness={health}",
-                "-m",
-                "modelpilot.handlers",
-            ],
-            env={
-                **os.environ,
-                "KUBECONFIG": str(KUBECONFIG),
-                "MODELPILOT_PROFILES": str(ROOT / "tests/fixtures/slow-profile.json"),
-                "MODELPILOT_PROMETHEUS_URL": prometheus_url,
-                "MODELPILOT_TRITON_LIVE": "false",
-            },
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    import urllib.request
-
-    wait_for(
-        lambda: urllib.request.urlopen(health, timeout=2),
-        60,
-        what="the operator's health endpoint",
-    )
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def operator_process(crd: str, prometheus_url: str) -> Iterator[Operator]:
+    """The operator, watching all namespaces, reading the test Prometheus with the test
+    fixture profile. Tests that crash it must leave it running again."""
+    op = Operator(prometheus_url)
+    op.start()
+    yield op
+    op.stop()
