@@ -93,7 +93,7 @@ make_pki() {
       -out "$pki/ca.crt" 2>/dev/null
   fi
   gen_cert apiserver "/CN=kube-apiserver" \
-    "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
   gen_cert admin "/O=system:masters/CN=modelpilot-admin"
   gen_cert kube-controller-manager "/CN=system:kube-controller-manager"
   gen_cert kube-scheduler "/CN=system:kube-scheduler"
@@ -178,7 +178,7 @@ up() {
     --client-ca-file "$pki/ca.crt" --authorization-mode RBAC \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
+    --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=true \
     --endpoint-reconciler-type none --profiling=false
   wait_for 90 kube-apiserver apiserver_ready
 

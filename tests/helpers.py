@@ -8,7 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".cache" / "bin"
@@ -63,3 +63,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def token_kubeconfig(
+    admin: Any, namespace: str, sa: str, path: Path, context_namespace: str | None = None
+) -> Path:
+    """A kubeconfig for ServiceAccount ``sa`` with a fresh TokenRequest token."""
+    from kubernetes import client
+
+    token = (
+        client.CoreV1Api(admin)
+        .create_namespaced_service_account_token(
+            sa,
+            namespace,
+            client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+            ),
+        )
+        .status.token
+    )
+    ns = f", namespace: {context_namespace}" if context_namespace else ""
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f'clusters: [{{name: c, cluster: {{server: "{admin.configuration.host}", '
+        f'certificate-authority: "{ROOT / ".cache/cluster/pki/ca.crt"}"}}}}]\n'
+        f'users: [{{name: sa, user: {{token: "{token}"}}}}]\n'
+        f"contexts: [{{name: c, context: {{cluster: c, user: sa{ns}}}}}]\n"
+        "current-context: c\n"
+    )
+    return path

@@ -6,6 +6,7 @@ bookkeeping goes into annotations, never into the user's status.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from typing import Any
@@ -42,7 +43,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     memo.reconciler = Reconciler(kube, defaults)
     memo.locks = {}
+    memo.queued = set()
     memo.locks_guard = threading.Lock()
+    # Handlers are short, blocking API calls: more threads than kopf's default (CPUs + 4).
+    settings.execution.max_workers = int(os.environ.get("MODELPILOT_WORKERS", "16"))
     profile_path = os.environ.get("MODELPILOT_PROFILES")
     memo.optimizer = Optimizer(
         kube=kube,
@@ -58,10 +62,31 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
 
 
-def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int = 0) -> None:
+def _lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
     with memo.locks_guard:
-        lock = memo.locks.setdefault((namespace, name), threading.Lock())
-    with lock:  # one reconcile per object at a time, whichever event triggered it
+        lock: threading.Lock = memo.locks.setdefault((namespace, name), threading.Lock())
+        return lock
+
+
+def _reconcile(
+    memo: kopf.Memo, namespace: str, name: str, retry: int = 0, coalesce: bool = False
+) -> None:
+    """Reconcile one object, one run at a time per object.
+
+    With ``coalesce`` (child events), a run that would only queue behind another queued run
+    is dropped: reconcile is level-triggered, so the queued run sees the newest state. A
+    burst of child events (a rollout's status updates) then costs two runs, not one each.
+    """
+    key = (namespace, name)
+    if coalesce:
+        with memo.locks_guard:
+            if key in memo.queued:
+                return
+            memo.queued.add(key)
+    with _lock(memo, namespace, name):
+        if coalesce:
+            with memo.locks_guard:
+                memo.queued.discard(key)
         try:
             memo.reconciler.reconcile(namespace, name, attempt=retry)
         except TransientError as exc:
@@ -94,14 +119,16 @@ def child_changed(
     owner = owner_of(body)
     if owner is None or namespace is None or event.get("type") is None:
         return
+    if event["type"] != "DELETED" and memo.reconciler.kube.is_own_echo(body):
+        return  # the watch echoing our own apply: nothing changed since
     try:
-        _reconcile(memo, namespace, owner)
+        _reconcile(memo, namespace, owner, coalesce=True)
     except kopf.TemporaryError:
         pass  # the owner's own handlers retry; a child event is only a nudge
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5)
-def optimize(
+async def optimize(
     stopped: kopf.DaemonStopped,
     namespace: str | None,
     name: str,
@@ -109,21 +136,26 @@ def optimize(
     logger: Any,
     **_: Any,
 ) -> None:
-    """The self-optimizing loop: one decision every spec.optimizer.intervalSeconds."""
+    """The self-optimizing loop: one decision every spec.optimizer.intervalSeconds.
+
+    Async on purpose: a sync daemon would hold one of kopf's few executor threads for its
+    whole life, so a handful of ModelDeployments would starve every other handler. Only
+    each short tick runs in a thread.
+    """
     assert namespace
     while not stopped:
-        interval = 30
-        with memo.locks_guard:
-            lock = memo.locks.setdefault((namespace, name), threading.Lock())
         try:
-            with lock:
-                decision = memo.optimizer.tick(namespace, name)
-            md = memo.reconciler.kube.get_model_deployment(namespace, name)
-            interval = int(
-                ((md or {}).get("spec") or {}).get("optimizer", {}).get("intervalSeconds", 30)
-            )
-            if decision is not None and decision.changed:
-                logger.info(f"optimizer: {decision.summary}: {'; '.join(decision.reasons)}")
+            interval = await asyncio.to_thread(_tick, memo, namespace, name, logger)
         except Exception as exc:  # a failed tick is retried at the next interval
             logger.warning(f"optimizer tick failed: {exc}")
-        stopped.wait(interval)
+            interval = 30
+        await stopped.wait(interval)
+
+
+def _tick(memo: kopf.Memo, namespace: str, name: str, logger: Any) -> int:
+    """One optimizer decision; returns the seconds until the next."""
+    with _lock(memo, namespace, name):
+        decision = memo.optimizer.tick(namespace, name)
+    if decision is not None and decision.changed:
+        logger.info(f"optimizer: {decision.summary}: {'; '.join(decision.reasons)}")
+    return int(memo.optimizer.intervals.get((namespace, name), 30))

@@ -8,6 +8,8 @@ own is taken back. Status goes through the /status subresource.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -54,6 +56,8 @@ class Kube:
         self.api = api
         self.dynamic = DynamicClient(api)
         self._resources: dict[tuple[str, str], Any] = {}
+        # (kind, namespace, name) -> (hash of the body we applied, resourceVersion it got).
+        self._applied: dict[tuple[str, str, str], tuple[str, str]] = {}
 
     def _resource(self, api_version: str, kind: str) -> Any:
         key = (api_version, kind)
@@ -84,9 +88,48 @@ class Kube:
                 out[(kind, obj["metadata"]["name"])] = obj
         return out
 
+    def get_children(
+        self, objects: Iterable[Mapping[str, Any]]
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """The live versions of ``objects`` by name, keyed by (kind, name): one GET each,
+        independent of how many other objects the namespace holds (a LIST is not)."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for obj in objects:
+            meta = obj["metadata"]
+            try:
+                live = self._resource(obj["apiVersion"], obj["kind"]).get(
+                    name=meta["name"], namespace=meta["namespace"]
+                )
+            except NotFoundError:
+                continue
+            item = live.to_dict()
+            item.setdefault("kind", obj["kind"])
+            out[(obj["kind"], meta["name"])] = item
+        return out
+
+    def is_own_echo(self, obj: Mapping[str, Any]) -> bool:
+        """Whether ``obj`` is exactly what our last apply of it produced (a watch echo)."""
+        meta = obj.get("metadata") or {}
+        key = (str(obj.get("kind")), str(meta.get("namespace")), str(meta.get("name")))
+        seen = self._applied.get(key)
+        return seen is not None and seen[1] == meta.get("resourceVersion")
+
     def apply(self, obj: Mapping[str, Any], before: Mapping[str, Any] | None) -> Applied:
-        """Server-side apply ``obj``; ``before`` is the object as last listed (or None)."""
+        """Server-side apply ``obj``; ``before`` is the object as last listed (or None).
+
+        Skipped when ``before`` still carries the resourceVersion our last apply of this
+        same body produced: nobody changed it since, so the apply could change nothing
+        (and an unchanged apply still costs the apiserver a managed-fields merge). Any write
+        by anyone moves the resourceVersion, so hand edits are still taken back.
+        """
         meta = obj["metadata"]
+        key = (obj["kind"], meta["namespace"], meta["name"])
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        if before is not None and self._applied.get(key) == (
+            digest,
+            before["metadata"]["resourceVersion"],
+        ):
+            return Applied(obj["kind"], meta["name"], "unchanged")
         res = self._resource(obj["apiVersion"], obj["kind"])
         result = res.server_side_apply(
             body=dict(obj),
@@ -95,6 +138,7 @@ class Kube:
             field_manager=FIELD_MANAGER,
             force_conflicts=True,
         )
+        self._applied[key] = (digest, result.metadata.resourceVersion)
         if before is None:
             action = "created"
         elif result.metadata.resourceVersion != before["metadata"]["resourceVersion"]:

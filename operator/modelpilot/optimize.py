@@ -40,16 +40,7 @@ def _rfc3339(t: float) -> str:
 def _stages_status(plan: plans.Plan, current: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for stage in STAGES:
-        p = plan[stage]
-        entry = dict(current.get(stage) or {})
-        entry["replicas"] = p.replicas
-        if p.variant is not None:
-            entry.update(
-                variant=p.variant,
-                maxBatchSize=p.max_batch_size,
-                maxQueueDelayMicroseconds=p.max_queue_delay_us,
-            )
-        out[stage] = entry
+        out[stage] = {**(current.get(stage) or {}), **plans.status_fields(plan[stage])}
     return out
 
 
@@ -85,6 +76,7 @@ class Optimizer:
     started: float = field(default_factory=time.time)
     # In-memory history between ticks; status holds the copy a restart resumes from.
     memory: dict[tuple[str, str], History] = field(default_factory=dict)
+    intervals: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def tick(self, namespace: str, name: str) -> Decision | None:
         md = self.kube.get_model_deployment(namespace, name)
@@ -94,6 +86,7 @@ class Optimizer:
             spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
         except ValidationError:
             return None  # the reconciler reports it as Degraded
+        self.intervals[(namespace, name)] = spec.optimizer.interval_seconds
         now = self.clock()
         status = md.get("status") or {}
         plan = plans.resume(spec, status.get("stages") or {})

@@ -88,3 +88,15 @@ def resume(spec: ModelDeploymentSpec, stages_status: Mapping[str, Mapping[str, A
             base, replicas=replicas, variant=variant, max_batch_size=mbs, max_queue_delay_us=delay
         )
     return plan
+
+
+def status_fields(plan: StagePlan) -> dict[str, Any]:
+    """The plan of one stage as its ``status.stages`` entry (what the operator has set)."""
+    out: dict[str, Any] = {"replicas": plan.replicas}
+    if plan.variant is not None:
+        out.update(
+            variant=plan.variant,
+            maxBatchSize=plan.max_batch_size,
+            maxQueueDelayMicroseconds=plan.max_queue_delay_us,
+        )
+    return out

@@ -72,16 +72,8 @@ def _stage_status(
 ) -> dict[str, dict[str, Any]]:
     out = {}
     for stage in STAGES:
-        p = plan[stage]
         obs = observed.get(stage)
-        entry: dict[str, Any] = {"replicas": p.replicas, "readyReplicas": obs.ready if obs else 0}
-        if p.variant is not None:
-            entry.update(
-                variant=p.variant,
-                maxBatchSize=p.max_batch_size,
-                maxQueueDelayMicroseconds=p.max_queue_delay_us,
-            )
-        out[stage] = entry
+        out[stage] = {**plans.status_fields(plan[stage]), "readyReplicas": obs.ready if obs else 0}
     return out
 
 
@@ -153,7 +145,7 @@ class Reconciler:
         plan = plans.resume(spec, status.get("stages") or {})
         owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
         desired = render(owner, spec, plan, self.defaults)
-        children = self.kube.list_children(namespace, name)
+        children = self.kube.get_children(desired)
 
         applied = 0
         for obj in desired:
@@ -175,13 +167,16 @@ class Reconciler:
                     result.action.capitalize(),
                     f"{result.action} {result.kind} {result.name}",
                 )
-        wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
-        for (kind, child), obj in children.items():
-            if (kind, child) not in wanted and obj["metadata"].get("ownerReferences"):
-                self.kube.delete(obj["apiVersion"], kind, namespace, child)
-                self.kube.event(md, "Normal", "Pruned", f"deleted {kind} {child}")
+        if status.get("observedGeneration") != meta.get("generation"):
+            # A spec change is the only thing that can make a child unwanted: prune then.
+            wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
+            for (kind, child), obj in self.kube.list_children(namespace, name).items():
+                if (kind, child) not in wanted and obj["metadata"].get("ownerReferences"):
+                    self.kube.delete(obj["apiVersion"], kind, namespace, child)
+                    self.kube.event(md, "Normal", "Pruned", f"deleted {kind} {child}")
         if applied:
-            children = self.kube.list_children(namespace, name)
+            deployments = [o for o in desired if o["kind"] == "Deployment"]
+            children.update(self.kube.get_children(deployments))
 
         observed = _observed(children, name)
         ready, progressing, message = cond.rollout(observed, {s: plan[s].replicas for s in STAGES})

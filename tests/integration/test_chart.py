@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import textwrap
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from modelpilot.optimize import Optimizer
 from modelpilot.optimizer.profiles import Profiles
 from modelpilot.reconcile import Reconciler
 
-from tests.helpers import BIN, KUBECONFIG, ROOT, kubectl, wait_for
+from tests.helpers import BIN, KUBECONFIG, ROOT, kubectl, token_kubeconfig, wait_for
 
 pytestmark = pytest.mark.integration
 CHART = ROOT / "charts/modelpilot"
@@ -116,29 +115,7 @@ def test_rendered_chart_passes_server_side_dry_run(mode: str, namespace: str, cr
 
 def _token_client(namespace: str, sa: str, tmp_path: Path) -> client.ApiClient:
     admin = config.new_client_from_config(config_file=str(KUBECONFIG))
-    token = (
-        client.CoreV1Api(admin)
-        .create_namespaced_service_account_token(
-            sa,
-            namespace,
-            client.AuthenticationV1TokenRequest(
-                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
-            ),
-        )
-        .status.token
-    )
-    path = tmp_path / "sa.kubeconfig"
-    path.write_text(
-        textwrap.dedent(f"""
-        apiVersion: v1
-        kind: Config
-        clusters: [{{name: c, cluster: {{server: "{admin.configuration.host}",
-          certificate-authority: "{ROOT / ".cache/cluster/pki/ca.crt"}"}}}}]
-        users: [{{name: sa, user: {{token: "{token}"}}}}]
-        contexts: [{{name: c, context: {{cluster: c, user: sa}}}}]
-        current-context: c
-        """)
-    )
+    path = token_kubeconfig(admin, namespace, sa, tmp_path / "sa.kubeconfig")
     return config.new_client_from_config(config_file=str(path))
 
 

@@ -15,7 +15,7 @@ from kubernetes.client.rest import ApiException
 from prometheus_api_client import PrometheusConnect
 from prometheus_client import CollectorRegistry, Gauge, MetricsHandler
 
-from tests.helpers import ROOT, free_port, kubectl, wait_for
+from tests.helpers import ROOT, free_port, kubectl, token_kubeconfig, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -143,25 +143,8 @@ def test_rbac_is_enforced_for_a_narrow_service_account(
             ],
         ),
     )
-    token = core.create_namespaced_service_account_token(
-        "reader",
-        namespace,
-        client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
-        ),
-    ).status.token
-    server = api_client.configuration.host
-    kubeconfig = tmp_path / "reader.kubeconfig"
-    kubeconfig.write_text(
-        textwrap.dedent(f"""
-        apiVersion: v1
-        kind: Config
-        clusters: [{{name: c, cluster: {{server: "{server}",
-          certificate-authority: "{ROOT / ".cache/cluster/pki/ca.crt"}"}}}}]
-        users: [{{name: reader, user: {{token: "{token}"}}}}]
-        contexts: [{{name: c, context: {{cluster: c, user: reader, namespace: {namespace}}}}}]
-        current-context: c
-        """)
+    kubeconfig = token_kubeconfig(
+        api_client, namespace, "reader", tmp_path / "reader.kubeconfig", context_namespace=namespace
     )
     # The role binding is honoured once the authorizer's cache sees it.
     wait_for(

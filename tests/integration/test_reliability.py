@@ -374,3 +374,61 @@ def test_sigkill_at_five_points_mid_reconcile_converges_without_duplicate_action
         what="the ModelDeployment deleted (finalizer released)",
     )
     wait_for(lambda: _children(namespace, "full") == [], 120, what="children collected")
+
+
+def test_concurrent_edits_never_lose_the_users_changes(
+    namespace: str, operator_process: Any
+) -> None:
+    kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples/full.yaml"))
+    wait_for(lambda: ready("full", namespace), 120, what="Ready")
+    errors: list[str] = []
+
+    def edit_spec() -> None:  # rapid spec edits, racing the operator's status writes
+        for i in range(10):
+            md = sample("full")
+            md["spec"]["ingestion"]["replicas"] = {"min": 1 + i % 3, "max": 4}
+            md["spec"]["ingestion"]["env"][0]["value"] = str(500 + i)
+            r = kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(md), check=False)
+            if r.returncode:
+                errors.append(r.stderr)
+
+    def edit_child() -> None:  # a user's own field on a child the operator owns
+        for i in range(10):
+            r = kubectl(
+                "annotate",
+                "deploy",
+                "full-ingestion",
+                "-n",
+                namespace,
+                f"team.example.com/note=edit-{i}",
+                "--overwrite",
+                check=False,
+            )
+            if r.returncode:
+                errors.append(r.stderr)
+
+    threads = [threading.Thread(target=edit_spec), threading.Thread(target=edit_child)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    wait_for(lambda: ready("full", namespace), 120, what="Ready at the last generation")
+
+    def settled() -> bool:
+        dep = json.loads(
+            kubectl("get", "deploy", "full-ingestion", "-n", namespace, "-o", "json").stdout
+        )
+        env = {
+            e["name"]: e.get("value")
+            for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        return (
+            dep["metadata"]["annotations"].get("team.example.com/note") == "edit-9"
+            and env.get("CHUNK_SIZE") == "509"
+            and dep["spec"]["replicas"] >= 1 + 9 % 3
+        )
+
+    wait_for(settled, 60, what="the last spec edit and the user's annotation both kept")
+    md = json.loads(kubectl("get", "md", "full", "-n", namespace, "-o", "json").stdout)
+    assert md["spec"]["ingestion"]["env"][0]["value"] == "509"
