@@ -146,7 +146,7 @@ status:
   capacity: &cap
     cpu: "32"
     memory: 128Gi
-    pods: "110"
+    pods: "1000"
     ephemeral-storage: 500Gi
 ${2:-}
   allocatable: *cap

@@ -432,3 +432,55 @@ def test_concurrent_edits_never_lose_the_users_changes(
     wait_for(settled, 60, what="the last spec edit and the user's annotation both kept")
     md = json.loads(kubectl("get", "md", "full", "-n", namespace, "-o", "json").stdout)
     assert md["spec"]["ingestion"]["env"][0]["value"] == "509"
+
+
+def _operator_writes() -> float:
+    """PATCH/APPLY/POST/PUT on what only the operator writes (GC deletes excluded)."""
+    import re
+
+    total = 0.0
+    for line in kubectl("get", "--raw", "/metrics").stdout.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line[: line.rindex("}")]))
+        resource, sub = labels.get("resource"), labels.get("subresource", "")
+        if labels.get("verb") in {"PATCH", "APPLY", "POST", "PUT"} and (
+            resource == "modeldeployments"
+            or (
+                resource in {"deployments", "services", "configmaps", "persistentvolumeclaims"}
+                and sub == ""
+            )
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_fifty_pipelines_converge_and_then_the_operator_writes_nothing(
+    namespace: str, operator_process: Any
+) -> None:
+    base = sample("minimal")
+    docs = []
+    for i in range(50):
+        md = copy.deepcopy(base)
+        md["metadata"]["name"] = f"p{i:02d}"
+        docs.append(md)
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(docs))
+
+    def all_ready() -> bool:
+        items = json.loads(kubectl("get", "md", "-n", namespace, "-o", "json").stdout)["items"]
+        return len(items) == 50 and all(
+            any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in (m.get("status") or {}).get("conditions") or []
+            )
+            for m in items
+        )
+
+    wait_for(all_ready, 600, interval=2, what="50 pipelines Ready")
+
+    def quiet_window() -> bool:  # one 30 s window without a single operator write
+        before = _operator_writes()
+        threading.Event().wait(30)
+        return _operator_writes() == before
+
+    wait_for(quiet_window, 300, interval=0, what="a 30 s window with no operator writes")
