@@ -40,29 +40,14 @@ def test_helm_lint_is_clean() -> None:
     assert "0 chart(s) failed" in result.stdout
 
 
-def test_values_schema_rejects_typos() -> None:
+@pytest.mark.parametrize(
+    ("setting", "field"), [("imagee.tag=x", "imagee"), ("logLevel=loud", "logLevel")]
+)
+def test_values_schema_rejects_typos(setting: str, field: str) -> None:
     result = helm(
-        "template",
-        "t",
-        str(CHART),
-        "--kube-version",
-        KUBE_VERSION,
-        "--set",
-        "imagee.tag=x",
-        check=False,
+        "template", "t", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False
     )
-    assert result.returncode != 0 and "imagee" in result.stderr
-    result = helm(
-        "template",
-        "t",
-        str(CHART),
-        "--kube-version",
-        KUBE_VERSION,
-        "--set",
-        "logLevel=loud",
-        check=False,
-    )
-    assert result.returncode != 0 and "logLevel" in result.stderr
+    assert result.returncode != 0 and field in result.stderr
 
 
 def test_chart_crd_matches_the_generated_crd() -> None:
