@@ -10,8 +10,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kubernetes.utils.quantity import parse_quantity
-
 from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec, ModelStage
 
 
@@ -28,7 +26,7 @@ Plan = dict[str, StagePlan]
 
 def _starting_variant(spec: ModelDeploymentSpec, stage: ModelStage) -> str:
     """The cheapest variant that meets the quality floor (the spec guarantees one exists)."""
-    floor = parse_quantity(spec.slo.min_quality)
+    floor = spec.slo.min_quality_value
     ok = [v for v in stage.variants if v.quality_value >= floor]
     pool = ok or stage.variants
     return min(pool, key=lambda v: (v.cost_value, -v.quality_value)).name

@@ -110,6 +110,16 @@ class SLO(_Model):
         default=None,
     )
 
+    @property
+    def min_quality_value(self) -> Decimal:
+        return Decimal(parse_quantity(self.min_quality))
+
+    @property
+    def max_cost_per_hour_value(self) -> Decimal | None:
+        if self.max_cost_per_hour is None:
+            return None
+        return Decimal(parse_quantity(self.max_cost_per_hour))
+
 
 class Optimizer(_Model):
     """How the self-optimizing loop acts."""

@@ -24,9 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
-
-from kubernetes.utils.quantity import parse_quantity
 
 from modelpilot.api.v1alpha1 import (
     STAGES,
@@ -219,10 +216,6 @@ def stage_budgets(spec: ModelDeploymentSpec, snapshot: Snapshot, tun: Tunables) 
     return {s: total * shares[s] / norm for s in QUERY_PATH}
 
 
-def _decimal(q: str) -> float:
-    return float(Decimal(parse_quantity(q)))
-
-
 def _calibrate(
     hist: StageHistory, tele: StageTelemetry, predicted_ms: float | None, tun: Tunables
 ) -> int:
@@ -294,7 +287,7 @@ def decide(
     reasons: list[str] = []
     budgets = stage_budgets(spec, snapshot, tun)
     cooldown = 2 * spec.optimizer.interval_seconds
-    floor = _decimal(spec.slo.min_quality)
+    floor = float(spec.slo.min_quality_value)
     new_plan: Plan = dict(plan)
     new_hist: dict[str, StageHistory] = dict(history.stages)
     chosen_variants: dict[str, Variant] = {}
@@ -420,8 +413,8 @@ def decide(
 
     cost = sum(new_plan[s].replicas * float(v.cost_value) for s, v in chosen_variants.items())
     budget_note = None
-    if spec.slo.max_cost_per_hour is not None:
-        limit = _decimal(spec.slo.max_cost_per_hour)
+    if spec.slo.max_cost_per_hour_value is not None:
+        limit = float(spec.slo.max_cost_per_hour_value)
         new_plan, cost, budget_note = _enforce_budget(spec, new_plan, cost, limit, reasons)
         if budget_note:
             slo_ok = False
@@ -449,7 +442,7 @@ def _enforce_budget(
     if cost <= limit:
         return plan, cost, None
     plan = dict(plan)
-    floor = _decimal(spec.slo.min_quality)
+    floor = float(spec.slo.min_quality_value)
 
     def total() -> float:
         out = 0.0

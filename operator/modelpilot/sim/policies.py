@@ -217,7 +217,7 @@ class Oracle(Policy):
     def decide(self, obs: Observation, current: Action) -> Action:
         stage = self.spec.embedding
         rate = self.future_max(obs.now, obs.now + self.interval)  # type: ignore[operator]
-        floor = _decimal(self.spec.slo.min_quality)
+        floor = float(self.spec.slo.min_quality_value)
         best: tuple[float, Action] | None = None
         budget = self.spec.slo.latency_p95_ms * self.tun.slo_headroom
         for v in stage.variants:
@@ -238,11 +238,3 @@ class Oracle(Policy):
             if s.feasible and (best is None or cost < best[0]):
                 best = (cost, Action(s.replicas, v.name, s.max_batch_size, s.max_queue_delay_us))
         return best[1] if best else current
-
-
-def _decimal(q: str) -> float:
-    from decimal import Decimal
-
-    from kubernetes.utils.quantity import parse_quantity
-
-    return float(Decimal(parse_quantity(q)))
