@@ -7,6 +7,7 @@ bookkeeping goes into annotations, never into the user's status.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from typing import Any
@@ -17,6 +18,7 @@ from modelpilot.api.v1alpha1 import GROUP, PLURAL, VERSION
 from modelpilot.kube import Kube, new_api_client, owner_of
 from modelpilot.optimize import Optimizer
 from modelpilot.optimizer import profiles
+from modelpilot.optimizer.snapshot import Snapshot
 from modelpilot.reconcile import Reconciler, TransientError
 from modelpilot.render import Defaults
 from modelpilot.telemetry import Telemetry
@@ -52,7 +54,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         kube=kube,
         reconciler=memo.reconciler,
         profiles=profiles.load(profile_path) if profile_path else profiles.Profiles({}),
-        snapshot_source=lambda url, ns, name, now: Telemetry(url).snapshot(ns, name, now),
+        snapshot_source=_snapshot,
         default_prometheus_url=os.environ.get(
             "MODELPILOT_PROMETHEUS_URL", "http://prometheus-server.monitoring.svc"
         ),
@@ -60,6 +62,16 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         if os.environ.get("MODELPILOT_TRITON_LIVE", "true") == "true"
         else None,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _telemetry(url: str) -> Telemetry:
+    """One Prometheus client (and its HTTP connection pool) per URL, not one per tick."""
+    return Telemetry(url)
+
+
+def _snapshot(url: str, namespace: str, name: str, now: float) -> Snapshot:
+    return _telemetry(url).snapshot(namespace, name, now)
 
 
 def _lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:

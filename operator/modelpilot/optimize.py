@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -106,8 +106,6 @@ class Optimizer:
     def _restored(self, status: Mapping[str, Any]) -> History:
         """History from status, with an operator start counted as a change: a restart must
         not be followed at once by a scale-down (no decision storm)."""
-        from dataclasses import replace
-
         history = History.from_status(status.get("optimizerState"))
         started = int(self.started)
         return History(

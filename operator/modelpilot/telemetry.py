@@ -20,7 +20,7 @@ Metrics read (all labelled ``stage``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_api_client import PrometheusConnect
@@ -140,7 +140,3 @@ def _with_timeout(request: Callable[..., Any], timeout_s: float) -> Callable[...
         return request(*args, **kwargs)
 
     return call
-
-
-def stage_rates(snapshot: Snapshot) -> Mapping[str, float | None]:
-    return {s: t.rate_rps for s, t in snapshot.stages.items()}
