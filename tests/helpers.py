@@ -92,3 +92,24 @@ def token_kubeconfig(
         "current-context: c\n"
     )
     return path
+
+
+def sample(name: str) -> dict[str, Any]:
+    """One of examples/*.yaml as a dict."""
+    import yaml
+
+    return dict(yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text()))
+
+
+def md_ready(name: str, namespace: str) -> bool:
+    """Whether a ModelDeployment is Ready=True for its current generation."""
+    import json
+
+    out = kubectl("get", "md", name, "-n", namespace, "-o", "json", check=False)
+    if out.returncode:
+        return False
+    md = json.loads(out.stdout)
+    conditions = (md.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) and (
+        md["status"].get("observedGeneration") == md["metadata"]["generation"]
+    )

@@ -8,16 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.helpers import ROOT, kubectl, wait_for
+from tests.helpers import ROOT, kubectl, md_ready, sample, wait_for
 
 pytestmark = pytest.mark.integration
 STAGES = ("ingestion", "embedding", "retrieval", "inference")
-
-
-def sample(name: str) -> dict[str, Any]:
-    return dict(yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text()))
 
 
 def apply(obj: dict[str, Any], namespace: str, *extra: str) -> Any:
@@ -34,23 +29,12 @@ def condition(md: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
     return next((c for c in conditions if c["type"] == type_), None)
 
 
-def ready_for_generation(name: str, namespace: str) -> bool:
-    md = get("md", name, namespace)
-    ready = condition(md, "Ready")
-    return bool(
-        md
-        and ready
-        and ready["status"] == "True"
-        and md["status"].get("observedGeneration") == md["metadata"]["generation"]
-    )
-
-
 @pytest.mark.parametrize("name", ["minimal", "full"])
 def test_sample_converges_to_ready_children(
     name: str, namespace: str, operator_process: Any
 ) -> None:
     assert apply(sample(name), namespace).returncode == 0
-    wait_for(lambda: ready_for_generation(name, namespace), 120, what=f"{name} Ready=True")
+    wait_for(lambda: md_ready(name, namespace), 120, what=f"{name} Ready=True")
     md = get("md", name, namespace)
     assert md is not None
     for stage in STAGES:
@@ -93,7 +77,7 @@ def test_spec_edits_converge_and_hand_edits_are_restored(
 ) -> None:
     md = sample("full")
     assert apply(md, namespace).returncode == 0
-    wait_for(lambda: ready_for_generation("full", namespace), 120, what="Ready")
+    wait_for(lambda: md_ready("full", namespace), 120, what="Ready")
 
     md["spec"]["ingestion"]["replicas"] = {"min": 3, "max": 4}
     assert apply(md, namespace).returncode == 0
@@ -105,7 +89,7 @@ def test_spec_edits_converge_and_hand_edits_are_restored(
         )
 
     wait_for(scaled, 120, what="ingestion scaled to 3")
-    wait_for(lambda: ready_for_generation("full", namespace), 120, what="Ready at generation 2")
+    wait_for(lambda: md_ready("full", namespace), 120, what="Ready at generation 2")
 
     kubectl("scale", "deployment/full-ingestion", "--replicas=1", "-n", namespace)
     wait_for(scaled, 60, what="the hand-scaled Deployment restored")
@@ -163,7 +147,7 @@ def test_an_accepted_but_unactionable_spec_is_degraded_not_a_crash(
     md["spec"]["ingestion"] = {}
     assert apply(md, namespace).returncode == 0
     wait_for(
-        lambda: ready_for_generation("minimal", namespace),
+        lambda: md_ready("minimal", namespace),
         120,
         what="recovery once the spec is fixed",
     )
@@ -230,7 +214,7 @@ def test_the_apiserver_rejects_invalid_specs_naming_the_field(
 
 def test_kubectl_shows_columns_and_explains_fields(namespace: str, operator_process: Any) -> None:
     assert apply(sample("minimal"), namespace).returncode == 0
-    wait_for(lambda: ready_for_generation("minimal", namespace), 120, what="Ready")
+    wait_for(lambda: md_ready("minimal", namespace), 120, what="Ready")
     table = kubectl("get", "md", "-n", namespace).stdout
     header = table.splitlines()[0].split()
     assert header[:3] == ["NAME", "READY", "VARIANT"] and "SLO" in header and "AGE" in header

@@ -15,26 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import ROOT, free_port, kubectl, wait_for
+from tests.helpers import ROOT, free_port, kubectl, md_ready, sample, wait_for
 from tests.loadgen import Stage, load
 
 pytestmark = pytest.mark.integration
-
-
-def sample(name: str) -> dict[str, Any]:
-    return dict(yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text()))
-
-
-def ready(name: str, namespace: str) -> bool:
-    out = kubectl("get", "md", name, "-n", namespace, "-o", "json", check=False)
-    if out.returncode:
-        return False
-    md = json.loads(out.stdout)
-    conds = (md.get("status") or {}).get("conditions") or []
-    return (
-        any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-        and md["status"].get("observedGeneration") == md["metadata"]["generation"]
-    )
 
 
 def test_every_rendered_pod_passes_the_restricted_pod_security_standard(
@@ -49,7 +33,7 @@ def test_every_rendered_pod_passes_the_restricted_pod_security_standard(
     )
     kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples/full.yaml"))
     wait_for(
-        lambda: ready("full", namespace),
+        lambda: md_ready("full", namespace),
         120,
         what="full Ready in a namespace enforcing the restricted PSS",
     )
@@ -170,7 +154,7 @@ def test_forty_hostile_specs_are_rejected_while_a_valid_one_keeps_being_served(
 ) -> None:
     assert len(HOSTILE) >= 40
     kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples/minimal.yaml"))
-    wait_for(lambda: ready("minimal", namespace), 120, what="the valid pipeline Ready")
+    wait_for(lambda: md_ready("minimal", namespace), 120, what="the valid pipeline Ready")
     accepted = []
     for case_id, mutate in HOSTILE:
         md = copy.deepcopy(sample("full"))
@@ -200,7 +184,7 @@ def test_forty_hostile_specs_are_rejected_while_a_valid_one_keeps_being_served(
     md = sample("minimal")
     md["spec"]["ingestion"] = {"replicas": {"min": 2, "max": 2}}
     kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(md))
-    wait_for(lambda: ready("minimal", namespace), 120, what="the valid pipeline re-converged")
+    wait_for(lambda: md_ready("minimal", namespace), 120, what="the valid pipeline re-converged")
     dep = json.loads(
         kubectl("get", "deploy", "minimal-ingestion", "-n", namespace, "-o", "json").stdout
     )
@@ -220,7 +204,7 @@ def test_no_secret_values_reach_status_events_or_children(
         "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}]
     }
     kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(md))
-    wait_for(lambda: ready("minimal", namespace), 120, what="Ready")
+    wait_for(lambda: md_ready("minimal", namespace), 120, what="Ready")
     dumped = kubectl("get", "md,deploy,cm,events", "-n", namespace, "-o", "yaml").stdout
     assert "secretKeyRef" in dumped  # the reference is passed on ...
     assert secret not in dumped  # ... never the value
@@ -351,7 +335,7 @@ def test_sigkill_at_five_points_mid_reconcile_converges_without_duplicate_action
             )
             operator_process.kill()
         operator_process.start()
-        wait_for(lambda: ready("full", namespace), 180, what="Ready after the crashes")
+        wait_for(lambda: md_ready("full", namespace), 180, what="Ready after the crashes")
     finally:
         if operator_process.poll() is not None:
             operator_process.start()
@@ -380,7 +364,7 @@ def test_concurrent_edits_never_lose_the_users_changes(
     namespace: str, operator_process: Any
 ) -> None:
     kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples/full.yaml"))
-    wait_for(lambda: ready("full", namespace), 120, what="Ready")
+    wait_for(lambda: md_ready("full", namespace), 120, what="Ready")
     errors: list[str] = []
 
     def edit_spec() -> None:  # rapid spec edits, racing the operator's status writes
@@ -413,7 +397,7 @@ def test_concurrent_edits_never_lose_the_users_changes(
     for t in threads:
         t.join(timeout=120)
     assert errors == []
-    wait_for(lambda: ready("full", namespace), 120, what="Ready at the last generation")
+    wait_for(lambda: md_ready("full", namespace), 120, what="Ready at the last generation")
 
     def settled() -> bool:
         dep = json.loads(

@@ -7,19 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from modelpilot import conditions as cond
 from modelpilot import crdgen, plan
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
 from modelpilot.render import Owner, render
 from pydantic import ValidationError
 
+from tests.helpers import sample
+
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def sample(name: str) -> dict[str, Any]:
-    return dict(yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text()))
 
 
 def spec_of(name: str) -> ModelDeploymentSpec:
