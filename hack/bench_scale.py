@@ -23,13 +23,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 KUBECONFIG = ROOT / ".cache/kubeconfig"
 KUBECTL = [str(ROOT / ".cache/bin/kubectl"), "--kubeconfig", str(KUBECONFIG)]
-WRITES = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
+WRITES = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 OURS = {"deployments", "services", "configmaps", "persistentvolumeclaims", "modeldeployments"}
 
 
 def kubectl(*args: str, stdin: str | None = None) -> str:
-    return subprocess.run([*KUBECTL, *args], input=stdin, capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        [*KUBECTL, *args], input=stdin, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def operator_writes() -> float:
@@ -40,10 +41,13 @@ def operator_writes() -> float:
         if not m:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"]))
-        if (labels.get("verb") in {"POST", "PUT", "PATCH", "APPLY", "DELETE"}
-                and labels.get("resource") in OURS
-                and (labels.get("resource") == "modeldeployments"
-                     or labels.get("subresource", "") == "")):
+        if (
+            labels.get("verb") in {"POST", "PUT", "PATCH", "APPLY", "DELETE"}
+            and labels.get("resource") in OURS
+            and (
+                labels.get("resource") == "modeldeployments" or labels.get("subresource", "") == ""
+            )
+        ):
             total += float(m["value"])
     return total
 
@@ -64,12 +68,25 @@ def main() -> int:
     subprocess.run([*KUBECTL, "create", "namespace", ns], capture_output=True)
     log = (ROOT / ".cache/logs/operator-scale.log").open("wb")
     op = subprocess.Popen(
-        [str(ROOT / ".venv/bin/kopf"), "run", "--all-namespaces", "--standalone",
-         "-m", "modelpilot.handlers"],
-        env={**os.environ, "KUBECONFIG": str(KUBECONFIG), "MODELPILOT_TRITON_LIVE": "false",
-             "MODELPILOT_PROMETHEUS_URL": os.environ.get("MODELPILOT_PROMETHEUS_URL",
-                                                         "http://127.0.0.1:19090")},
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            str(ROOT / ".venv/bin/kopf"),
+            "run",
+            "--all-namespaces",
+            "--standalone",
+            "-m",
+            "modelpilot.handlers",
+        ],
+        env={
+            **os.environ,
+            "KUBECONFIG": str(KUBECONFIG),
+            "MODELPILOT_TRITON_LIVE": "false",
+            "MODELPILOT_PROMETHEUS_URL": os.environ.get(
+                "MODELPILOT_PROMETHEUS_URL", "http://127.0.0.1:19090"
+            ),
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     peak = [0.0]
     done = threading.Event()
 
@@ -90,9 +107,13 @@ def main() -> int:
         ready = 0
         while time.monotonic() - t0 < 1800:
             items = json.loads(kubectl("get", "md", "-n", ns, "-o", "json"))["items"]
-            ready = sum(any(c["type"] == "Ready" and c["status"] == "True"
-                            for c in (m.get("status") or {}).get("conditions") or [])
-                        for m in items)
+            ready = sum(
+                any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in (m.get("status") or {}).get("conditions") or []
+                )
+                for m in items
+            )
             if ready == args.count:
                 break
             time.sleep(2)
@@ -101,15 +122,16 @@ def main() -> int:
         before = operator_writes()
         time.sleep(60)
         steady = operator_writes() - before
-        print(f"{args.count} ModelDeployments: {ready} Ready after {converged:.0f} s; "
-              f"operator RSS now {rss_mib(op.pid):.0f} MiB (peak {peak[0]:.0f} MiB); "
-              f"operator writes at steady state: {steady:.0f} in 60 s")
+        print(
+            f"{args.count} ModelDeployments: {ready} Ready after {converged:.0f} s; "
+            f"operator RSS now {rss_mib(op.pid):.0f} MiB (peak {peak[0]:.0f} MiB); "
+            f"operator writes at steady state: {steady:.0f} in 60 s"
+        )
     finally:
         done.set()
         op.terminate()
         op.wait(timeout=30)
-        subprocess.run([*KUBECTL, "delete", "namespace", ns, "--wait=false"],
-                       capture_output=True)
+        subprocess.run([*KUBECTL, "delete", "namespace", ns, "--wait=false"], capture_output=True)
     return 0
 
 

@@ -8,6 +8,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client, config
@@ -159,3 +160,19 @@ def operator_process(crd: str, prometheus_url: str) -> Iterator[Operator]:
     op.start()
     yield op
     op.stop()
+
+
+@pytest.fixture(scope="session")
+def data_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Real tritonserver (from the nvidia-pytriton wheel) and the four services on free
+    ports, for the whole session. A missing part fails here, loudly: never a skip."""
+    from modelpilot_services.stack import DEFAULT_PORTS, Stack
+    from tests.helpers import free_port
+
+    ports = {name: free_port() for name in DEFAULT_PORTS}
+    stack = Stack(tmp_path_factory.mktemp("data-plane"), ports=ports)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()

@@ -199,6 +199,8 @@ def _config_map(
         service.update(
             variant=variant.name,
             model=variant.model,
+            # Every variant's Triton model: the gateway routes small/large by variant name.
+            variants={v.name: v.model for v in stage.variants},
             maxBatchSize=plan.max_batch_size,
             maxQueueDelayMicroseconds=plan.max_queue_delay_us,
         )

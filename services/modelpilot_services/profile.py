@@ -1,6 +1,10 @@
 """``make profile``: measure every embedding variant and write the profile the optimizer and
 the simulator read (format: ``modelpilot.optimizer.profiles``).
 
+Re-rankers (the inference stage) are timed per batch of (query, passage) pairs; their quality
+is the top-3 hit rate after re-ranking the reference's 10 nearest candidates, relative to the
+large re-ranker's.
+
 Latency: each batch size is timed repeatedly on one intra-op thread (one replica = one CPU),
 reporting p50/p95 per batch. Quality: on a fixed corpus of real text (the module docstrings
 of this Python's standard library), the mean overlap of each query's 10 nearest neighbours
@@ -16,7 +20,9 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,16 +65,29 @@ def quality(
     return float(overlap), float(hits)
 
 
-def time_batches(enc: models.Encoder, texts: list[str], seconds: float) -> list[dict[str, float]]:
+def rerank_hits(
+    reranker: models.Reranker, docs: list[str], qs: list[str], candidates: np.ndarray
+) -> float:
+    """Share of queries whose source document is in the top 3 after re-ranking."""
+    hits = 0
+    for i, (q, cand) in enumerate(zip(qs, candidates, strict=True)):
+        scores = reranker.score([(q, docs[c]) for c in cand])
+        hits += i in cand[np.argsort(-scores, kind="stable")][:3]
+    return hits / len(qs)
+
+
+def time_batches(
+    run: Callable[[list[Any]], object], items: list[Any], seconds: float
+) -> list[dict[str, float]]:
     rows = []
     for b in BATCHES:
-        batch = (texts * (b // len(texts) + 1))[:b]
-        enc.encode(batch)  # warm-up
+        batch = (items * (b // len(items) + 1))[:b]
+        run(batch)  # warm-up
         samples = []
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline or len(samples) < 5:
             t0 = time.perf_counter()
-            enc.encode(batch)
+            run(batch)
             samples.append((time.perf_counter() - t0) * 1000)
         p50, p95 = np.percentile(samples, [50, 95])
         rows.append(
@@ -112,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<15}{'recall@10':>10}{'top3 hit':>10}  batch: p50 ms (rps)")
     for name, enc in encoders.items():
         overlap, hits = quality(ref_docs, enc.encode(docs), ref_q, enc.encode(qs))
-        rows = time_batches(enc, sample, args.seconds)
+        rows = time_batches(enc.encode, sample, args.seconds)
         result["models"][name] = {  # type: ignore[index]
             "stage": "embedding",
             "quality": round(overlap, 4),
@@ -124,6 +143,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch']}:{r['p50_ms']:.1f}({r['throughput_rps']:.0f})" for r in rows
         )
         print(f"{name:<15}{overlap:>10.3f}{hits:>10.3f}  {cells}")
+    candidates = np.argsort(-(ref_q @ ref_docs.T), axis=1)[:, :10]
+    rerankers = {
+        n: models.load_reranker(n, threads=1, directory=directory) for n in models.RERANKERS
+    }
+    hit_rates = {n: rerank_hits(r, docs, qs, candidates) for n, r in rerankers.items()}
+    pairs = [(q, d) for q, d in zip(qs, sample, strict=False)]
+    for name, reranker in rerankers.items():
+        rows = time_batches(reranker.score, pairs, args.seconds)
+        relative = hit_rates[name] / hit_rates["reranker_large"]
+        result["models"][name] = {  # type: ignore[index]
+            "stage": "inference",
+            "quality": round(relative, 4),
+            "top3_hit_rate": round(hit_rates[name], 4),
+            "batches": rows,
+        }
+        cells = "  ".join(
+            f"{r['batch']}:{r['p50_ms']:.1f}({r['throughput_rps']:.0f})" for r in rows
+        )
+        print(f"{name:<15}{relative:>10.3f}{hit_rates[name]:>10.3f}  {cells}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client, config
+
 from modelpilot.kube import Kube
 from modelpilot.optimize import Optimizer
 from modelpilot.optimizer.profiles import Profiles
 from modelpilot.reconcile import Reconciler
-
 from tests.helpers import BIN, KUBECONFIG, ROOT, kubectl, token_kubeconfig, wait_for
 
 pytestmark = pytest.mark.integration

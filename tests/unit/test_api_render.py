@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+
 from modelpilot import conditions as cond
 from modelpilot import crdgen, plan
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
 from modelpilot.render import Owner, render
-from pydantic import ValidationError
-
 from tests.helpers import sample
 
 pytestmark = pytest.mark.unit

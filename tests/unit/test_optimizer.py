@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 import pytest
+
 from modelpilot import plan as plans
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
 from modelpilot.optimizer import queueing

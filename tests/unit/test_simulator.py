@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from modelpilot.optimizer import queueing
 from modelpilot.optimizer.profiles import BatchPoint, ModelProfile
 from modelpilot.sim import traces

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from modelpilot.telemetry import Telemetry
 
 pytestmark = pytest.mark.unit

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from modelpilot.optimizer.profiles import ModelProfile
 from modelpilot.sim.policies import Action, Observation, Policy
@@ -44,8 +45,8 @@ class Config:
 @dataclass
 class Result:
     policy: str
-    latencies_ms: np.ndarray
-    arrivals: np.ndarray
+    latencies_ms: npt.NDArray[np.float64]
+    arrivals: npt.NDArray[np.float64]
     cost: float  # sum of replica-seconds x variant cost, per hour units
     actions: int
     timeline: dict[str, list[float]] = field(default_factory=dict)
@@ -256,7 +257,7 @@ def simulate(
     return Result(policy.name, lat, arr, cost, actions, timeline, variant_seconds)
 
 
-def _noise(rng: np.random.Generator, cfg: Config, size: int) -> np.ndarray:
+def _noise(rng: np.random.Generator, cfg: Config, size: int) -> npt.NDArray[np.float64]:
     if cfg.service == "exponential":
         return rng.exponential(1.0, size)
     # Log-normal with median 1 whose 95th percentile matches the profiles' p95/p50 ratio.

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 
 @dataclass(frozen=True)
 class Trace:
     name: str
-    t: np.ndarray  # row start times, seconds, ascending from 0
-    rps: np.ndarray  # rate from t[i] until t[i+1]
+    t: npt.NDArray[np.float64]  # row start times, seconds, ascending from 0
+    rps: npt.NDArray[np.float64]  # rate from t[i] until t[i+1]
     duration: float
 
     def rate_at(self, now: float) -> float:
@@ -30,7 +31,7 @@ class Trace:
         j = max(int(np.searchsorted(self.t, end, side="right")), i + 1)
         return float(self.rps[i:j].max())
 
-    def arrivals(self, seed: int) -> np.ndarray:
+    def arrivals(self, seed: int) -> npt.NDArray[np.float64]:
         """Poisson arrival times: per row, a Poisson count spread uniformly over the row."""
         rng = np.random.default_rng(seed)
         ends = np.append(self.t[1:], self.duration)

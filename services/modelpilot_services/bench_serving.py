@@ -1,0 +1,178 @@
+"""``make bench-serving``: what each service adds over calling Triton directly, and the
+variants' throughput through Triton, measured side by side in one run (a benchmark, not a test).
+
+Per service, the same work is timed both ways, interleaved so drift hits both equally:
+- embedding: ``POST /v1/embed`` (1 text) vs tritonclient ``infer`` of the same text;
+- ingestion: ``POST /v1/documents`` (1 chunk) vs tritonclient embed + retrieval ``PUT``;
+- inference: ``POST /v1/query`` (cache off) vs tritonclient embed + retrieval search +
+  tritonclient re-rank of the same candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import requests
+import tritonclient.http as httpclient
+from tqdm import tqdm
+
+from modelpilot_services import models, profile
+from modelpilot_services.stack import DEFAULT_PORTS, Stack
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bytes(name: str, values: list[str]) -> httpclient.InferInput:
+    t = httpclient.InferInput(name, [len(values), 1], "BYTES")
+    t.set_data_from_numpy(np.array([[v.encode()] for v in values], dtype=object))
+    return t
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=200, help="timed requests per path")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per variant throughput run")
+    parser.add_argument("--profile", type=Path, default=Path("profiles/cpu.json"))
+    args = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="modelpilot-bench-"))
+    stack = Stack(root, ports={k: _free_port() for k in DEFAULT_PORTS})
+    print(f"starting Triton and the services under {root} ...")
+    stack.up()
+    try:
+        return _run(stack, args)
+    finally:
+        stack.down()
+
+
+def _run(stack: Stack, args: argparse.Namespace) -> int:
+    http = requests.Session()
+    triton = httpclient.InferenceServerClient(f"127.0.0.1:{stack.ports['triton']}")
+    out = lambda name: httpclient.InferRequestedOutput(name, binary_data=True)  # noqa: E731
+    docs = profile.corpus(limit=400)
+    queries = profile.queries(docs)
+    n = min(args.requests, len(docs) // 2)
+
+    def embed_direct(texts: list[str]) -> np.ndarray:
+        r = triton.infer("minilm_fp32", [_bytes("TEXT", texts)], outputs=[out("EMBEDDING")])
+        return r.as_numpy("EMBEDDING")
+
+    def post(service: str, path: str, body: object) -> dict:
+        r = http.post(f"{stack.url(service)}{path}", json=body, timeout=60)
+        r.raise_for_status()
+        return r.json()
+
+    http.patch(f"{stack.url('inference')}/v1/admin/config", json={"cacheThreshold": 1.0})
+    for i in range(20):  # warm every path
+        embed_direct([docs[i]])
+        post("embedding", "/v1/embed", {"texts": [docs[i]]})
+    times: dict[str, tuple[list[float], list[float]]] = {
+        k: ([], []) for k in ("embedding", "ingestion", "inference")
+    }
+    for i in tqdm(range(n), desc="service vs direct", unit="pair"):
+        text, doc = docs[i], {"id": f"bench-{i}", "text": docs[i]}
+        svc, direct = times["embedding"]
+        svc.append(_ms(lambda: post("embedding", "/v1/embed", {"texts": [text]})))  # noqa: B023
+        direct.append(_ms(lambda: embed_direct([text])))  # noqa: B023
+
+        def ingest_direct(i: int = i, text: str = text) -> None:
+            vector = embed_direct([text])[0].tolist()
+            body = {"chunks": [{"text": text}], "embeddings": [vector]}
+            http.put(f"{stack.url('retrieval')}/v1/documents/direct-{i}", json=body, timeout=60)
+
+        svc, direct = times["ingestion"]
+        svc.append(_ms(lambda: post("ingestion", "/v1/documents", {"documents": [doc]})))  # noqa: B023
+        direct.append(_ms(ingest_direct))
+
+        q = queries[n + i]
+
+        def query_direct(q: str = q) -> None:
+            vector = embed_direct([q])[0].tolist()
+            found = post("retrieval", "/v1/search", {"embedding": vector, "top_k": 10})["results"]
+            passages = [c["chunk"] for c in found]
+            inputs = [_bytes("QUERY", [q] * len(passages)), _bytes("PASSAGE", passages)]
+            triton.infer("reranker_small", inputs, outputs=[out("SCORE")])
+
+        svc, direct = times["inference"]
+        direct.append(_ms(query_direct))
+        svc.append(
+            _ms(lambda: post("inference", "/v1/query", {"query": q, "top_k": 3, "route": "small"}))  # noqa: B023
+        )
+
+    print(f"\nadded latency per service, {n} interleaved pairs (ms)")
+    print(f"{'service':<11}{'service p50':>12}{'direct p50':>12}{'added p50':>11}{'added p95':>11}")
+    summary: dict[str, object] = {}
+    for name, (svc, direct) in times.items():
+        added = [a - b for a, b in zip(svc, direct, strict=True)]
+        s50, d50 = statistics.median(svc), statistics.median(direct)
+        a95 = float(np.percentile(added, 95))
+        print(f"{name:<11}{s50:>12.2f}{d50:>12.2f}{s50 - d50:>11.2f}{a95:>11.2f}")
+        summary[name] = {"service_p50_ms": s50, "direct_p50_ms": d50, "added_p50_ms": s50 - d50}
+    search = [
+        _ms(lambda: post("retrieval", "/v1/search", {"embedding": [0.05] * 384, "top_k": 10}))
+        for _ in range(n)
+    ]
+    print(
+        f"{'retrieval':<11}{statistics.median(search):>12.2f}  (search, top 10 of {2 * n} chunks)"
+    )
+
+    # Variant throughput through Triton: 4 clients x 8 texts per request.
+    prof = json.loads(args.profile.read_text())["models"] if args.profile.exists() else {}
+    print(f"\nvariants through Triton, 4 clients x 8 texts/request, {args.seconds:.0f} s each")
+    print(f"{'model':<16}{'texts/s':>9}{'req p50 ms':>12}{'quality':>9}  (quality: {args.profile})")
+    variants: dict[str, object] = {}
+    for model in models.VARIANTS:
+        requests.post(f"{stack.triton_url}/v2/repository/models/{model}/load", timeout=300)
+        batch = docs[:8]
+        lat: list[float] = []
+        until = time.monotonic() + args.seconds
+
+        def client(
+            model: str = model,
+            batch: list[str] = batch,
+            lat: list[float] = lat,
+            until: float = until,
+        ) -> int:
+            c = httpclient.InferenceServerClient(f"127.0.0.1:{stack.ports['triton']}")
+            done = 0
+            while time.monotonic() < until:
+                lat.append(_ms(lambda: c.infer(model, [_bytes("TEXT", batch)])))
+                done += len(batch)
+            return done
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            total = sum(pool.map(lambda _: client(), range(4)))
+        rate = total / args.seconds
+        quality = prof.get(model, {}).get("quality", float("nan"))
+        print(f"{model:<16}{rate:>9.0f}{statistics.median(lat):>12.1f}{quality:>9.3f}")
+        variants[model] = {
+            "texts_per_s": rate,
+            "p50_ms": statistics.median(lat),
+            "quality": quality,
+        }
+    print(json.dumps({"added_latency": summary, "variants": variants}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""embedding: texts -> vectors through the active variant's Triton model.
+
+``POST /v1/embed`` ``{"texts": [...]}`` -> ``{"embeddings", "model", "dims"}``.
+``GET|PUT /v1/admin/model``: read or switch the serving variant live; the new model is loaded
+in Triton *before* traffic moves, so no request fails during the switch.
+
+Env: ``PORT`` (8082), ``MODELPILOT_TRITON_URL`` (localhost:8000), ``MODELPILOT_MODEL``
+(else ``model`` from the operator's service.json, else ``minilm_fp32``),
+``MODELPILOT_MODELS`` (the variants this pod may serve, comma-separated).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from modelpilot_services import models
+from modelpilot_services.triton import Triton
+from modelpilot_services.web import ApiError, Service, TritonStats, env, parse, run, service_config
+
+MAX_TEXTS = 256
+MAX_CHARS = 20_000
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHARS)]
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS)
+
+
+class ModelSwitch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+
+
+class Embedding(Service):
+    stage = "embedding"
+
+    def __init__(self, triton_url: str, model: str, allowed: tuple[str, ...]):
+        super().__init__()
+        if model not in allowed:
+            raise SystemExit(f"model {model!r} is not one of {allowed}")
+        self.triton_url, self.model, self.allowed = triton_url, model, allowed
+        self.registry.register(TritonStats(self.stage, triton_url, lambda: [self.model]))
+        self.app.router.add_post("/v1/embed", self.embed)
+        self.app.router.add_get("/v1/admin/model", self.get_model)
+        self.app.router.add_put("/v1/admin/model", self.put_model)
+
+    async def start(self) -> None:
+        self.triton = Triton(self.triton_url)
+        self._publish()
+
+    async def stop(self) -> None:
+        await self.triton.close()
+
+    async def ready(self) -> str | None:
+        ok = await self.triton.ready(self.model)
+        return None if ok else f"Triton model {self.model} is not ready"
+
+    def _publish(self) -> None:
+        self.metrics.info.clear()
+        self.metrics.info.labels(self.stage, "default", self.model).set(1)
+
+    async def embed(self, request: web.Request) -> web.Response:
+        body = await parse(request, EmbedRequest)
+        model = self.model  # one request, one model, even if a switch lands meanwhile
+        vectors = await self.triton.embed(model, body.texts)
+        return web.json_response(
+            {"embeddings": vectors.tolist(), "model": model, "dims": int(vectors.shape[1])}
+        )
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        return web.json_response({"model": self.model, "available": list(self.allowed)})
+
+    async def put_model(self, request: web.Request) -> web.Response:
+        body = await parse(request, ModelSwitch)
+        if body.model not in self.allowed:
+            raise ApiError(
+                400, "unknown_variant", f"{body.model!r} is not one of {list(self.allowed)}"
+            )
+        await self.triton.ensure_loaded(body.model)
+        self.model = body.model
+        self._publish()
+        return web.json_response({"model": self.model})
+
+
+def main() -> None:
+    config = service_config()
+    allowed = tuple(env("MODELPILOT_MODELS", ",".join(models.VARIANTS)).split(","))
+    model = env("MODELPILOT_MODEL", str(config.get("model", "minilm_fp32")))
+    triton_url = env("MODELPILOT_TRITON_URL", "localhost:8000")
+    run(Embedding(triton_url, model, allowed), int(env("PORT", "8082")))
+
+
+if __name__ == "__main__":
+    main()

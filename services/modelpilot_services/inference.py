@@ -1,0 +1,253 @@
+"""inference: the query gateway. query -> embed -> semantic cache -> retrieve -> re-rank.
+
+``POST /v1/query`` ``{"query", "top_k", "filter", "route"}`` ->
+``{"results": [{"document_id", "chunk", "score"}], "variant", "route", "cached"}``.
+
+Routing: a cheap difficulty score, ``1 - best retrieval similarity`` (a query far from
+everything indexed is hard), sends a query to the large re-ranker when it is >= the threshold,
+else to the small one. ``route`` in the request forces ``small`` or ``large``.
+``GET|PATCH /v1/admin/config`` reads or changes the live knobs: ``routingThreshold``,
+``cacheThreshold``, ``smallModel``, ``largeModel``.
+
+Env: ``PORT`` (8084), ``MODELPILOT_EMBEDDING_URL``, ``MODELPILOT_RETRIEVAL_URL``,
+``MODELPILOT_TRITON_URL``, ``MODELPILOT_SMALL_MODEL`` / ``MODELPILOT_LARGE_MODEL``,
+``MODELPILOT_ROUTING_THRESHOLD`` (0.5), ``MODELPILOT_CACHE_*``; the operator's service.json
+supplies the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, Literal
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from modelpilot_services import models
+from modelpilot_services.cache import SemanticCache
+from modelpilot_services.schemas import Filter
+from modelpilot_services.triton import Triton
+from modelpilot_services.web import (
+    LATENCY_BUCKETS,
+    ApiError,
+    Service,
+    TritonStats,
+    env,
+    parse,
+    run,
+    service_config,
+)
+
+MAX_TOP_K = 100
+CANDIDATES = 2  # re-rank this many candidates per requested result (at least 10)
+
+
+class Query(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    query: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K)
+    filter: Filter | None = None
+    route: Literal["small", "large"] | None = None
+
+
+class Knobs(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    routingThreshold: float | None = Field(default=None, ge=0, le=1)
+    cacheThreshold: float | None = Field(default=None, ge=0, le=1)
+    smallModel: str | None = None
+    largeModel: str | None = None
+
+
+class Inference(Service):
+    stage = "inference"
+
+    def __init__(
+        self,
+        embedding_url: str,
+        retrieval_url: str,
+        triton_url: str,
+        *,
+        small_model: str = "reranker_small",
+        large_model: str = "reranker_large",
+        routing_threshold: float = 0.5,
+        cache: SemanticCache,
+        timeout_s: float = 30.0,
+    ):
+        super().__init__()
+        self.embedding_url, self.retrieval_url = (
+            embedding_url.rstrip("/"),
+            retrieval_url.rstrip("/"),
+        )
+        self.triton_url, self.timeout_s = triton_url, timeout_s
+        self.models = {"small": small_model, "large": large_model}
+        self.threshold = routing_threshold
+        self.cache = cache
+        self.query_duration = Histogram(
+            "modelpilot_query_duration_seconds", "End-to-end query latency at the gateway.",
+            ["stage"], registry=self.registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.cache_requests = Counter(
+            "modelpilot_cache_requests", "Semantic cache lookups.", ["stage", "result"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.routed = Counter(
+            "modelpilot_routed_requests", "Queries by re-ranker route.", ["stage", "route"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(
+            TritonStats(self.stage, triton_url, lambda: sorted(set(self.models.values())))
+        )
+        self.app.router.add_post("/v1/query", self.query)
+        self.app.router.add_get("/v1/admin/config", self.get_config)
+        self.app.router.add_patch("/v1/admin/config", self.patch_config)
+
+    async def start(self) -> None:
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        self.triton = Triton(self.triton_url, self.timeout_s)
+        self._publish()
+
+    async def stop(self) -> None:
+        await self.http.close()
+        await self.triton.close()
+
+    async def ready(self) -> str | None:
+        for model in set(self.models.values()):
+            if not await self.triton.ready(model):
+                return f"Triton model {model} is not ready"
+        return None
+
+    def _publish(self) -> None:
+        self.metrics.info.clear()
+        for route, model in self.models.items():
+            self.metrics.info.labels(self.stage, route, model).set(1)
+
+    async def _post(self, url: str, body: Any) -> Any:
+        try:
+            async with self.http.post(url, json=body) as r:
+                data = await r.json(content_type=None)
+                if r.status >= 500 or r.status == 429:
+                    raise ApiError(
+                        503, "downstream_unavailable", f"{url}: {r.status}", retry_after=1
+                    )
+                if r.status >= 400:
+                    raise ApiError(r.status, "rejected_downstream", data["error"]["message"])
+                return data
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            raise ApiError(503, "downstream_unavailable", f"{url}: {e!r}", retry_after=1) from None
+
+    async def query(self, request: web.Request) -> web.Response:
+        start = time.perf_counter()
+        body = await parse(request, Query)
+        embedded = await self._post(f"{self.embedding_url}/v1/embed", {"texts": [body.query]})
+        vector = np.asarray(embedded["embeddings"][0], dtype=np.float32)
+        key = json.dumps([body.top_k, body.filter, body.route], sort_keys=True)
+        cached = self.cache.get(key, vector)
+        self.cache_requests.labels(self.stage, "hit" if cached else "miss").inc()
+        if cached is not None:
+            self.query_duration.labels(self.stage).observe(time.perf_counter() - start)
+            return web.json_response({**cached, "cached": True})
+
+        search = {"embedding": vector.tolist(), "top_k": max(CANDIDATES * body.top_k, 10)}
+        if body.filter:
+            search["filter"] = body.filter
+        candidates = (await self._post(f"{self.retrieval_url}/v1/search", search))["results"]
+        route = body.route or self.route(candidates)
+        self.routed.labels(self.stage, route).inc()
+        model = self.models[route]
+        results: list[dict[str, Any]] = []
+        if candidates:
+            scores = await self.triton.score(model, body.query, [c["chunk"] for c in candidates])
+            order = np.argsort(-scores, kind="stable")[: body.top_k]
+            results = [
+                {
+                    "document_id": candidates[i]["document_id"],
+                    "chunk": candidates[i]["chunk"],
+                    "score": round(float(scores[i]), 6),
+                    "metadata": candidates[i]["metadata"],
+                }
+                for i in order
+            ]
+        answer = {"results": results, "variant": model, "route": route, "model": embedded["model"]}
+        self.cache.put(key, vector, answer)
+        self.query_duration.labels(self.stage).observe(time.perf_counter() - start)
+        return web.json_response({**answer, "cached": False})
+
+    def route(self, candidates: list[dict[str, Any]]) -> Literal["small", "large"]:
+        """``large`` when the best match is weak (difficulty = 1 - best similarity)."""
+        best = candidates[0]["score"] if candidates else 0.0
+        return "large" if 1.0 - best >= self.threshold else "small"
+
+    def _knobs(self) -> dict[str, Any]:
+        return {
+            "routingThreshold": self.threshold,
+            "cacheThreshold": self.cache.threshold,
+            "smallModel": self.models["small"],
+            "largeModel": self.models["large"],
+        }
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        return web.json_response(self._knobs())
+
+    async def patch_config(self, request: web.Request) -> web.Response:
+        body = await parse(request, Knobs)
+        for model in (body.smallModel, body.largeModel):
+            if model is None:
+                continue
+            if model not in models.RERANKERS:
+                raise ApiError(
+                    400, "unknown_variant", f"{model!r} is not one of {list(models.RERANKERS)}"
+                )
+            await self.triton.ensure_loaded(model)  # loaded before any query is sent to it
+        if body.smallModel:
+            self.models["small"] = body.smallModel
+        if body.largeModel:
+            self.models["large"] = body.largeModel
+        if body.routingThreshold is not None:
+            self.threshold = body.routingThreshold
+        if body.cacheThreshold is not None:
+            self.cache.threshold = body.cacheThreshold
+        self._publish()
+        return web.json_response(self._knobs())
+
+
+def main() -> None:
+    config = service_config()
+    cache_cfg = config.get("semanticCache", {})
+    routing = config.get("routing", {})
+    enabled = env("MODELPILOT_CACHE_ENABLED", str(cache_cfg.get("enabled", True))).lower()
+    cache = SemanticCache(
+        threshold=float(
+            env("MODELPILOT_CACHE_THRESHOLD", str(cache_cfg.get("similarityThreshold", 0.95)))
+        ),
+        max_entries=int(
+            env("MODELPILOT_CACHE_MAX_ENTRIES", str(cache_cfg.get("maxEntries", 10000)))
+        )
+        if enabled == "true"
+        else 0,
+        ttl_s=float(env("MODELPILOT_CACHE_TTL_SECONDS", str(cache_cfg.get("ttlSeconds", 600)))),
+        dims=int(env("MODELPILOT_DIMENSIONS", "384")),
+    )
+    variants = config.get("variants", {})
+    service = Inference(
+        env("MODELPILOT_EMBEDDING_URL", "http://127.0.0.1:8082"),
+        env("MODELPILOT_RETRIEVAL_URL", "http://127.0.0.1:8083"),
+        env("MODELPILOT_TRITON_URL", "localhost:8000"),
+        small_model=env(
+            "MODELPILOT_SMALL_MODEL", variants.get(routing.get("smallVariant"), "reranker_small")
+        ),
+        large_model=env(
+            "MODELPILOT_LARGE_MODEL", variants.get(routing.get("largeVariant"), "reranker_large")
+        ),
+        routing_threshold=float(env("MODELPILOT_ROUTING_THRESHOLD", "0.5")),
+        cache=cache,
+        timeout_s=float(env("MODELPILOT_DOWNSTREAM_TIMEOUT", "30")),
+    )
+    run(service, int(env("PORT", "8084")))
+
+
+if __name__ == "__main__":
+    main()

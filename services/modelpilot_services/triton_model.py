@@ -1,0 +1,93 @@
+"""The Triton Python-backend model behind every ModelPilot model (copied as ``<m>/1/model.py``).
+
+What it serves comes from the model's *name*, not from config parameters: Triton replaces the
+whole config on a ``load`` with an override, so the name is the one stable identity.
+
+- ``minilm_fp32`` / ``minilm_int8`` / ``minilm_static``: ``TEXT`` (bytes) -> ``EMBEDDING``.
+- ``reranker_large`` / ``reranker_small``: ``QUERY``, ``PASSAGE`` (bytes) -> ``SCORE``.
+
+``auto_complete_config`` fills inputs, outputs and dynamic batching, so an override need only
+carry what changes (``max_batch_size``, ``dynamic_batching``), which is what the operator sends.
+"""
+
+import json
+import os
+import site
+
+# The stub runs the system interpreter; locally the packages live in the project's venv.
+for _path in filter(None, os.environ.get("MODELPILOT_SITE_PACKAGES", "").split(os.pathsep)):
+    site.addsitedir(_path)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from modelpilot_services import models  # noqa: E402
+
+DEFAULT_MAX_BATCH = 64
+
+
+def _io(name):
+    if name in models.RERANKERS:
+        inputs = [
+            {"name": "QUERY", "data_type": "TYPE_STRING", "dims": [1]},
+            {"name": "PASSAGE", "data_type": "TYPE_STRING", "dims": [1]},
+        ]
+        return inputs, [{"name": "SCORE", "data_type": "TYPE_FP32", "dims": [1]}]
+    if name in models.VARIANTS:
+        inputs = [{"name": "TEXT", "data_type": "TYPE_STRING", "dims": [1]}]
+        return inputs, [{"name": "EMBEDDING", "data_type": "TYPE_FP32", "dims": [models.HIDDEN]}]
+    raise ValueError(f"unknown ModelPilot model {name!r}")
+
+
+def _texts(request, name):
+    array = pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)
+    return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in array]
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(config):
+        current = config.as_dict()
+        inputs, outputs = _io(current["name"])
+        if not current.get("input"):
+            for spec in inputs:
+                config.add_input(spec)
+        if not current.get("output"):
+            for spec in outputs:
+                config.add_output(spec)
+        if not current.get("max_batch_size"):
+            config.set_max_batch_size(DEFAULT_MAX_BATCH)
+        config.set_dynamic_batching()
+        return config
+
+    def initialize(self, args):
+        self.name = args["model_name"]
+        config = json.loads(args["model_config"])
+        threads = int(os.environ.get("MODELPILOT_MODEL_THREADS", "1"))
+        if self.name in models.RERANKERS:
+            self.reranker = models.load_reranker(self.name, threads=threads)
+        else:
+            self.encoder = models.load(self.name, threads=threads)
+        self.max_batch = config["max_batch_size"]
+
+    def execute(self, requests):
+        # Dynamic batching hands over several requests: run them as one model call.
+        if self.name in models.RERANKERS:
+            per_request = [
+                list(zip(_texts(r, "QUERY"), _texts(r, "PASSAGE"), strict=True)) for r in requests
+            ]
+            flat = [pair for pairs in per_request for pair in pairs]
+            scores = self.reranker.score(flat) if flat else np.zeros(0, np.float32)
+            sizes, out_name = [len(p) for p in per_request], "SCORE"
+            values = scores.reshape(-1, 1)
+        else:
+            per_request = [_texts(r, "TEXT") for r in requests]
+            flat = [t for texts in per_request for t in texts]
+            values = self.encoder.encode(flat)
+            sizes, out_name = [len(t) for t in per_request], "EMBEDDING"
+        responses, start = [], 0
+        for size in sizes:
+            tensor = pb_utils.Tensor(out_name, values[start : start + size].astype(np.float32))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+            start += size
+        return responses

@@ -1,0 +1,292 @@
+"""What every ModelPilot service shares: the aiohttp app, health and readiness, Prometheus
+metrics by our naming conventions, JSON errors, request validation, size limits, structured
+logs and graceful shutdown.
+
+Errors always answer ``{"error": {"code": ..., "message": ...}}`` with a 4xx for bad input;
+a 5xx means *we* failed (or a dependency did, then with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger("modelpilot")
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5,
+)  # fmt: skip
+MAX_BODY_BYTES = int(os.environ.get("MODELPILOT_MAX_BODY_BYTES", str(1 << 20)))
+Model = TypeVar("Model", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error the client can act on; ``status`` is the HTTP code."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+def error_response(
+    status: int, code: str, message: str, retry_after: int | None = None
+) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    body = {"error": {"code": code, "message": message}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def parse(request: web.Request, model: type[Model]) -> Model:
+    """The request body validated against ``model``; 4xx with the reason otherwise."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
+    raw = await request.read()  # bounded by client_max_size: 413 beyond it
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, "invalid_encoding", f"body is not UTF-8: {e.reason}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, "invalid_json", f"body is not JSON: {e.msg} at {e.pos}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from None
+
+
+class Metrics:
+    """The per-stage RED metrics every service exports (names match the operator's PromQL)."""
+
+    def __init__(self, stage: str, registry: CollectorRegistry):
+        self.stage = stage
+        self.requests = Counter(
+            "modelpilot_requests", "Requests by response code.", ["stage", "code"],
+            registry=registry,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "modelpilot_request_duration_seconds", "Request latency.", ["stage"],
+            registry=registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "modelpilot_in_flight_requests", "Requests being served.", ["stage"], registry=registry
+        )
+        self.info = Gauge(
+            "modelpilot_serving_info", "The model each route serves now (value 1).",
+            ["stage", "route", "model"], registry=registry,
+        )  # fmt: skip
+
+
+class TritonStats(Collector):
+    """Achieved batch sizes and queue time, read from Triton's statistics API at scrape time.
+
+    Triton counts executions per batch size and total queue nanoseconds per model; exported as
+    ``modelpilot_batch_size`` (histogram) and ``modelpilot_queue_duration_seconds`` (summary).
+    """
+
+    def __init__(self, stage: str, triton_url: str, models: Callable[[], Iterable[str]]):
+        url = triton_url if "://" in triton_url else f"http://{triton_url}"
+        self.stage, self.url, self.models = stage, url.rstrip("/"), models
+
+    def collect(self) -> Iterable[Any]:
+        batch = HistogramMetricFamily(
+            "modelpilot_batch_size", "Achieved Triton batch sizes.", labels=["stage", "model"]
+        )
+        queue = SummaryMetricFamily(
+            "modelpilot_queue_duration_seconds",
+            "Time in Triton's queue.",
+            labels=["stage", "model"],
+        )
+        for model in self.models():
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/models/{model}/stats", timeout=1) as r:
+                    stats = json.load(r)["model_stats"]
+            except (OSError, ValueError, KeyError):
+                continue  # Triton down or model unloaded: a missing series, never a fake 0
+            counts: dict[int, int] = {}
+            for version in stats:
+                for row in version.get("batch_stats", []):
+                    size = int(row["batch_size"])
+                    counts[size] = counts.get(size, 0) + int(row["compute_infer"]["count"])
+                q = version["inference_stats"]["queue"]
+                queue.add_metric([self.stage, model], int(q["count"]), int(q["ns"]) / 1e9)
+            buckets, running = [], 0
+            for le in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+                running = sum(c for s, c in counts.items() if s <= le)
+                buckets.append((str(le), running))
+            buckets.append(("+Inf", sum(counts.values())))
+            batch.add_metric([self.stage, model], buckets, sum(s * c for s, c in counts.items()))
+        yield batch
+        yield queue
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log shippers parse without rules."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(service: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(os.environ.get("MODELPILOT_LOG_LEVEL", "INFO").upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    log.info("starting", extra={"fields": {"service": service, "pid": os.getpid()}})
+
+
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _middleware(metrics: Metrics) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in QUIET_PATHS:
+            return await handler(request)
+        start = time.perf_counter()
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+        metrics.in_flight.labels(metrics.stage).inc()
+        try:
+            try:
+                response = await handler(request)
+            except ApiError as e:
+                response = error_response(e.status, e.code, e.message, e.retry_after)
+            except web.HTTPRequestEntityTooLarge:
+                response = error_response(
+                    413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes"
+                )
+            except web.HTTPException as e:
+                response = error_response(e.status, e.reason.lower().replace(" ", "_"), e.text)
+            except Exception:
+                log.exception("unhandled", extra={"fields": {"request_id": request_id}})
+                response = error_response(500, "internal", "internal error; see the logs")
+        finally:
+            metrics.in_flight.labels(metrics.stage).dec()
+        elapsed = time.perf_counter() - start
+        metrics.requests.labels(metrics.stage, str(response.status)).inc()
+        metrics.duration.labels(metrics.stage).observe(elapsed)
+        response.headers["X-Request-Id"] = request_id
+        if response.status >= 400 or log.isEnabledFor(logging.DEBUG):
+            fields = {
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "ms": round(elapsed * 1000, 3),
+            }
+            log.info("request", extra={"fields": fields})
+        return response
+
+    return middleware
+
+
+class Service:
+    """An aiohttp app with the shared endpoints; subclasses add routes and a readiness check."""
+
+    stage = "service"
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.stage, self.registry)
+        self.stopping = False
+        self.app = web.Application(
+            middlewares=[_middleware(self.metrics)], client_max_size=MAX_BODY_BYTES
+        )
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/readyz", self._readyz)
+        self.app.router.add_get("/metrics", self._metrics)
+        self.app.on_startup.append(self._startup)
+        self.app.on_shutdown.append(self._on_shutdown)
+        self.app.on_cleanup.append(self._cleanup)
+
+    async def start(self) -> None:
+        """Open clients and load state (override)."""
+
+    async def stop(self) -> None:
+        """Flush and close (override); runs after in-flight requests finished."""
+
+    async def ready(self) -> str | None:
+        """``None`` when ready to serve, else why not (override)."""
+        return None
+
+    async def _startup(self, app: web.Application) -> None:
+        await self.start()
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.stopping = True
+
+    async def _cleanup(self, app: web.Application) -> None:
+        await self.stop()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        reason = "shutting down" if self.stopping else await self.ready()
+        if reason is None:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        # Collectors may call Triton: keep that off the event loop.
+        body = await asyncio.get_running_loop().run_in_executor(
+            None, generate_latest, self.registry
+        )
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def service_config() -> Mapping[str, Any]:
+    """The operator-rendered ``service.json`` (``MODELPILOT_SERVICE_CONFIG``), if present."""
+    path = os.environ.get("MODELPILOT_SERVICE_CONFIG", "/etc/modelpilot/service.json")
+    try:
+        with open(path) as f:
+            data: dict[str, Any] = json.load(f)
+            return data
+    except FileNotFoundError:
+        return {}
+
+
+def run(service: Service, port: int) -> None:
+    """Serve until SIGTERM/SIGINT, then stop taking connections, finish in-flight requests
+    (up to ``MODELPILOT_SHUTDOWN_SECONDS``) and run the service's ``stop``."""
+    setup_logging(service.stage)
+    web.run_app(
+        service.app,
+        host=env("MODELPILOT_BIND", "127.0.0.1"),
+        port=port,
+        shutdown_timeout=float(env("MODELPILOT_SHUTDOWN_SECONDS", "20")),
+        access_log=None,
+        print=None,
+    )

@@ -1,0 +1,330 @@
+"""The data plane on real Triton (the nvidia-pytriton wheel's tritonserver) with the real
+all-MiniLM-L6-v2 weights: answers, live batching, durability, back-pressure, bad input."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+import requests
+
+from modelpilot.plan import StagePlan
+from modelpilot.triton import load_with_config
+from modelpilot_services import profile
+from modelpilot_services.stack import Stack, http_ok
+from tests.dataplane.client import call, ok
+from tests.helpers import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def ingest_corpus(stack: Stack, docs: list[str], prefix: str) -> list[str]:
+    ids = [f"{prefix}-{i}" for i in range(len(docs))]
+    for start in range(0, len(docs), 16):
+        batch = [
+            {"id": i, "text": d, "metadata": {"corpus": prefix}}
+            for i, d in zip(ids[start : start + 16], docs[start : start + 16], strict=True)
+        ]
+        body = ok("POST", f"{stack.url('ingestion')}/v1/documents", {"documents": batch})
+        assert body["acknowledged"] == [d["id"] for d in batch]
+    return ids
+
+
+def test_known_answer_queries_find_their_document_in_the_top_3(data_plane: Stack) -> None:
+    docs = profile.corpus(limit=100)
+    ids = ingest_corpus(data_plane, docs, "ka")
+    hits = 0
+    for doc_id, query in zip(ids, profile.queries(docs), strict=True):
+        answer = ok(
+            "POST",
+            f"{data_plane.url('inference')}/v1/query",
+            {"query": query, "top_k": 3, "filter": {"corpus": "ka"}},
+        )
+        assert answer["route"] in ("small", "large")
+        assert len(answer["results"]) == 3
+        hits += doc_id in [r["document_id"] for r in answer["results"]]
+    assert hits / len(ids) >= 0.9, f"top-3 hit rate {hits / len(ids):.2f}"
+
+    # The same question again is served from the semantic cache, with the same answer.
+    again = ok(
+        "POST",
+        f"{data_plane.url('inference')}/v1/query",
+        {"query": profile.queries(docs)[0], "top_k": 3, "filter": {"corpus": "ka"}},
+    )
+    assert again["cached"] is True
+
+
+def _batch_sizes(stack: Stack, model: str) -> dict[int, int]:
+    stats = requests.get(f"{stack.triton_url}/v2/models/{model}/stats", timeout=10).json()
+    out: dict[int, int] = {}
+    for version in stats["model_stats"]:
+        for row in version["batch_stats"]:
+            out[row["batch_size"]] = out.get(row["batch_size"], 0) + row["compute_infer"]["count"]
+    return out
+
+
+def _set_batching(stack: Stack, model: str, max_batch: int, delay_us: int) -> None:
+    plan = StagePlan(replicas=1, max_batch_size=max_batch, max_queue_delay_us=delay_us)
+    load_with_config(stack.triton_url, model, plan)  # the operator's own adapter
+    config = requests.get(f"{stack.triton_url}/v2/models/{model}/config", timeout=10).json()
+    assert config["max_batch_size"] == max_batch
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == delay_us
+
+
+def test_batch_size_changes_live_with_no_failed_request(data_plane: Stack) -> None:
+    model = "minilm_fp32"
+    url = f"{data_plane.url('embedding')}/v1/embed"
+    triton_pid = data_plane.pid("triton")
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def client(n: int) -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                r = s.post(url, json={"texts": [f"sentence {n} {time.monotonic()}"]}, timeout=60)
+                statuses.append(r.status_code)
+
+    try:
+        _set_batching(data_plane, model, 1, 0)
+        with cf.ThreadPoolExecutor(8) as pool:
+            for n in range(8):
+                pool.submit(client, n)
+            wait_for(lambda: len(statuses) >= 40, timeout=120, what="load on batch size 1")
+            small = _batch_sizes(data_plane, model)
+            assert small and max(small) == 1, small
+            # Live: a larger batch and a queue delay, while 8 clients keep sending.
+            _set_batching(data_plane, model, 8, 20_000)
+            seen = len(statuses)
+            wait_for(lambda: len(statuses) >= seen + 80, timeout=120, what="load after change")
+            stop.set()
+        large = _batch_sizes(data_plane, model)
+        assert max(large) > 1, f"no batching after the change: {large}"
+        assert max(large) <= 8, large
+        failed = [s for s in statuses if s != 200]
+        assert not failed, f"{len(failed)} of {len(statuses)} requests failed: {set(failed)}"
+        assert data_plane.pid("triton") == triton_pid, "Triton restarted"
+    finally:
+        stop.set()
+        _set_batching(data_plane, model, 64, 2000)
+
+
+def test_variant_switch_is_live_and_loads_before_moving_traffic(data_plane: Stack) -> None:
+    admin = f"{data_plane.url('embedding')}/v1/admin/model"
+    before = ok("POST", f"{data_plane.url('embedding')}/v1/embed", {"texts": ["a cat sat"]})
+    try:
+        assert ok("PUT", admin, {"model": "minilm_static"})["model"] == "minilm_static"
+        after = ok("POST", f"{data_plane.url('embedding')}/v1/embed", {"texts": ["a cat sat"]})
+        assert after["model"] == "minilm_static" and after["dims"] == before["dims"]
+        assert after["embeddings"] != before["embeddings"]
+    finally:
+        ok("PUT", admin, {"model": "minilm_fp32"})
+
+
+def test_retrieval_keeps_every_acknowledged_document_across_crash_and_restart(
+    data_plane: Stack,
+) -> None:
+    docs = [f"Durability check number {i}: the quick brown fox {i} jumps." for i in range(30)]
+    ids = ingest_corpus(data_plane, docs, "dur")
+    ok("DELETE", f"{data_plane.url('ingestion')}/v1/documents/dur-0")
+
+    def present() -> set[str]:
+        return {i for i in ids if call("GET", f"{data_plane.url('retrieval')}/v1/documents/{i}").ok}
+
+    assert present() == set(ids[1:])
+    data_plane.stop("retrieval", signal.SIGKILL)  # a crash: only the WAL survives
+    data_plane.start("retrieval")
+    assert present() == set(ids[1:])
+    data_plane.stop("retrieval", signal.SIGTERM)  # a clean stop writes a snapshot
+    data_plane.start("retrieval")
+    stats = ok("GET", f"{data_plane.url('retrieval')}/v1/stats")
+    assert stats["snapshot"] == stats["seq"] > 0
+    assert present() == set(ids[1:])
+    hit = ok(
+        "POST",
+        f"{data_plane.url('inference')}/v1/query",
+        {"query": "quick brown fox 7 jumps", "top_k": 1, "filter": {"corpus": "dur"}},
+    )
+    assert hit["results"][0]["document_id"].startswith("dur-")
+
+
+def test_ingestion_pushes_back_when_its_queue_is_full(data_plane: Stack) -> None:
+    port = free_port()
+    env = data_plane.service_env("ingestion") | {
+        "PORT": str(port),
+        "MODELPILOT_MAX_CONCURRENT": "1",
+        "MODELPILOT_MAX_QUEUE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelpilot_services.ingestion"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=60, what="ingestion")
+        text = " ".join(f"word{i}" for i in range(3000))  # many chunks: a slow request
+
+        def post(n: int) -> requests.Response:
+            body = {"documents": [{"id": f"bp-{n}", "text": text}]}
+            return call("POST", f"http://127.0.0.1:{port}/v1/documents", body)
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(post, range(8)))
+        codes = [r.status_code for r in responses]
+        assert 429 in codes and 200 in codes, codes
+        assert set(codes) <= {200, 429}, codes
+        assert all(r.headers.get("Retry-After") for r in responses if r.status_code == 429)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+VECTOR = [0.05] * 384
+BAD_INPUTS: list[tuple[str, str, str, Any, int]] = [
+    # (service, method, path, body: dict -> JSON, bytes -> raw, expected status)
+    ("ingestion", "POST", "/v1/documents", b"{not json", 400),
+    (
+        "ingestion",
+        "POST",
+        "/v1/documents",
+        b'{"documents": [{"id": "x", "text": "\xff\xfe"}]}',
+        400,
+    ),
+    ("ingestion", "POST", "/v1/documents", b"x" * (2 << 20), 413),
+    ("ingestion", "POST", "/v1/documents", {"documents": "nope"}, 422),
+    ("ingestion", "POST", "/v1/documents", {"documents": []}, 422),
+    (
+        "ingestion",
+        "POST",
+        "/v1/documents",
+        {"documents": [{"id": f"d{i}", "text": "t"} for i in range(65)]},
+        422,
+    ),
+    ("ingestion", "POST", "/v1/documents", {"documents": [{"text": "no id"}]}, 422),
+    ("ingestion", "POST", "/v1/documents", {"documents": [{"id": "has space", "text": "t"}]}, 422),
+    ("ingestion", "POST", "/v1/documents", {"documents": [{"id": "ünïcödé", "text": "t"}]}, 422),
+    ("ingestion", "POST", "/v1/documents", {"documents": [{"id": "x" * 300, "text": "t"}]}, 422),
+    ("ingestion", "POST", "/v1/documents", {"documents": [{"id": "e", "text": ""}]}, 422),
+    ("ingestion", "POST", "/v1/documents", {"documents": [{"id": "w", "text": "   \n\t "}]}, 422),
+    ("ingestion", "POST", "/v1/documents", {"documents": [{"id": "n", "text": 42}]}, 422),
+    (
+        "ingestion",
+        "POST",
+        "/v1/documents",
+        {"documents": [{"id": "m", "text": "t", "metadata": {"a": {"b": 1}}}]},
+        422,
+    ),
+    (
+        "ingestion",
+        "POST",
+        "/v1/documents",
+        {"documents": [{"id": "u", "text": "t", "extra": 1}]},
+        422,
+    ),
+    (
+        "ingestion",
+        "POST",
+        "/v1/documents",
+        {"documents": [{"id": "d", "text": "a"}, {"id": "d", "text": "b"}]},
+        422,
+    ),
+    ("ingestion", "DELETE", "/v1/documents/bad%20id", None, 400),
+    ("ingestion", "DELETE", "/v1/documents/never-ingested", None, 404),
+    ("ingestion", "GET", "/v1/documents", None, 405),
+    ("ingestion", "POST", "/v1/nowhere", {}, 404),
+    ("inference", "POST", "/v1/query", {"query": ""}, 422),
+    ("inference", "POST", "/v1/query", {"query": "q", "top_k": 1_000_000}, 422),
+    ("inference", "POST", "/v1/query", {"query": "q", "top_k": 0}, 422),
+    ("inference", "POST", "/v1/query", {"query": "q", "top_k": "5"}, 422),
+    ("inference", "POST", "/v1/query", {"query": "q", "route": "medium"}, 422),
+    ("inference", "POST", "/v1/query", {"query": "q", "filter": {"k": {"nested": 1}}}, 422),
+    ("inference", "POST", "/v1/query", {"query": ["a", "list"]}, 422),
+    ("inference", "POST", "/v1/query", {"query": "q" * 5000}, 422),
+    ("inference", "PATCH", "/v1/admin/config", {"routingThreshold": 2}, 422),
+    ("inference", "PATCH", "/v1/admin/config", {"smallModel": "no_such_variant"}, 400),
+    ("embedding", "POST", "/v1/embed", {"texts": []}, 422),
+    ("embedding", "POST", "/v1/embed", {"texts": ["ok", ""]}, 422),
+    ("embedding", "POST", "/v1/embed", {"texts": ["t"] * 257}, 422),
+    ("embedding", "POST", "/v1/embed", {"texts": [None]}, 422),
+    ("embedding", "PUT", "/v1/admin/model", {"model": "gpt-17-ultra"}, 400),
+    ("retrieval", "POST", "/v1/search", {"embedding": [0.1, 0.2, 0.3]}, 422),
+    ("retrieval", "POST", "/v1/search", b'{"embedding": [NaN]}', 422),
+    ("retrieval", "POST", "/v1/search", {"embedding": VECTOR, "top_k": 10**9}, 422),
+    (
+        "retrieval",
+        "PUT",
+        "/v1/documents/z",
+        {"chunks": [{"text": "a"}], "embeddings": [VECTOR, VECTOR]},
+        422,
+    ),
+    (
+        "retrieval",
+        "PUT",
+        "/v1/documents/z",
+        {"chunks": [{"text": "a"}], "embeddings": [[0.0] * 384]},
+        422,
+    ),
+    ("retrieval", "GET", "/v1/documents/no-such-doc", None, 404),
+]
+
+
+def test_bad_input_gets_a_clear_4xx_and_the_services_stay_healthy(data_plane: Stack) -> None:
+    assert len(BAD_INPUTS) >= 20
+    failures = []
+    for service, method, path, body, expected in BAD_INPUTS:
+        url = data_plane.url(service) + path
+        if isinstance(body, bytes):
+            r = requests.request(
+                method, url, data=body, headers={"Content-Type": "application/json"}, timeout=60
+            )
+        else:
+            r = call(method, url, body)
+        error = r.json().get("error", {}) if r.content else {}
+        if r.status_code != expected or not error.get("message"):
+            failures.append(
+                f"{method} {service}{path} {str(body)[:60]}: {r.status_code} {r.text[:120]}"
+            )
+    assert not failures, "\n".join(failures)
+    for service in ("ingestion", "embedding", "retrieval", "inference"):
+        assert ok("GET", f"{data_plane.url(service)}/healthz")["status"] == "ok"
+        metrics = requests.get(f"{data_plane.url(service)}/metrics", timeout=10).text
+        server_errors = [
+            line for line in metrics.splitlines()
+            if line.startswith("modelpilot_requests_total") and 'code="5' in line
+        ]  # fmt: skip
+        assert not server_errors, server_errors
+    ok("POST", f"{data_plane.url('inference')}/v1/query", {"query": "still serving?", "top_k": 1})
+
+
+def test_metrics_follow_prometheus_conventions_beside_tritons(data_plane: Stack) -> None:
+    ok("POST", f"{data_plane.url('inference')}/v1/query", {"query": "metrics please", "top_k": 2})
+    inference = requests.get(f"{data_plane.url('inference')}/metrics", timeout=10).text
+    for name in (
+        "modelpilot_requests_total",
+        "modelpilot_request_duration_seconds_bucket",
+        "modelpilot_in_flight_requests",
+        "modelpilot_query_duration_seconds_bucket",
+        "modelpilot_cache_requests_total",
+        "modelpilot_routed_requests_total",
+        "modelpilot_batch_size_bucket",
+        "modelpilot_queue_duration_seconds_sum",
+    ):
+        assert name in inference, name
+    embedding = requests.get(f"{data_plane.url('embedding')}/metrics", timeout=10).text
+    assert 'modelpilot_batch_size_count{model="minilm_fp32",stage="embedding"}' in embedding
+    triton = requests.get(
+        f"http://127.0.0.1:{data_plane.ports['triton_metrics']}/metrics", timeout=10
+    )
+    assert 'nv_inference_request_success{model="minilm_fp32"' in triton.text
+    # Structured logs: one JSON object per line.
+    for line in data_plane.log("inference").read_text().splitlines():
+        assert isinstance(json.loads(line), dict), line
+    assert os.path.exists(data_plane.log("triton"))

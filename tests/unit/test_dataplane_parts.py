@@ -1,0 +1,105 @@
+"""Pure parts of the data plane: chunking, the semantic cache, the durable ANN store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelpilot_services.cache import SemanticCache
+from modelpilot_services.ingestion import chunk
+from modelpilot_services.store import Store
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("words", "size", "overlap", "expected"),
+    [
+        (0, 5, 1, []),
+        (3, 5, 1, [[0, 1, 2]]),
+        (5, 5, 1, [[0, 1, 2, 3, 4]]),
+        (8, 5, 1, [[0, 1, 2, 3, 4], [4, 5, 6, 7]]),
+        (9, 4, 2, [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8]]),
+        (4, 2, 0, [[0, 1], [2, 3]]),
+    ],
+)
+def test_chunk_windows(words: int, size: int, overlap: int, expected: list[list[int]]) -> None:
+    text = "  ".join(f"w{i}" for i in range(words))
+    assert chunk(text, size, overlap) == [" ".join(f"w{i}" for i in c) for c in expected]
+
+
+def unit(*values: float) -> np.ndarray:
+    v = np.array(values, np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_cache_hits_above_threshold_for_the_same_key_only() -> None:
+    now = [0.0]
+    cache = SemanticCache(0.95, max_entries=10, ttl_s=60, dims=2, clock=lambda: now[0])
+    cache.put("k3", unit(1, 0), "answer")
+    assert cache.get("k3", unit(1, 0.1)) == "answer"  # cosine 0.995
+    assert cache.get("k3", unit(1, 0.5)) is None  # cosine 0.894
+    assert cache.get("k5", unit(1, 0)) is None  # another top_k/filter
+    now[0] = 61
+    assert cache.get("k3", unit(1, 0)) is None and len(cache) == 0  # expired
+
+
+def test_cache_is_bounded_and_overwrites_the_oldest() -> None:
+    cache = SemanticCache(0.99, max_entries=2, ttl_s=60, dims=2)
+    for i, v in enumerate([unit(1, 0), unit(0, 1), unit(1, 1)]):
+        cache.put("k", v, i)
+    assert len(cache) == 2
+    assert cache.get("k", unit(1, 0)) is None
+    assert cache.get("k", unit(0, 1)) == 1 and cache.get("k", unit(1, 1)) == 2
+    disabled = SemanticCache(0.5, max_entries=0, ttl_s=60, dims=2)
+    disabled.put("k", unit(1, 0), 1)
+    assert disabled.get("k", unit(1, 0)) is None
+
+
+def vectors(n: int, dims: int = 8, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dims)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_store_search_filter_replace_delete(tmp_path: Path) -> None:
+    store = Store(tmp_path, dims=8)
+    v = vectors(6)
+    store.put("a", [("a0", {"lang": "en"}), ("a1", {"lang": "de"})], v[:2])
+    store.put("b", [("b0", {"lang": "en"})], v[2:3])
+    assert [h.chunk for h in store.search(v[0], 1)] == ["a0"]
+    assert store.search(v[0], 1)[0].score == pytest.approx(1.0, abs=1e-5)
+    assert {h.chunk for h in store.search(v[0], 5, {"lang": "de"})} == {"a1"}
+    assert {h.chunk for h in store.search(v[0], 5, {"lang": ["de", "en"]})} == {"a0", "a1", "b0"}
+    store.put("a", [("a-new", {})], v[3:4])  # idempotent by id: replaces
+    assert len(store) == 2 and [c.text for c in store.document("a") or []] == ["a-new"]
+    assert store.delete("b") and not store.delete("b")
+    assert [h.chunk for h in store.search(v[2], 5)] == ["a-new"]
+    with pytest.raises(ValueError, match="vectors must be"):
+        store.put("c", [("c0", {})], vectors(1, dims=4))
+
+
+def test_store_recovers_from_wal_snapshot_and_a_torn_tail(tmp_path: Path) -> None:
+    v = vectors(5)
+    store = Store(tmp_path, dims=8, snapshot_every=2)
+    store.put("a", [("a0", {})], v[:1])
+    store.put("b", [("b0", {})], v[1:2])
+    assert store.maybe_snapshot() and (tmp_path / "CURRENT").read_text() == "2"
+    store.put("c", [("c0", {})], v[2:3])
+    store.delete("a")
+    store.close()  # a crash after these acks: they live only in the WAL
+    wal = tmp_path / "wal-2.jsonl"
+    with open(wal, "ab") as f:
+        f.write(b'{"op":"put","id":"torn","chu')  # a write that never finished (never acked)
+
+    again = Store(tmp_path, dims=8)
+    assert set(again.documents) == {"b", "c"}
+    assert [h.chunk for h in again.search(v[2], 1)] == ["c0"]
+    again.put("d", [("d0", {})], v[3:4])  # appends after the cut tail cleanly
+    again.close()
+    third = Store(tmp_path, dims=8)
+    assert set(third.documents) == {"b", "c", "d"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "snap-2", "wal-2.jsonl"]
+    with pytest.raises(ValueError, match="dimensions"):
+        Store(tmp_path, dims=16)
