@@ -36,6 +36,7 @@ from modelpilot_services.web import (
     ApiError,
     Service,
     TritonStats,
+    call_downstream,
     env,
     parse,
     run,
@@ -126,18 +127,7 @@ class Inference(Service):
             self.metrics.info.labels(self.stage, route, model).set(1)
 
     async def _post(self, url: str, body: Any) -> Any:
-        try:
-            async with self.http.post(url, json=body) as r:
-                data = await r.json(content_type=None)
-                if r.status >= 500 or r.status == 429:
-                    raise ApiError(
-                        503, "downstream_unavailable", f"{url}: {r.status}", retry_after=1
-                    )
-                if r.status >= 400:
-                    raise ApiError(r.status, "rejected_downstream", data["error"]["message"])
-                return data
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise ApiError(503, "downstream_unavailable", f"{url}: {e!r}", retry_after=1) from None
+        return await call_downstream(self.http, "POST", url, body, retry_after=1)
 
     async def query(self, request: web.Request) -> web.Response:
         start = time.perf_counter()

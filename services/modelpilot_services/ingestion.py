@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot_services.schemas import DocumentId, Metadata, document_id
-from modelpilot_services.web import ApiError, Service, env, parse, run
+from modelpilot_services.web import ApiError, Service, call_downstream, env, parse, run
 
 MAX_DOCUMENTS = 64
 EMBED_BATCH = 32
@@ -100,20 +100,7 @@ class Ingestion(Service):
         return None
 
     async def _call(self, method: str, url: str, body: Any = None) -> Any:
-        try:
-            async with self.http.request(method, url, json=body) as r:
-                data = await r.json(content_type=None)
-                if r.status == 429 or r.status >= 500:
-                    raise ApiError(
-                        503, "downstream_unavailable", f"{url}: {r.status}", retry_after=2
-                    )
-                if r.status >= 400:
-                    # A 4xx downstream means our request was bad for it: surface the reason.
-                    message = data.get("error", {}).get("message", str(r.status))
-                    raise ApiError(r.status, "rejected_downstream", message)
-                return data
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise ApiError(503, "downstream_unavailable", f"{url}: {e!r}", retry_after=2) from None
+        return await call_downstream(self.http, method, url, body, retry_after=2)
 
     async def _ingest(self, doc: DocumentIn) -> int:
         pieces = chunk(doc.text, self.chunk_size, self.overlap)

@@ -90,8 +90,7 @@ class Retrieval(Service):
             entry = self.store.put_entry(doc, chunks, vectors)
             await asyncio.to_thread(self.store.log, entry)  # durable before visible and acked
             self.store.apply(entry)
-            if self.store.seq - self.store.snapshot_seq >= self.snapshot_every:
-                await asyncio.to_thread(self.store.snapshot)
+            await asyncio.to_thread(self.store.maybe_snapshot)
         return web.json_response({"id": doc, "chunks": len(chunks)})
 
     async def get(self, request: web.Request) -> web.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated
 
 from pydantic import AfterValidator, Field, StringConstraints
@@ -33,8 +34,6 @@ Vector = Annotated[
 
 def document_id(raw: str) -> str:
     """A path parameter checked like a body field: 400 for an id we would never store."""
-    import re
-
     if not re.fullmatch(DOC_ID_PATTERN, raw):
         raise ApiError(400, "invalid_document_id", f"document id must match {DOC_ID_PATTERN}")
     return raw
