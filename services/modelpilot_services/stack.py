@@ -172,7 +172,11 @@ class Stack:
     def start_triton(self, timeout_s: float = 300) -> None:
         if self.pid("triton"):
             return
-        models.build()  # once, before several model instances would race to build
+        # Build once, before several model instances would race to. In a child process:
+        # importing onnxruntime after usearch in one process segfaults (usearch 2.26.6,
+        # onnxruntime 1.32.0), and this launcher runs inside pytest beside the store tests.
+        build = "from modelpilot_services import models; models.build()"
+        subprocess.run([sys.executable, "-c", build], check=True)
         repo = write_repository(self.root / "models")
         backends = prepare_backends(self.root / "backends")
         binary, libs, _ = tritonserver()
