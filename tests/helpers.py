@@ -113,3 +113,18 @@ def md_ready(name: str, namespace: str) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) and (
         md["status"].get("observedGeneration") == md["metadata"]["generation"]
     )
+
+
+def children(namespace: str, name: str) -> list[str]:
+    """The ModelDeployment's children that still exist, as kubectl ``kind/name`` strings."""
+    out = kubectl(
+        "get",
+        "deploy,svc,cm,pvc",
+        "-n",
+        namespace,
+        "-l",
+        f"app.kubernetes.io/instance={name}",
+        "-o",
+        "name",
+    ).stdout
+    return out.split()

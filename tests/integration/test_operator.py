@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, kubectl, md_ready, sample, wait_for
+from tests.helpers import ROOT, children, kubectl, md_ready, sample, wait_for
 
 pytestmark = pytest.mark.integration
 STAGES = ("ingestion", "embedding", "retrieval", "inference")
@@ -113,20 +113,7 @@ def test_deleting_the_model_deployment_removes_its_children(
     wait_for(lambda: get("deployment", "minimal-inference", namespace), 120, what="children")
     kubectl("delete", "md", "minimal", "-n", namespace, "--wait=true")
 
-    def all_gone() -> bool:
-        out = kubectl(
-            "get",
-            "deploy,svc,cm,pvc",
-            "-n",
-            namespace,
-            "-l",
-            "app.kubernetes.io/instance=minimal",
-            "-o",
-            "name",
-        ).stdout
-        return out.strip() == ""
-
-    wait_for(all_gone, 120, what="children garbage-collected")
+    wait_for(lambda: children(namespace, "minimal") == [], 120, what="children garbage-collected")
 
 
 def test_an_accepted_but_unactionable_spec_is_degraded_not_a_crash(

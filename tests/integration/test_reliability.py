@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import ROOT, free_port, kubectl, md_ready, sample, wait_for
+from tests.helpers import ROOT, children, free_port, kubectl, md_ready, sample, wait_for
 from tests.loadgen import Stage, load
 
 pytestmark = pytest.mark.integration
@@ -305,20 +305,6 @@ def test_a_prometheus_outage_holds_replicas_and_recovers_by_itself(
         stage.server.shutdown()
 
 
-def _children(namespace: str, name: str) -> list[str]:
-    out = kubectl(
-        "get",
-        "deploy,svc,cm,pvc",
-        "-n",
-        namespace,
-        "-l",
-        f"app.kubernetes.io/instance={name}",
-        "-o",
-        "name",
-    ).stdout
-    return out.split()
-
-
 def test_sigkill_at_five_points_mid_reconcile_converges_without_duplicate_actions(
     namespace: str, operator_process: Any
 ) -> None:
@@ -328,7 +314,7 @@ def test_sigkill_at_five_points_mid_reconcile_converges_without_duplicate_action
         for threshold in (1, 3, 5, 8, 11):  # five crash points as the children appear
             operator_process.start(wait_healthy=False)
             wait_for(
-                lambda t=threshold: len(_children(namespace, "full")) >= t,
+                lambda t=threshold: len(children(namespace, "full")) >= t,
                 120,
                 interval=0.02,
                 what=f"{threshold} children before the crash",
@@ -339,7 +325,7 @@ def test_sigkill_at_five_points_mid_reconcile_converges_without_duplicate_action
     finally:
         if operator_process.poll() is not None:
             operator_process.start()
-    assert len(_children(namespace, "full")) == 13
+    assert len(children(namespace, "full")) == 13
     events = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
     created = [
         e["message"]
@@ -357,7 +343,7 @@ def test_sigkill_at_five_points_mid_reconcile_converges_without_duplicate_action
         60,
         what="the ModelDeployment deleted (finalizer released)",
     )
-    wait_for(lambda: _children(namespace, "full") == [], 120, what="children collected")
+    wait_for(lambda: children(namespace, "full") == [], 120, what="children collected")
 
 
 def test_concurrent_edits_never_lose_the_users_changes(
