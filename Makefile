@@ -92,8 +92,13 @@ lint: $(VENV)/.stamp apt ## ruff, mypy, import contracts, shellcheck, CRD drift
 # ----------------------------------------------------------------------------- test
 PYTEST_ARGS ?=
 .PHONY: test
-test: apt $(VENV)/.stamp tools lint ## the one test command: install, lint, all tests
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+test: apt $(VENV)/.stamp tools lint ## the one test command: install, lint, all tests (slow ones last)
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
+
+.PHONY: test-slow
+test-slow: apt $(VENV)/.stamp tools ## only the slow tests (60 s loads, long fault runs)
+	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
 
 .PHONY: test-unit
 test-unit: $(VENV)/.stamp ## only the pure tests (no processes)

@@ -3,6 +3,7 @@ reused when already running), and a fresh namespace per test."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -162,17 +163,30 @@ def operator_process(crd: str, prometheus_url: str) -> Iterator[Operator]:
     op.stop()
 
 
-@pytest.fixture(scope="session")
-def data_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+@contextlib.contextmanager
+def stack_on_free_ports(root: Path) -> Iterator[Any]:
     """Real tritonserver (from the nvidia-pytriton wheel) and the four services on free
-    ports, for the whole session. A missing part fails here, loudly: never a skip."""
+    ports under ``root``. A missing part fails here, loudly: never a skip."""
     from modelpilot_services.stack import DEFAULT_PORTS, Stack
     from tests.helpers import free_port
 
-    ports = {name: free_port() for name in DEFAULT_PORTS}
-    stack = Stack(tmp_path_factory.mktemp("data-plane"), ports=ports)
+    stack = Stack(root, ports={name: free_port() for name in DEFAULT_PORTS})
     try:
         stack.up()
         yield stack
     finally:
         stack.down()
+
+
+@pytest.fixture(scope="session")
+def data_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The data plane shared by the session's tests (they leave its settings as found)."""
+    with stack_on_free_ports(tmp_path_factory.mktemp("data-plane")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def fresh_data_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A data plane of the module's own, for tests that crash, fuzz or load it."""
+    with stack_on_free_ports(tmp_path_factory.mktemp("fresh-data-plane")) as stack:
+        yield stack
