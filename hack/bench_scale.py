@@ -79,7 +79,7 @@ def main() -> int:
         env={
             **os.environ,
             "KUBECONFIG": str(KUBECONFIG),
-            "MODELPILOT_TRITON_LIVE": "false",
+            "MODELPILOT_LIVE_UPDATES": "false",
             "MODELPILOT_PROMETHEUS_URL": os.environ.get(
                 "MODELPILOT_PROMETHEUS_URL", "http://127.0.0.1:19090"
             ),

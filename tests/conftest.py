@@ -121,7 +121,7 @@ class Operator:
                     "KUBECONFIG": str(KUBECONFIG),
                     "MODELPILOT_PROFILES": str(ROOT / "tests/fixtures/slow-profile.json"),
                     "MODELPILOT_PROMETHEUS_URL": self.prometheus_url,
-                    "MODELPILOT_TRITON_LIVE": "false",
+                    "MODELPILOT_LIVE_UPDATES": "false",
                 },
                 stdout=log,
                 stderr=subprocess.STDOUT,

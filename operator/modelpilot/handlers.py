@@ -21,6 +21,7 @@ from modelpilot.optimizer import profiles
 from modelpilot.optimizer.snapshot import Snapshot
 from modelpilot.reconcile import Reconciler, TransientError
 from modelpilot.render import Defaults
+from modelpilot.shadow import push_shadow
 from modelpilot.telemetry import Telemetry
 from modelpilot.triton import push_batching
 
@@ -50,6 +51,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Handlers are short, blocking API calls: more threads than kopf's default (CPUs + 4).
     settings.execution.max_workers = int(os.environ.get("MODELPILOT_WORKERS", "16"))
     profile_path = os.environ.get("MODELPILOT_PROFILES")
+    # Live updates go to pod IPs: off where the operator cannot reach pods (tests on kwok).
+    live = os.environ.get("MODELPILOT_LIVE_UPDATES", "true") == "true"
     memo.optimizer = Optimizer(
         kube=kube,
         reconciler=memo.reconciler,
@@ -58,9 +61,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         default_prometheus_url=os.environ.get(
             "MODELPILOT_PROMETHEUS_URL", "http://prometheus-server.monitoring.svc"
         ),
-        push_batching=push_batching(kube)
-        if os.environ.get("MODELPILOT_TRITON_LIVE", "true") == "true"
-        else None,
+        push_batching=push_batching(kube) if live else None,
+        push_shadow=push_shadow(kube) if live else None,
     )
 
 

@@ -30,7 +30,13 @@ from modelpilot.reconcile import Reconciler
 log = logging.getLogger(__name__)
 
 SnapshotSource = Callable[[str, str, str, float], Snapshot]  # (url, namespace, name, now)
-BatchPusher = Callable[[str, str, str, plans.StagePlan], None]  # (namespace, owner, stage, plan)
+# (namespace, owner, stage, plan): live updates to running pods (Triton batching, shadowing)
+Pusher = Callable[[str, str, str, plans.StagePlan], None]
+VERIFICATION_EVENTS = {
+    "started": ("Normal", "VerificationStarted"),
+    "promoted": ("Normal", "VariantPromoted"),
+    "rejected": ("Warning", "VerificationFailed"),
+}
 
 
 def _rfc3339(t: float) -> str:
@@ -71,7 +77,8 @@ class Optimizer:
     profiles: Profiles
     snapshot_source: SnapshotSource
     default_prometheus_url: str
-    push_batching: BatchPusher | None = None
+    push_batching: Pusher | None = None
+    push_shadow: Pusher | None = None
     clock: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
     # In-memory history between ticks; status holds the copy a restart resumes from.
@@ -217,25 +224,32 @@ class Optimizer:
             self.kube.event(
                 md, "Normal", "Optimized", f"{decision.summary}: " + "; ".join(decision.reasons)
             )
+            for _stage, step, message in decision.verifications:
+                type_, reason = VERIFICATION_EVENTS[step]
+                self.kube.event(md, type_, reason, message)
             self.reconciler.reconcile(meta["namespace"], meta["name"])
-            if self.push_batching is not None:
-                for stage in decision.changed:
-                    old, new = plan[stage], decision.plan[stage]
-                    if new.variant == old.variant and (
-                        new.max_batch_size,
-                        new.max_queue_delay_us,
-                    ) != (old.max_batch_size, old.max_queue_delay_us):
-                        self._push(meta, stage, new)
+            for stage in decision.changed:
+                old, new = plan[stage], decision.plan[stage]
+                if new.variant == old.variant and (
+                    new.max_batch_size,
+                    new.max_queue_delay_us,
+                ) != (old.max_batch_size, old.max_queue_delay_us):
+                    self._push(self.push_batching, meta, stage, new)
+                if new.shadow_variant != old.shadow_variant:
+                    self._push(self.push_shadow, meta, stage, new)
         elif news and mode == OptimizerMode.RECOMMEND and decision.changed:
             self.kube.event(md, "Normal", "Recommended", "; ".join(decision.reasons)[:1000])
 
-    def _push(self, meta: Mapping[str, Any], stage: str, plan: plans.StagePlan) -> None:
-        assert self.push_batching is not None
+    def _push(
+        self, push: Pusher | None, meta: Mapping[str, Any], stage: str, plan: plans.StagePlan
+    ) -> None:
+        if push is None:
+            return
         try:
-            self.push_batching(meta["namespace"], meta["name"], stage, plan)
+            push(meta["namespace"], meta["name"], stage, plan)
         except Exception as exc:  # the ConfigMap still carries it for the next restart
             log.warning(
-                "live batching update for %s/%s %s failed: %s",
+                "live update for %s/%s %s failed: %s",
                 meta["namespace"],
                 meta["name"],
                 stage,

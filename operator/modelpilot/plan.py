@@ -19,6 +19,7 @@ class StagePlan:
     variant: str | None = None
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
+    shadow_variant: str | None = None  # candidate under verification, mirrored to
 
 
 Plan = dict[str, StagePlan]
@@ -82,8 +83,16 @@ def resume(spec: ModelDeploymentSpec, stages_status: Mapping[str, Mapping[str, A
             ),
             stage.batching.max_queue_delay_microseconds,
         )
+        shadow = recorded.get("shadowVariant")
+        if shadow is not None and (stage.variant(shadow) is None or shadow == variant):
+            shadow = None
         plan[name] = replace(
-            base, replicas=replicas, variant=variant, max_batch_size=mbs, max_queue_delay_us=delay
+            base,
+            replicas=replicas,
+            variant=variant,
+            max_batch_size=mbs,
+            max_queue_delay_us=delay,
+            shadow_variant=shadow,
         )
     return plan
 
@@ -96,5 +105,6 @@ def status_fields(plan: StagePlan) -> dict[str, Any]:
             variant=plan.variant,
             maxBatchSize=plan.max_batch_size,
             maxQueueDelayMicroseconds=plan.max_queue_delay_us,
+            shadowVariant=plan.shadow_variant,
         )
     return out

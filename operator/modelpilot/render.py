@@ -204,6 +204,12 @@ def _config_map(
             maxBatchSize=plan.max_batch_size,
             maxQueueDelayMicroseconds=plan.max_queue_delay_us,
         )
+        shadow = stage.variant(plan.shadow_variant or "")
+        if shadow is not None:  # restored by a pod that restarts mid-verification
+            service["shadow"] = {
+                "model": shadow.model,
+                "sampleRatio": spec.optimizer.verification.sample_ratio_value,
+            }
     if isinstance(stage, RetrievalStage):
         service.update(
             dimensions=stage.index.dimensions,
@@ -250,10 +256,10 @@ def _deployment(
             {"name": "data", "persistentVolumeClaim": {"claimName": child_name(owner.name, name)}}
         )
         containers[0]["volumeMounts"].append({"name": "data", "mountPath": "/data"})
-    # Restart pods when the service config changes; batching is excluded because the
-    # operator applies it live to Triton without a restart.
+    # Restart pods when the service config changes; batching and shadowing are excluded
+    # because the operator applies them live (to Triton, to the service) without a restart.
     service = json.loads(config["data"]["service.json"])
-    for key in ("maxBatchSize", "maxQueueDelayMicroseconds"):
+    for key in ("maxBatchSize", "maxQueueDelayMicroseconds", "shadow"):
         service.pop(key, None)
     config_hash = hashlib.sha256(json.dumps(service, sort_keys=True).encode()).hexdigest()[:16]
     port = SERVICE_PORTS[name]

@@ -15,6 +15,12 @@ Metrics read (all labelled ``stage``):
   modelpilot_cache_requests_total{result}      counter (inference: hit|miss)
   modelpilot_routed_requests_total{route}      counter (inference: small|large)
   modelpilot_query_duration_seconds            histogram (end to end, at the gateway)
+  modelpilot_shadow_agreement{model}           histogram (shadow candidate vs serving, 0..1)
+  modelpilot_shadow_duration_seconds{model}    histogram (shadow candidate latency)
+  modelpilot_shadow_errors_total{model}        counter
+
+Shadow statistics cover ``shadow_window`` (10 minutes by default): a verification needs its
+samples within that window.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 from prometheus_api_client import PrometheusConnect
 
-from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.optimizer.snapshot import ShadowStats, Snapshot, StageTelemetry
 
 
 def _finite(value: Any) -> float | None:
@@ -44,11 +50,13 @@ class Telemetry:
         url: str,
         window: str = "1m",
         short_window: str = "15s",
+        shadow_window: str = "10m",
         timeout_s: float = 5.0,
         query: Callable[[str], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.window = window
         self.short_window = short_window
+        self.shadow_window = shadow_window
         if query is None:
             prom = PrometheusConnect(url=url, disable_ssl=True)
             prom._session.request = _with_timeout(prom._session.request, timeout_s)
@@ -66,6 +74,43 @@ class Telemetry:
     def _scalar(self, promql: str) -> float | None:
         rows = self._query(promql)
         return _finite(rows[0]["value"][1]) if rows else None
+
+    def _by_candidate(self, promql: str) -> dict[tuple[str, str], float | None]:
+        out: dict[tuple[str, str], float | None] = {}
+        for row in self._query(promql):
+            labels = row.get("metric", {})
+            if labels.get("stage") and labels.get("model"):
+                out[(labels["stage"], labels["model"])] = _finite(row["value"][1])
+        return out
+
+    def shadow(self, sel: str) -> dict[tuple[str, str], ShadowStats]:
+        """Per (stage, candidate model): samples, mean agreement, p95 and errors."""
+        w, by = self.shadow_window, "stage, model"
+        count = self._by_candidate(
+            f"sum by ({by}) (increase(modelpilot_shadow_agreement_count{{{sel}}}[{w}]))"
+        )
+        total = self._by_candidate(
+            f"sum by ({by}) (increase(modelpilot_shadow_agreement_sum{{{sel}}}[{w}]))"
+        )
+        p95 = self._by_candidate(
+            f"histogram_quantile(0.95, sum by ({by}, le) "
+            f"(increase(modelpilot_shadow_duration_seconds_bucket{{{sel}}}[{w}])))"
+        )
+        errors = self._by_candidate(
+            f"sum by ({by}) (increase(modelpilot_shadow_errors_total{{{sel}}}[{w}]))"
+        )
+        out = {}
+        for key in set(count) | set(errors):
+            n = count.get(key) or 0.0
+            s = total.get(key)
+            latency = p95.get(key)
+            out[key] = ShadowStats(
+                samples=round(n),
+                agreement=s / n if n > 0 and s is not None else None,
+                p95_ms=None if latency is None else latency * 1000.0,
+                errors=round(errors.get(key) or 0.0),
+            )
+        return out
 
     def snapshot(self, namespace: str, pipeline: str, now: float) -> Snapshot:
         """Query Prometheus once per metric family; missing data stays ``None``."""
@@ -129,7 +174,13 @@ class Telemetry:
                 cache_hit_ratio=hits.get(stage),
                 small_share=small.get(stage),
             )
-        return Snapshot(time=now, newest_sample=newest, stages=stages, e2e_p95_ms=ms(e2e))
+        return Snapshot(
+            time=now,
+            newest_sample=newest,
+            stages=stages,
+            e2e_p95_ms=ms(e2e),
+            shadow=self.shadow(sel),
+        )
 
 
 def _with_timeout(request: Callable[..., Any], timeout_s: float) -> Callable[..., Any]:

@@ -3,6 +3,8 @@
 ``POST /v1/embed`` ``{"texts": [...]}`` -> ``{"embeddings", "model", "dims"}``.
 ``GET|PUT /v1/admin/model``: read or switch the serving variant live; the new model is loaded
 in Triton *before* traffic moves, so no request fails during the switch.
+``GET|PUT|DELETE /v1/admin/shadow``: mirror a sample of requests to a candidate variant and
+record the cosine of its vectors with the served ones (see ``shadow``).
 
 Env: ``PORT`` (8082), ``MODELPILOT_TRITON_URL`` (localhost:8000), ``MODELPILOT_MODEL``
 (else ``model`` from the operator's service.json, else ``minilm_fp32``),
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import numpy as np
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot_services import models
+from modelpilot_services.shadow import Shadow
 from modelpilot_services.triton import Triton
 from modelpilot_services.web import ApiError, Service, TritonStats, env, parse, run, service_config
 
@@ -47,6 +51,10 @@ class Embedding(Service):
         self.app.router.add_post("/v1/embed", self.embed)
         self.app.router.add_get("/v1/admin/model", self.get_model)
         self.app.router.add_put("/v1/admin/model", self.put_model)
+        self.shadow = Shadow(
+            self.stage, self.registry, allowed, lambda m: self.triton.ensure_loaded(m)
+        )
+        self.shadow.routes(self.app)
 
     async def start(self) -> None:
         self.triton = Triton(self.triton_url)
@@ -67,6 +75,13 @@ class Embedding(Service):
         body = await parse(request, EmbedRequest)
         model = self.model  # one request, one model, even if a switch lands meanwhile
         vectors = await self.triton.embed(model, body.texts)
+
+        async def cosine(candidate: str) -> list[float]:
+            other = await self.triton.embed(candidate, body.texts)
+            norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(other, axis=1)
+            return list((vectors * other).sum(axis=1) / np.maximum(norms, 1e-12))
+
+        self.shadow.mirror(model, cosine)
         return web.json_response(
             {"embeddings": vectors.tolist(), "model": model, "dims": int(vectors.shape[1])}
         )
@@ -91,7 +106,9 @@ def main() -> None:
     allowed = tuple(env("MODELPILOT_MODELS", ",".join(models.VARIANTS)).split(","))
     model = env("MODELPILOT_MODEL", str(config.get("model", "minilm_fp32")))
     triton_url = env("MODELPILOT_TRITON_URL", "localhost:8000")
-    run(Embedding(triton_url, model, allowed), int(env("PORT", "8082")))
+    service = Embedding(triton_url, model, allowed)
+    service.shadow.configure(config.get("shadow"))
+    run(service, int(env("PORT", "8082")))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from modelpilot_services import models
 from modelpilot_services.cache import SemanticCache
 from modelpilot_services.schemas import Filter
+from modelpilot_services.shadow import Shadow
 from modelpilot_services.triton import Triton
 from modelpilot_services.web import (
     LATENCY_BUCKETS,
@@ -105,6 +106,10 @@ class Inference(Service):
         self.app.router.add_post("/v1/query", self.query)
         self.app.router.add_get("/v1/admin/config", self.get_config)
         self.app.router.add_patch("/v1/admin/config", self.patch_config)
+        self.shadow = Shadow(
+            self.stage, self.registry, models.RERANKERS, lambda m: self.triton.ensure_loaded(m)
+        )
+        self.shadow.routes(self.app)
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
@@ -152,6 +157,15 @@ class Inference(Service):
         if candidates:
             scores = await self.triton.score(model, body.query, [c["chunk"] for c in candidates])
             order = np.argsort(-scores, kind="stable")[: body.top_k]
+            served = {candidates[i]["document_id"] for i in order}
+            chunks = [c["chunk"] for c in candidates]
+
+            async def overlap(candidate: str) -> list[float]:
+                other = await self.triton.score(candidate, body.query, chunks)
+                top = np.argsort(-other, kind="stable")[: body.top_k]
+                return [len(served & {candidates[i]["document_id"] for i in top}) / len(served)]
+
+            self.shadow.mirror(model, overlap)
             results = [
                 {
                     "document_id": candidates[i]["document_id"],
@@ -236,6 +250,7 @@ def main() -> None:
         cache=cache,
         timeout_s=float(env("MODELPILOT_DOWNSTREAM_TIMEOUT", "30")),
     )
+    service.shadow.configure(config.get("shadow"))
     run(service, int(env("PORT", "8084")))
 
 

@@ -121,6 +121,58 @@ class SLO(_Model):
         return Decimal(parse_quantity(self.max_cost_per_hour))
 
 
+class Verification(_Model):
+    """The gate every optimizer-chosen variant switch passes in Auto mode: the candidate
+    first gets a sample of live requests mirrored to it (shadow traffic), and is promoted
+    only if its outputs agree with the serving variant's and its latency fits the stage's
+    budget; otherwise it is rejected, the reason recorded, and not tried again for
+    ``retryAfterSeconds``."""
+
+    enabled: bool = Field(default=True, description="Whether variant switches are verified.")
+    sample_ratio: str = _quantity_field(
+        "Share of live requests mirrored to the candidate, in (0, 1].",
+        _in_unit_interval("sampleRatio", open_low=True),
+        alias="sampleRatio",
+        default="0.1",
+    )
+    min_agreement: str = _quantity_field(
+        "Mean agreement the candidate must reach, in (0, 1]: the cosine of its embeddings "
+        "with the serving variant's, or the overlap of its re-ranked top k.",
+        _in_unit_interval("minAgreement", open_low=True),
+        alias="minAgreement",
+        default="0.9",
+    )
+    min_samples: int = Field(
+        default=50,
+        ge=1,
+        le=1_000_000,
+        alias="minSamples",
+        description="Mirrored outputs needed before a verdict.",
+    )
+    timeout_seconds: int = Field(
+        default=600,
+        ge=30,
+        le=86_400,
+        alias="timeoutSeconds",
+        description="A candidate without minSamples by then is rejected (too little traffic).",
+    )
+    retry_after_seconds: int = Field(
+        default=3600,
+        ge=0,
+        le=7 * 86_400,
+        alias="retryAfterSeconds",
+        description="How long a rejected candidate is not tried again.",
+    )
+
+    @property
+    def sample_ratio_value(self) -> float:
+        return float(parse_quantity(self.sample_ratio))
+
+    @property
+    def min_agreement_value(self) -> float:
+        return float(parse_quantity(self.min_agreement))
+
+
 class Optimizer(_Model):
     """How the self-optimizing loop acts."""
 
@@ -150,6 +202,10 @@ class Optimizer(_Model):
         le=100,
         alias="maxScaleUpStep",
         description="The most replicas one decision adds to a stage.",
+    )
+    verification: Verification = Field(
+        default_factory=Verification,
+        description="Shadow-traffic verification of variant switches.",
     )
 
 
@@ -509,6 +565,11 @@ class StageStatus(_Model):
         alias="maxQueueDelayMicroseconds",
         description="Triton max queue delay in effect.",
     )
+    shadow_variant: str | None = Field(
+        default=None,
+        alias="shadowVariant",
+        description="Candidate variant under verification (receiving shadow traffic).",
+    )
 
 
 class Decision(_Model):
@@ -530,6 +591,12 @@ class Recommendation(_Model):
     reason: str = Field(default="", description="Why.")
 
 
+class RejectedVariant(_Model):
+    variant: str = Field(max_length=63, description="The rejected candidate.")
+    until: int = Field(description="Unix time until which it is not tried again.")
+    reason: str = Field(default="", max_length=1024, description="Why it was rejected.")
+
+
 class StageHistoryStatus(_Model):
     """What the optimizer remembers about a stage, so a restart resumes, not restarts."""
 
@@ -546,6 +613,16 @@ class StageHistoryStatus(_Model):
         default=1000,
         alias="calibrationPermille",
         description="Measured / predicted p95 latency, in thousandths, learnt online.",
+    )
+    trial_started: int | None = Field(
+        default=None,
+        alias="trialStarted",
+        description="Unix time the running shadow verification (shadowVariant) started.",
+    )
+    rejected: list[RejectedVariant] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Candidates that failed verification, not tried again until ``until``.",
     )
 
 

@@ -32,6 +32,7 @@ from modelpilot.api.v1alpha1 import (
     OptimizerMode,
     Variant,
 )
+from modelpilot.optimizer.gate import judge
 from modelpilot.optimizer.profiles import ModelProfile, Profiles
 from modelpilot.optimizer.queueing import wait_quantile
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
@@ -61,6 +62,11 @@ class StageHistory:
     recommendations: tuple[tuple[int, int], ...] = ()  # (time s, replicas), newest last
     last_change: int | None = None
     calibration_permille: int = 1000
+    trial_started: int | None = None  # when the running shadow verification started
+    rejected: tuple[tuple[str, int, str], ...] = ()  # (variant, until, why): failed verification
+
+    def rejected_at(self, t: int) -> set[str]:
+        return {v for v, until, _ in self.rejected if until > t}
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,10 @@ class History:
                 "recommendations": [list(r) for r in h.recommendations],
                 "lastChange": h.last_change,
                 "calibrationPermille": h.calibration_permille,
+                "trialStarted": h.trial_started,
+                "rejected": [
+                    {"variant": v, "until": until, "reason": why} for v, until, why in h.rejected
+                ],
             }
             for name, h in sorted(self.stages.items())
         }
@@ -87,8 +97,17 @@ class History:
             if not isinstance(h, Mapping):
                 continue
             recs = tuple((int(t), int(r)) for t, r in h.get("recommendations") or [])
+            rejected = tuple(
+                (str(r["variant"]), int(r["until"]), str(r.get("reason") or ""))
+                for r in h.get("rejected") or []
+                if isinstance(r, Mapping)
+            )
             stages[name] = StageHistory(
-                recs, h.get("lastChange"), int(h.get("calibrationPermille") or 1000)
+                recs,
+                h.get("lastChange"),
+                int(h.get("calibrationPermille") or 1000),
+                h.get("trialStarted"),
+                rejected,
             )
         return cls(stages)
 
@@ -103,6 +122,8 @@ class Decision:
     budget_limited: str | None = None  # set when the cost budget overrode the SLO
     slo_met: bool | None = None
     cost_per_hour: float = 0.0
+    # (stage, "started" | "promoted" | "rejected", message): verification steps taken now
+    verifications: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def summary(self) -> str:
@@ -293,6 +314,10 @@ def decide(
     chosen_variants: dict[str, Variant] = {}
     sizings: dict[str, Sizing] = {}
     slo_ok = True
+    rules = spec.optimizer.verification
+    gated = spec.optimizer.mode == OptimizerMode.AUTO and rules.enabled
+    verifications: list[tuple[str, str, str]] = []
+    excluded: dict[str, set[str]] = {}
 
     for name in STAGES:
         stage = spec.stage(name)
@@ -322,10 +347,28 @@ def decide(
             )
             calib_pm = _calibrate(hist, tele, predicted, tun)
             calib = calib_pm / 1000
+            hist = replace(hist, rejected=tuple(r for r in hist.rejected if r[1] > t))
+            shadow, verdict = cur.shadow_variant if gated else None, None
+            if shadow is not None and (cand := stage.variant(shadow)) is not None:
+                started = hist.trial_started if hist.trial_started is not None else t
+                stats = snapshot.shadow.get((name, cand.model))
+                verdict = judge(rules, stats, budget, started, t)
+                if verdict.action == "reject":
+                    why = f"{name}: {shadow} rejected after verification: {verdict.reason}"
+                    hist = replace(
+                        hist,
+                        rejected=(*hist.rejected, (shadow, t + rules.retry_after_seconds, why)),
+                    )
+                    verifications.append((name, "rejected", why))
+                    reasons.append(why)
+                if verdict.action != "wait":
+                    shadow = None
+                    hist = replace(hist, trial_started=None)
+            excluded[name] = hist.rejected_at(t) - {cur.variant or ""}
             options: list[tuple[float, Variant, Sizing]] = []
             for v in stage.variants:
                 prof = profiles.model(v.model)
-                if prof is None or float(v.quality_value) < floor:
+                if prof is None or float(v.quality_value) < floor or v.name in excluded[name]:
                     continue
                 prefer = (
                     (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
@@ -362,6 +405,31 @@ def decide(
                 and (recently or pick[0] > current[0] * (1 - tun.switch_saving))
             ):
                 pick = current  # not worth a switch (or too soon after the last change)
+            if verdict is not None and verdict.action == "promote":
+                promoted = next((o for o in options if o[1].name == cur.shadow_variant), None)
+                if promoted is not None:
+                    pick = promoted
+                    why = f"{name}: {cur.shadow_variant} promoted after verification: "
+                    verifications.append((name, "promoted", why + verdict.reason))
+                    reasons.append(why + verdict.reason)
+            elif verdict is not None and verdict.action == "wait" and current is not None:
+                pick = current
+                reasons.append(
+                    f"{name}: verifying {shadow} on shadow traffic before switching from "
+                    f"{cur.variant}: {verdict.reason}"
+                )
+            elif gated and shadow is None and current is not None and pick is not current:
+                # A better variant: verify it on mirrored traffic before it serves anyone.
+                shadow = pick[1].name
+                hist = replace(hist, trial_started=t)
+                why = (
+                    f"{name}: verifying {shadow} on {rules.sample_ratio_value:g} of live "
+                    f"traffic before switching from {cur.variant} (cost/h {pick[0]:.2f} vs "
+                    f"{current[0]:.2f}, predicted p95 {pick[2].p95_ms:.0f} ms <= {budget:.0f} ms)"
+                )
+                verifications.append((name, "started", why))
+                reasons.append(why)
+                pick = current
             cost, variant, sizing = pick
             if not sizing.feasible:
                 slo_ok = False
@@ -388,8 +456,10 @@ def decide(
                 name, cur.replicas, sizing.replicas, hist, t, spec, cooldown, reasons
             )
             hist = replace(hist, calibration_permille=calib_pm)
+            if shadow == variant.name:
+                shadow = None
             new_plan[name] = StagePlan(
-                replicas, variant.name, sizing.max_batch_size, sizing.max_queue_delay_us
+                replicas, variant.name, sizing.max_batch_size, sizing.max_queue_delay_us, shadow
             )
             chosen_variants[name] = variant
             sizings[name] = sizing
@@ -415,9 +485,17 @@ def decide(
     budget_note = None
     if spec.slo.max_cost_per_hour_value is not None:
         limit = float(spec.slo.max_cost_per_hour_value)
-        new_plan, cost, budget_note = _enforce_budget(spec, new_plan, cost, limit, reasons)
+        new_plan, cost, budget_note = _enforce_budget(
+            spec, new_plan, cost, limit, reasons, excluded
+        )
         if budget_note:
             slo_ok = False
+    for name in MODEL_STAGES:  # a budget switch to the candidate ends its verification
+        if new_plan[name].shadow_variant is not None and (
+            new_plan[name].shadow_variant == new_plan[name].variant
+        ):
+            new_plan[name] = replace(new_plan[name], shadow_variant=None)
+            new_hist[name] = replace(new_hist.get(name, StageHistory()), trial_started=None)
     changed = tuple(s for s in STAGES if new_plan[s] != plan[s])
     for name in changed:
         new_hist[name] = replace(new_hist.get(name, StageHistory()), last_change=t)
@@ -432,13 +510,22 @@ def decide(
         budget_limited=budget_note,
         slo_met=slo_ok and measured_ok,
         cost_per_hour=cost,
+        verifications=tuple(verifications),
     )
 
 
 def _enforce_budget(
-    spec: ModelDeploymentSpec, plan: Plan, cost: float, limit: float, reasons: list[str]
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    cost: float,
+    limit: float,
+    reasons: list[str],
+    excluded: Mapping[str, set[str]],
 ) -> tuple[Plan, float, str | None]:
-    """Degrade toward cheaper variants, then fewer replicas, until the plan fits ``limit``."""
+    """Degrade toward cheaper variants, then fewer replicas, until the plan fits ``limit``.
+
+    The budget is a hard limit: these switches do not wait for verification, but never go
+    to a variant that failed it (``excluded``)."""
     if cost <= limit:
         return plan, cost, None
     plan = dict(plan)
@@ -455,7 +542,11 @@ def _enforce_budget(
         stage = spec.stage(s)
         assert isinstance(stage, ModelStage)
         cheaper = sorted(
-            (v for v in stage.variants if float(v.quality_value) >= floor),
+            (
+                v
+                for v in stage.variants
+                if float(v.quality_value) >= floor and v.name not in excluded.get(s, set())
+            ),
             key=lambda v: v.cost_value,
         )
         if cheaper and cheaper[0].name != plan[s].variant and total() > limit:

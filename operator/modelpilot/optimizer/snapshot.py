@@ -27,11 +27,23 @@ class StageTelemetry:
 
 
 @dataclass(frozen=True)
+class ShadowStats:
+    """A candidate variant's mirrored requests over the shadow window."""
+
+    samples: int  # agreement observations (texts embedded, queries re-ranked)
+    agreement: float | None  # mean agreement with the serving variant, 0..1
+    p95_ms: float | None  # the candidate's latency on the mirrored requests
+    errors: int = 0
+
+
+@dataclass(frozen=True)
 class Snapshot:
     time: float  # seconds, when it was taken
     newest_sample: float | None  # timestamp of the newest sample seen; None if none
     stages: Mapping[str, StageTelemetry] = field(default_factory=dict)
     e2e_p95_ms: float | None = None
+    # (stage, candidate model) -> its shadow traffic; absent when none was mirrored.
+    shadow: Mapping[tuple[str, str], ShadowStats] = field(default_factory=dict)
 
     def stale(self, now: float, max_age: float) -> str | None:
         """Why this snapshot must not be acted on, or None when it is fresh enough."""

@@ -1,0 +1,131 @@
+"""Shadow traffic for the variant verification gate.
+
+While the operator verifies a candidate variant, a model stage mirrors a sample of its live
+requests to the candidate's Triton model *after* answering with the serving one, and records
+how well the candidate's output agrees (embedding: cosine per text; re-ranker: top-k
+overlap) and how long it took. The operator reads these from Prometheus and promotes or
+rejects the candidate; the client never waits for, nor sees, a shadow call.
+
+``GET|PUT|DELETE /v1/admin/shadow``: ``{"model", "sampleRatio"}`` (the operator pushes it
+live; ``shadow`` in service.json restores it when a pod restarts mid-verification).
+
+Metrics (labels ``stage``, ``model`` = the candidate):
+  modelpilot_shadow_agreement           histogram, 0..1
+  modelpilot_shadow_duration_seconds    histogram
+  modelpilot_shadow_errors_total        counter
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelpilot_services.web import ApiError, parse
+
+log = logging.getLogger(__name__)
+AGREEMENT_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+MAX_IN_FLIGHT = 4  # shadow work never queues up behind itself: past this, skip the sample
+
+Compare = Callable[[str], Awaitable[Sequence[float]]]
+
+
+class ShadowConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    sampleRatio: float = Field(default=0.1, gt=0, le=1)
+
+
+class Shadow:
+    """Mirrors a sample of requests to a candidate model, off the response path."""
+
+    def __init__(
+        self,
+        stage: str,
+        registry: CollectorRegistry,
+        allowed: Iterable[str],
+        ensure_loaded: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.stage, self.allowed, self.ensure_loaded = stage, tuple(allowed), ensure_loaded
+        self.model: str | None = None
+        self.ratio = 0.0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.agreement = Histogram(
+            "modelpilot_shadow_agreement",
+            "Agreement of the shadow candidate's output with the serving model's (0..1)",
+            ["stage", "model"],
+            buckets=AGREEMENT_BUCKETS,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "modelpilot_shadow_duration_seconds",
+            "Time the shadow candidate took for a mirrored request",
+            ["stage", "model"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "modelpilot_shadow_errors",
+            "Mirrored requests the shadow candidate failed",
+            ["stage", "model"],
+            registry=registry,
+        )
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/admin/shadow", self.get)
+        app.router.add_put("/v1/admin/shadow", self.put)
+        app.router.add_delete("/v1/admin/shadow", self.delete)
+
+    def configure(self, raw: Mapping[str, Any] | None) -> None:
+        """Restore from service.json at start (unchecked model: Triton loads it lazily)."""
+        if raw and raw.get("model") in self.allowed:
+            self.model, self.ratio = str(raw["model"]), float(raw.get("sampleRatio", 0.1))
+
+    def _state(self) -> dict[str, Any]:
+        return {"model": self.model, "sampleRatio": self.ratio if self.model else 0.0}
+
+    async def get(self, request: web.Request) -> web.Response:
+        return web.json_response(self._state())
+
+    async def put(self, request: web.Request) -> web.Response:
+        body = await parse(request, ShadowConfig)
+        if body.model not in self.allowed:
+            raise ApiError(
+                400, "unknown_variant", f"{body.model!r} is not one of {list(self.allowed)}"
+            )
+        await self.ensure_loaded(body.model)  # loaded before the first mirrored request
+        self.model, self.ratio = body.model, body.sampleRatio
+        return web.json_response(self._state())
+
+    async def delete(self, request: web.Request) -> web.Response:
+        self.model, self.ratio = None, 0.0
+        return web.json_response(self._state())
+
+    def mirror(self, serving: str, compare: Compare) -> None:
+        """Maybe mirror this request: ``compare(candidate)`` returns agreement values."""
+        model = self.model
+        if model is None or model == serving or random.random() >= self.ratio:
+            return
+        if len(self.tasks) >= MAX_IN_FLIGHT:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(model, compare))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, model: str, compare: Compare) -> None:
+        start = time.perf_counter()
+        try:
+            values = await compare(model)
+        except Exception as exc:  # a failing candidate is a finding, not a service error
+            self.errors.labels(self.stage, model).inc()
+            log.warning("shadow call to %s failed: %s", model, exc)
+            return
+        self.duration.labels(self.stage, model).observe(time.perf_counter() - start)
+        for value in values:
+            self.agreement.labels(self.stage, model).observe(min(1.0, max(0.0, float(value))))
