@@ -75,6 +75,11 @@ services-down: ## stop the local data plane
 bench-serving: $(VENV)/.stamp ## each service's added latency over direct Triton calls; variant table
 	$(PY) -m modelpilot_services.bench_serving
 
+.PHONY: demo
+DEMO_ARGS ?=
+demo: apt $(VENV)/.stamp tools ## the whole loop live: control plane, Prometheus, Triton, services, operator, ramped load
+	$(PY) hack/demo.py $(DEMO_ARGS)
+
 .PHONY: run
 run: $(VENV)/.stamp ## run the operator against $$KUBECONFIG (the local control plane by default)
 	$(BIN)/kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml

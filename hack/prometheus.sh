@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian's Prometheus as a local process. Scrape targets come from file-based service
 # discovery: drop a JSON file into .cache/prometheus/targets/ and it is picked up within
-# seconds, no restart. Usage: hack/prometheus.sh up|down
+# seconds, no restart. Usage: hack/prometheus.sh up|down|status
 # Env: MODELPILOT_PROMETHEUS_PORT (19090), MODELPILOT_SCRAPE_INTERVAL (2s),
 #      MODELPILOT_PROMETHEUS_DIR (.cache/prometheus: config, targets, data, pid)
 set -euo pipefail
@@ -57,8 +57,13 @@ down() {
   log "stopped"
 }
 
+status() {
+  [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

@@ -17,8 +17,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modelpilot_services.loadgen import paced
 from tests.dataplane.client import ok
-from tests.dataplane.load import paced
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,62 @@
+"""`make demo` end to end: it runs the whole loop, the operator acts on real telemetry, and
+Ctrl-C (SIGINT) ends it with a summary, a PNG and nothing left running."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, kubectl, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+OUT = ROOT / ".cache/demo"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _optimized(namespace: str) -> bool:
+    out = kubectl("get", "events", "-n", namespace, "-o", "json", check=False)
+    if out.returncode:
+        return False
+    return any(e.get("reason") == "Optimized" for e in json.loads(out.stdout)["items"])
+
+
+def test_make_demo_acts_live_and_ctrl_c_tears_it_down(control_plane: Path) -> None:
+    (OUT / "summary.json").unlink(missing_ok=True)
+    (OUT / "demo.png").unlink(missing_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = (OUT / "test-demo.log").open("wb")
+    demo = subprocess.Popen(
+        [sys.executable, str(ROOT / "hack/demo.py"), "--seconds", "600", "--no-live"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: _optimized("demo"), 300, interval=2, what="an Optimized decision")
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        assert demo.wait(timeout=180) == 0, (OUT / "test-demo.log").read_text()[-3000:]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        log.close()
+    summary = json.loads((OUT / "summary.json").read_text())
+    assert summary["decisions_applied"] >= 1
+    assert summary["ok"] > 0 and summary["errors"] == 0, summary
+    assert (OUT / "demo.png").stat().st_size > 10_000
+    for port in (8000, 8081, 8082, 8083, 8084):
+        assert not _listening(port), f"port {port} still served after the demo"
+    wait_for(
+        lambda: kubectl("get", "ns", "demo", check=False).returncode != 0,
+        120,
+        what="the demo namespace gone",
+    )
