@@ -425,7 +425,8 @@ def decide(
                 why = (
                     f"{name}: verifying {shadow} on {rules.sample_ratio_value:g} of live "
                     f"traffic before switching from {cur.variant} (cost/h {pick[0]:.2f} vs "
-                    f"{current[0]:.2f}, predicted p95 {pick[2].p95_ms:.0f} ms <= {budget:.0f} ms)"
+                    f"{current[0]:.2f}, predicted p95 {pick[2].p95_ms:.0f} ms, budget "
+                    f"{budget:.0f} ms)"
                 )
                 verifications.append((name, "started", why))
                 reasons.append(why)
