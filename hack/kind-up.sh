@@ -17,8 +17,8 @@ if ! kind get clusters | grep -qx "$name"; then
 fi
 kubectl config use-context "kind-$name"
 
+make -C "$root" images IMAGE_REPOSITORY=modelpilot IMAGE_TAG="$tag"
 for image in "${images[@]}"; do
-  docker build -t "modelpilot/$image:$tag" -f "$root/services/$image/Dockerfile" "$root"
   kind load docker-image --name "$name" "modelpilot/$image:$tag"
 done
 

