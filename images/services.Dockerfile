@@ -1,4 +1,5 @@
-# The four service images, one target each: ingestion, embedding, retrieval, inference.
+# The service images, one target each: ingestion, embedding, retrieval, inference, and
+# triton (the model stages' sidecar: the wheel's tritonserver on our model repository).
 # Build from the repository root, e.g.
 #   docker build -f images/services.Dockerfile --target embedding -t modelpilot/embedding .
 # Debian's python3.11 on purpose: the Triton python-backend stub in the nvidia-pytriton
@@ -49,3 +50,9 @@ ENTRYPOINT ["python", "-m", "modelpilot_services.retrieval"]
 FROM runtime AS inference
 EXPOSE 8084
 ENTRYPOINT ["python", "-m", "modelpilot_services.inference"]
+
+FROM runtime AS triton
+EXPOSE 8000 8001 8002
+# Writes the model repository into --model-repository (an emptyDir in the pod), then execs
+# tritonserver with these arguments (the operator renders them).
+ENTRYPOINT ["python", "-m", "modelpilot_services.tritonserve"]

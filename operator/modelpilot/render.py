@@ -46,11 +46,16 @@ class Defaults:
 
     image_repository: str = "ghcr.io/modelpilot"
     image_tag: str = "0.1.0"
-    triton_image: str = "nvcr.io/nvidia/tritonserver:25.01-py3"
+    # Empty: our `triton` image, whose entrypoint writes the model repository into /models
+    # and starts Triton (modelpilot_services.tritonserve); args are tritonserver's.
+    triton_image: str = ""
     extra_labels: dict[str, str] = field(default_factory=dict)
 
     def image(self, stage: str) -> str:
         return f"{self.image_repository}/{stage}:{self.image_tag}"
+
+    def triton(self) -> str:
+        return self.triton_image or self.image("triton")
 
 
 def child_name(owner: str, stage: str) -> str:
@@ -152,9 +157,8 @@ def _triton_container(stage: ModelStage, plan: StagePlan, defaults: Defaults) ->
     variant = stage.variant(plan.variant or "") or stage.variants[0]
     return {
         "name": "triton",
-        "image": defaults.triton_image,
+        "image": defaults.triton(),
         "args": [
-            "tritonserver",
             "--model-repository=/models",
             "--model-control-mode=explicit",
             f"--load-model={variant.model}",

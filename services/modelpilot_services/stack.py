@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelpilot_services import models
+from modelpilot_services import tritonserve
 
 SERVICES = ("embedding", "retrieval", "ingestion", "inference")  # start order
 DEFAULT_PORTS = {
@@ -39,58 +37,7 @@ DEFAULT_PORTS = {
     "triton_grpc": 8001,
     "triton_metrics": 8002,
 }
-# (max_batch_size, max_queue_delay_microseconds) each model starts with.
-BATCHING = {name: (64, 2000) for name in models.VARIANTS} | {
-    name: (64, 1000) for name in models.RERANKERS
-}
 STARTUP_MODELS = ("minilm_fp32", "reranker_small", "reranker_large")
-
-
-def model_config(name: str, max_batch_size: int, max_queue_delay_us: int) -> str:
-    """config.pbtxt; inputs and outputs come from the model's ``auto_complete_config``."""
-    return (
-        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
-        f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
-        "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
-    )
-
-
-def write_repository(root: Path) -> Path:
-    """The Triton model repository for every ModelPilot model (idempotent)."""
-    source = Path(__file__).with_name("triton_model.py")
-    for name, (batch, delay) in BATCHING.items():
-        version = root / name / "1"
-        version.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, version / "model.py")
-        (root / name / "config.pbtxt").write_text(model_config(name, batch, delay))
-    return root
-
-
-def tritonserver() -> tuple[Path, Path, Path]:
-    """(binary, shared-library dir, backends dir) of the wheel's Triton for this Python."""
-    try:
-        import pytriton
-    except ImportError as e:
-        raise SystemExit("nvidia-pytriton is not installed: run `make venv`") from e
-    base = Path(pytriton.__file__).parent / "tritonserver"
-    libs = base.parent.parent / "nvidia_pytriton.libs"
-    return base / "bin" / "tritonserver", libs, base
-
-
-def prepare_backends(target: Path) -> Path:
-    """A backends dir whose python backend carries the stub built for this interpreter."""
-    _, _, base = tritonserver()
-    python = target / "python"
-    python.mkdir(parents=True, exist_ok=True)
-    for f in (base / "backends" / "python").iterdir():
-        if f.is_file():
-            shutil.copy2(f, python / f.name)
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = base / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.exists():
-        raise SystemExit(f"the wheel has no Python-backend stub for Python {version}")
-    shutil.copy2(stub, python / "triton_python_backend_stub")
-    return target
 
 
 def ports_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
@@ -177,32 +124,22 @@ class Stack:
         # onnxruntime 1.32.0), and this launcher runs inside pytest beside the store tests.
         build = "from modelpilot_services import models; models.build()"
         subprocess.run([sys.executable, "-c", build], check=True)
-        repo = write_repository(self.root / "models")
-        backends = prepare_backends(self.root / "backends")
-        binary, libs, _ = tritonserver()
         p = self.ports
-        argv = [
-            str(binary),
-            f"--model-repository={repo}",
-            f"--backend-directory={backends}",
-            "--model-control-mode=explicit",
-            *(f"--load-model={m}" for m in STARTUP_MODELS),
-            f"--http-port={p['triton']}",
-            f"--grpc-port={p['triton_grpc']}",
-            f"--metrics-port={p['triton_metrics']}",
-            "--http-address=127.0.0.1",
-            "--grpc-address=127.0.0.1",
-            "--allow-metrics=true",
-            "--log-verbose=0",
-        ]
-        env = {
-            **os.environ,
-            "LD_LIBRARY_PATH": f"{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}",
-            "MODELPILOT_SITE_PACKAGES": os.pathsep.join(
-                dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-            ),
-            "MODELPILOT_MODEL_THREADS": os.environ.get("MODELPILOT_MODEL_THREADS", "1"),
-        }
+        argv, env = tritonserve.command(
+            [
+                f"--model-repository={self.root / 'models'}",
+                "--model-control-mode=explicit",
+                *(f"--load-model={m}" for m in STARTUP_MODELS),
+                f"--http-port={p['triton']}",
+                f"--grpc-port={p['triton_grpc']}",
+                f"--metrics-port={p['triton_metrics']}",
+                "--http-address=127.0.0.1",
+                "--grpc-address=127.0.0.1",
+                "--allow-metrics=true",
+                "--log-verbose=0",
+            ],
+            self.root,
+        )
         self._spawn("triton", argv, env)
         _wait(
             lambda: http_ok(f"{self.triton_url}/v2/health/ready"),

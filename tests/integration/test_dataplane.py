@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -328,3 +329,40 @@ def test_metrics_follow_prometheus_conventions_beside_tritons(data_plane: Stack)
     for line in data_plane.log("inference").read_text().splitlines():
         assert isinstance(json.loads(line), dict), line
     assert os.path.exists(data_plane.log("triton"))
+
+
+def test_the_triton_entrypoint_writes_the_repository_and_serves(tmp_path: Path) -> None:
+    """What the Triton sidecar runs in a pod: an empty /models becomes a repository and the
+    named model serves, with tritonserver's own arguments passed through."""
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    env = {**os.environ, "MODELPILOT_TRITON_WORKDIR": str(tmp_path / "work")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "modelpilot_services.tritonserve",
+            f"--model-repository={tmp_path / 'models'}",
+            "--model-control-mode=explicit",
+            "--load-model=minilm_static",
+            f"--http-port={http}",
+            f"--grpc-port={grpc}",
+            f"--metrics-port={metrics}",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{http}"
+        wait_for(lambda: http_ok(f"{base}/v2/models/minilm_static/ready"), 180, what="Triton")
+        assert (tmp_path / "models/minilm_int8/config.pbtxt").exists()
+        body = {"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES",
+                            "data": ["a pod's first request"]}]}  # fmt: skip
+        out = ok("POST", f"{base}/v2/models/minilm_static/infer", body)["outputs"][0]
+        assert out["shape"] == [1, 384]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

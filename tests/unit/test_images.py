@@ -60,3 +60,8 @@ def test_one_target_per_stage_image_with_an_importable_entrypoint() -> None:
         assert f"EXPOSE {port}" in body
         module = re.search(r'ENTRYPOINT \["python", "-m", "([\w.]+)"\]', body)
         assert module and importlib.util.find_spec(module.group(1)), stage
+    # The model stages' sidecar: the default Triton image is this target.
+    assert defaults.triton() == defaults.image("triton")
+    base, body = services["triton"]
+    assert base == "runtime" and "EXPOSE 8000 8001 8002" in body
+    assert '"-m", "modelpilot_services.tritonserve"' in body

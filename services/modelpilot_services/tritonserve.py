@@ -1,0 +1,109 @@
+"""The Triton container's entrypoint, and the one way this project starts Triton.
+
+Writes the on-disk model repository (every ModelPilot model, the Python backend, the layout
+Triton's official image reads) and a backends dir whose Python-backend stub matches this
+interpreter, then runs the ``tritonserver`` from the nvidia-pytriton wheel with the given
+arguments. ``make services-up`` runs it as a local process; in clusters it is the Triton
+sidecar's entrypoint (``images/services.Dockerfile``, target ``triton``):
+
+    python -m modelpilot_services.tritonserve --model-repository=/models \\
+        --model-control-mode=explicit --load-model=minilm_int8 --allow-metrics=true
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+from modelpilot_services import models
+
+# (max_batch_size, max_queue_delay_microseconds) each model starts with.
+BATCHING = {name: (64, 2000) for name in models.VARIANTS} | {
+    name: (64, 1000) for name in models.RERANKERS
+}
+
+
+def model_config(name: str, max_batch_size: int, max_queue_delay_us: int) -> str:
+    """config.pbtxt; inputs and outputs come from the model's ``auto_complete_config``."""
+    return (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
+        f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
+        "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
+    )
+
+
+def write_repository(root: Path) -> Path:
+    """The Triton model repository for every ModelPilot model (idempotent)."""
+    source = Path(__file__).with_name("triton_model.py")
+    for name, (batch, delay) in BATCHING.items():
+        version = root / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, version / "model.py")
+        (root / name / "config.pbtxt").write_text(model_config(name, batch, delay))
+    return root
+
+
+def tritonserver() -> tuple[Path, Path, Path]:
+    """(binary, shared-library dir, backends dir) of the wheel's Triton for this Python."""
+    try:
+        import pytriton
+    except ImportError as e:
+        raise SystemExit("nvidia-pytriton is not installed: run `make venv`") from e
+    base = Path(pytriton.__file__).parent / "tritonserver"
+    libs = base.parent.parent / "nvidia_pytriton.libs"
+    return base / "bin" / "tritonserver", libs, base
+
+
+def prepare_backends(target: Path) -> Path:
+    """A backends dir whose python backend carries the stub built for this interpreter."""
+    _, _, base = tritonserver()
+    python = target / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for f in (base / "backends" / "python").iterdir():
+        if f.is_file():
+            shutil.copy2(f, python / f.name)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = base / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise SystemExit(f"the wheel has no Python-backend stub for Python {version}")
+    shutil.copy2(stub, python / "triton_python_backend_stub")
+    return target
+
+
+def command(args: Sequence[str], workdir: Path) -> tuple[list[str], dict[str, str]]:
+    """Prepare the repository named by ``--model-repository`` and the backends under
+    ``workdir``; return tritonserver's argv and environment."""
+    repo = next((a.split("=", 1)[1] for a in args if a.startswith("--model-repository=")), None)
+    if repo is None:
+        raise SystemExit("--model-repository=DIR is required")
+    write_repository(Path(repo))
+    backends = prepare_backends(workdir / "backends")
+    binary, libs, _ = tritonserver()
+    paths = sysconfig.get_paths()
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": f"{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+        # The python-backend stub runs the models with these packages (site.addsitedir).
+        "MODELPILOT_SITE_PACKAGES": os.pathsep.join(
+            dict.fromkeys([paths["purelib"], paths["platlib"]])
+        ),
+        "MODELPILOT_MODEL_THREADS": os.environ.get("MODELPILOT_MODEL_THREADS", "1"),
+    }
+    return [str(binary), f"--backend-directory={backends}", *args], env
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    models.build()  # a no-op where the image built them already
+    workdir = Path(os.environ.get("MODELPILOT_TRITON_WORKDIR", "/tmp/modelpilot-triton"))
+    binary_argv, env = command(args, workdir)
+    sys.stdout.flush()
+    os.execve(binary_argv[0], binary_argv, env)  # Triton becomes the container's process
+
+
+if __name__ == "__main__":
+    main()
