@@ -18,10 +18,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
 import tritonclient.http as httpclient
+from numpy.typing import NDArray
 from tqdm import tqdm
 
 from modelpilot_services import models, profile
@@ -68,19 +70,23 @@ def main(argv: list[str] | None = None) -> int:
 def _run(stack: Stack, args: argparse.Namespace) -> int:
     http = requests.Session()
     triton = httpclient.InferenceServerClient(f"127.0.0.1:{stack.ports['triton']}")
-    out = lambda name: httpclient.InferRequestedOutput(name, binary_data=True)  # noqa: E731
+
+    def out(name: str) -> Any:
+        return httpclient.InferRequestedOutput(name, binary_data=True)
+
     docs = profile.corpus(limit=400)
     queries = profile.queries(docs)
     n = min(args.requests, len(docs) // 2)
 
-    def embed_direct(texts: list[str]) -> np.ndarray:
+    def embed_direct(texts: list[str]) -> NDArray[Any]:
         r = triton.infer("minilm_fp32", [_bytes("TEXT", texts)], outputs=[out("EMBEDDING")])
-        return r.as_numpy("EMBEDDING")
+        return np.asarray(r.as_numpy("EMBEDDING"))
 
-    def post(service: str, path: str, body: object) -> dict:
+    def post(service: str, path: str, body: object) -> dict[str, Any]:
         r = http.post(f"{stack.url(service)}{path}", json=body, timeout=60)
         r.raise_for_status()
-        return r.json()
+        answer: dict[str, Any] = r.json()
+        return answer
 
     http.patch(f"{stack.url('inference')}/v1/admin/config", json={"cacheThreshold": 1.0})
     for i in range(20):  # warm every path

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 
 class SemanticCache:
@@ -37,7 +38,7 @@ class SemanticCache:
         digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little", signed=True)
 
-    def get(self, key: str, vector: np.ndarray) -> Any | None:
+    def get(self, key: str, vector: NDArray[np.float32]) -> Any | None:
         """The cached value of the most similar live entry above the threshold, or ``None``."""
         if self.capacity == 0:
             return None
@@ -48,7 +49,7 @@ class SemanticCache:
         best = int(np.argmax(sims))
         return self.values[best] if sims[best] >= self.threshold else None
 
-    def put(self, key: str, vector: np.ndarray, value: Any) -> None:
+    def put(self, key: str, vector: NDArray[np.float32], value: Any) -> None:
         if self.capacity == 0:
             return
         i = self.next % self.capacity

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer
 
@@ -61,7 +62,7 @@ def tokenizer(max_tokens: int = MAX_TOKENS) -> Tokenizer:
     return tok
 
 
-def encode(tok: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def encode(tok: Tokenizer, texts: Sequence[str]) -> tuple[NDArray[Any], NDArray[Any]]:
     batch = tok.encode_batch(list(texts))
     ids = np.array([e.ids for e in batch], dtype=np.int64)
     mask = np.array([e.attention_mask for e in batch], dtype=np.int64)
@@ -71,7 +72,7 @@ def encode(tok: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray
 # ------------------------------------------------------------------------- fp32 graph
 
 
-def build_fp32_graph(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def build_fp32_graph(weights: dict[str, NDArray[Any]]) -> onnx.ModelProto:
     """BERT encoder -> masked mean pooling -> L2 normalisation, as one ONNX graph.
 
     Outputs ``embeddings`` (batch, 384) and the last layer's ``tokens`` (batch, tokens, 384)
@@ -81,7 +82,7 @@ def build_fp32_graph(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     inits: list[onnx.TensorProto] = []
     counter = iter(range(1_000_000))
 
-    def const(name: str, array: np.ndarray) -> str:
+    def const(name: str, array: NDArray[Any]) -> str:
         inits.append(numpy_helper.from_array(array, name))
         return name
 
@@ -207,10 +208,10 @@ class Encoder:
     name: str
     dims: int
     _session: Any = None
-    _table: np.ndarray | None = None
+    _table: NDArray[Any] | None = None
     _tok: Tokenizer | None = None
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str]) -> NDArray[Any]:
         # Long lists go in slices: one 400-text batch padded to 256 tokens needs GBs of
         # attention scores and is slower than 13 batches of 32.
         if len(texts) > ENCODE_SLICE:
@@ -223,21 +224,19 @@ class Encoder:
         assert self._tok is not None
         ids, mask = encode(self._tok, texts)
         if self._session is not None:
-            out: np.ndarray = self._session.run(
-                ["embeddings"], {"input_ids": ids, "attention_mask": mask}
-            )[0]
-            return out
+            out = self._session.run(["embeddings"], {"input_ids": ids, "attention_mask": mask})
+            return np.asarray(out[0], dtype=np.float32)
         assert self._table is not None
         vecs = self._table[ids] * mask[..., None]
         pooled = vecs.sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1)
         norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        return (pooled / norms).astype(np.float32)
+        return np.asarray(pooled / norms, dtype=np.float32)
 
-    def token_states(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def token_states(self, texts: Sequence[str]) -> list[NDArray[Any]]:
         """Per text: its word-piece states without [CLS]/[SEP], each row L2-normed."""
         assert self._tok is not None and self._session is not None, "needs an encoder graph"
         ids, mask = encode(self._tok, texts)
-        states: np.ndarray = self._session.run(
+        states: NDArray[Any] = self._session.run(
             ["tokens"], {"input_ids": ids, "attention_mask": mask}
         )[0]
         states = states / np.maximum(np.linalg.norm(states, axis=-1, keepdims=True), 1e-12)
@@ -245,7 +244,7 @@ class Encoder:
         return [states[i, 1 : max(int(n) - 1, 2)] for i, n in enumerate(lengths)]
 
 
-def maxsim(query: np.ndarray, passage: np.ndarray) -> float:
+def maxsim(query: NDArray[Any], passage: NDArray[Any]) -> float:
     """Late-interaction relevance: mean over query tokens of the best passage-token cosine."""
     return float((query @ passage.T).max(axis=1).mean())
 
@@ -257,7 +256,7 @@ class Reranker:
     name: str
     encoder: Encoder
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    def score(self, pairs: Sequence[tuple[str, str]]) -> NDArray[Any]:
         """One score per pair; every distinct text is encoded once per call."""
         texts = list(dict.fromkeys(t for pair in pairs for t in pair))
         states = dict(zip(texts, self.encoder.token_states(texts), strict=True))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from modelpilot_services import models
 
@@ -55,7 +56,7 @@ def queries(docs: list[str]) -> list[str]:
 
 
 def quality(
-    ref: np.ndarray, got: np.ndarray, ref_q: np.ndarray, got_q: np.ndarray
+    ref: NDArray[Any], got: NDArray[Any], ref_q: NDArray[Any], got_q: NDArray[Any]
 ) -> tuple[float, float]:
     k = 10
     ref_top = np.argsort(-(ref_q @ ref.T), axis=1)[:, :k]
@@ -66,7 +67,7 @@ def quality(
 
 
 def rerank_hits(
-    reranker: models.Reranker, docs: list[str], qs: list[str], candidates: np.ndarray
+    reranker: models.Reranker, docs: list[str], qs: list[str], candidates: NDArray[Any]
 ) -> float:
     """Share of queries whose source document is in the top 3 after re-ranking."""
     hits = 0
@@ -83,7 +84,7 @@ def time_batches(
     for b in BATCHES:
         batch = (items * (b // len(items) + 1))[:b]
         run(batch)  # warm-up
-        samples = []
+        samples: list[float] = []
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline or len(samples) < 5:
             t0 = time.perf_counter()

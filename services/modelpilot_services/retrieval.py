@@ -17,6 +17,7 @@ from typing import Annotated
 
 import numpy as np
 from aiohttp import web
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot_services.schemas import Filter, Metadata, Vector, document_id
@@ -70,7 +71,7 @@ class Retrieval(Service):
                 await asyncio.to_thread(self.store.snapshot)
             self.store.close()
 
-    def _vector(self, values: list[float]) -> np.ndarray:
+    def _vector(self, values: list[float]) -> NDArray[np.float32]:
         if len(values) != self.dims:
             raise ApiError(
                 422, "dimension_mismatch", f"embedding has {len(values)} values, index {self.dims}"

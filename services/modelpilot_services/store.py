@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from usearch.index import Index
 
 Scalar = str | int | float | bool
@@ -97,7 +98,10 @@ class Store:
         return None if keys is None else [self.chunks[k] for k in keys]
 
     def search(
-        self, vector: np.ndarray, k: int, where: Mapping[str, Scalar | list[Scalar]] | None = None
+        self,
+        vector: NDArray[np.float32],
+        k: int,
+        where: Mapping[str, Scalar | list[Scalar]] | None = None,
     ) -> list[Hit]:
         """Top ``k`` chunks by similarity, filtered by metadata; filtering over-fetches and
         widens the search until ``k`` matches are found or the index is exhausted."""
@@ -127,7 +131,7 @@ class Store:
         self,
         document_id: str,
         chunks: Sequence[tuple[str, Mapping[str, Any]]],
-        vectors: np.ndarray,
+        vectors: NDArray[np.float32],
     ) -> int:
         """Replace a document's chunks (idempotent by id); durable when it returns."""
         entry = self.put_entry(document_id, chunks, vectors)
@@ -139,7 +143,7 @@ class Store:
         self,
         document_id: str,
         chunks: Sequence[tuple[str, Mapping[str, Any]]],
-        vectors: np.ndarray,
+        vectors: NDArray[np.float32],
     ) -> dict[str, Any]:
         """The WAL entry for :meth:`put`, validated; ``log`` then ``apply`` it."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import tritonclient.http.aio as triton
+from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
 from modelpilot_services.web import ApiError
@@ -44,7 +45,9 @@ class Triton:
         except InferenceServerException as e:
             raise ApiError(422, "model_unavailable", f"Triton cannot load {model!r}: {e}") from None
 
-    async def _infer(self, model: str, inputs: list[triton.InferInput], output: str) -> np.ndarray:
+    async def _infer(
+        self, model: str, inputs: list[triton.InferInput], output: str
+    ) -> NDArray[np.float32]:
         try:
             result = await self.client.infer(
                 model,
@@ -57,14 +60,14 @@ class Triton:
             raise ApiError(503, "model_unavailable", f"{model}: {e}", retry_after=1) from None
         except OSError as e:
             raise ApiError(503, "triton_unreachable", str(e), retry_after=1) from None
-        array: np.ndarray = result.as_numpy(output)
+        array: NDArray[np.float32] = result.as_numpy(output)
         return array
 
-    async def embed(self, model: str, texts: Sequence[str]) -> np.ndarray:
+    async def embed(self, model: str, texts: Sequence[str]) -> NDArray[np.float32]:
         """(len(texts), dims) float32, L2-normalised."""
         return await self._infer(model, [_bytes_input("TEXT", texts)], "EMBEDDING")
 
-    async def score(self, model: str, query: str, passages: Sequence[str]) -> np.ndarray:
+    async def score(self, model: str, query: str, passages: Sequence[str]) -> NDArray[np.float32]:
         """One re-ranking score per passage."""
         inputs = [_bytes_input("QUERY", [query] * len(passages)), _bytes_input("PASSAGE", passages)]
         return (await self._infer(model, inputs, "SCORE")).reshape(-1)

@@ -13,6 +13,7 @@ carry what changes (``max_batch_size``, ``dynamic_batching``), which is what the
 import json
 import os
 import site
+from typing import Any
 
 # The stub runs the system interpreter; locally the packages live in the project's venv.
 for _path in filter(None, os.environ.get("MODELPILOT_SITE_PACKAGES", "").split(os.pathsep)):
@@ -26,7 +27,7 @@ from modelpilot_services import models  # noqa: E402
 DEFAULT_MAX_BATCH = 64
 
 
-def _io(name):
+def _io(name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if name in models.RERANKERS:
         inputs = [
             {"name": "QUERY", "data_type": "TYPE_STRING", "dims": [1]},
@@ -39,14 +40,14 @@ def _io(name):
     raise ValueError(f"unknown ModelPilot model {name!r}")
 
 
-def _texts(request, name):
+def _texts(request: Any, name: str) -> list[str]:
     array = pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)
     return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in array]
 
 
 class TritonPythonModel:
     @staticmethod
-    def auto_complete_config(config):
+    def auto_complete_config(config: Any) -> Any:
         current = config.as_dict()
         inputs, outputs = _io(current["name"])
         if not current.get("input"):
@@ -60,7 +61,7 @@ class TritonPythonModel:
         config.set_dynamic_batching()
         return config
 
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         self.name = args["model_name"]
         config = json.loads(args["model_config"])
         threads = int(os.environ.get("MODELPILOT_MODEL_THREADS", "1"))
@@ -70,22 +71,22 @@ class TritonPythonModel:
             self.encoder = models.load(self.name, threads=threads)
         self.max_batch = config["max_batch_size"]
 
-    def execute(self, requests):
+    def execute(self, requests: list[Any]) -> list[Any]:
         # Dynamic batching hands over several requests: run them as one model call.
         if self.name in models.RERANKERS:
-            per_request = [
+            pairs = [
                 list(zip(_texts(r, "QUERY"), _texts(r, "PASSAGE"), strict=True)) for r in requests
             ]
-            flat = [pair for pairs in per_request for pair in pairs]
-            scores = self.reranker.score(flat) if flat else np.zeros(0, np.float32)
-            sizes, out_name = [len(p) for p in per_request], "SCORE"
+            flat_pairs = [pair for group in pairs for pair in group]
+            scores = self.reranker.score(flat_pairs) if flat_pairs else np.zeros(0, np.float32)
+            sizes, out_name = [len(p) for p in pairs], "SCORE"
             values = scores.reshape(-1, 1)
         else:
-            per_request = [_texts(r, "TEXT") for r in requests]
-            flat = [t for texts in per_request for t in texts]
-            values = self.encoder.encode(flat)
-            sizes, out_name = [len(t) for t in per_request], "EMBEDDING"
-        responses, start = [], 0
+            texts = [_texts(r, "TEXT") for r in requests]
+            values = self.encoder.encode([t for group in texts for t in group])
+            sizes, out_name = [len(t) for t in texts], "EMBEDDING"
+        responses: list[Any] = []
+        start = 0
         for size in sizes:
             tensor = pb_utils.Tensor(out_name, values[start : start + size].astype(np.float32))
             responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))

@@ -207,7 +207,8 @@ def _middleware(metrics: Metrics) -> Any:
                     413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes"
                 )
             except web.HTTPException as e:
-                response = error_response(e.status, e.reason.lower().replace(" ", "_"), e.text)
+                code = e.reason.lower().replace(" ", "_")
+                response = error_response(e.status, code, e.text or e.reason)
             except Exception:
                 log.exception("unhandled", extra={"fields": {"request_id": request_id}})
                 response = error_response(500, "internal", "internal error; see the logs")
