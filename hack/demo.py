@@ -37,7 +37,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 
 from modelpilot.plan import StagePlan  # noqa: E402
-from modelpilot.shadow import set_shadow  # noqa: E402
+from modelpilot.shadow import set_shadow, shadow_target  # noqa: E402
 from modelpilot.telemetry import Telemetry  # noqa: E402
 from modelpilot.triton import load_with_config  # noqa: E402
 from modelpilot_services.loadgen import paced  # noqa: E402
@@ -127,7 +127,6 @@ class PodStandIn:
             models = {v["name"]: v["model"] for v in md["spec"][stage]["variants"]}
             model = models.get(st.get("variant", ""))
             key = (model, st.get("maxBatchSize"), st.get("maxQueueDelayMicroseconds"))
-            shadow = models.get(st.get("shadowVariant") or "")
             if model is None:
                 continue
             if self.applied.get(stage) != key and key[1]:
@@ -140,12 +139,11 @@ class PodStandIn:
                         timeout=60,
                     ).raise_for_status()
                 self.applied[stage] = key
-            if self.applied.get(f"{stage}-shadow") != (shadow,):
-                ratio = float(
-                    md["spec"].get("optimizer", {}).get("verification", {}).get("sampleRatio", 0.1)
-                )
-                set_shadow(self.stack.url(stage), shadow, ratio)
-                self.applied[f"{stage}-shadow"] = (shadow,)
+            plan = StagePlan(1, st["variant"], shadow_variant=st.get("shadowVariant"))
+            target = shadow_target(md["spec"], stage, plan)
+            if self.applied.get(f"{stage}-shadow") != target:
+                set_shadow(self.stack.url(stage), *target)
+                self.applied[f"{stage}-shadow"] = target
 
 
 @dataclass

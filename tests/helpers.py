@@ -94,6 +94,13 @@ def token_kubeconfig(
     return path
 
 
+def kubectl_json(*args: str) -> Any:
+    """``kubectl <args> -o json``, parsed."""
+    import json
+
+    return json.loads(kubectl(*args, "-o", "json").stdout)
+
+
 def sample(name: str) -> dict[str, Any]:
     """One of examples/*.yaml as a dict."""
     import yaml

@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import ROOT, children, free_port, kubectl, md_ready, sample, wait_for
+from tests.helpers import (
+    ROOT,
+    children,
+    free_port,
+    kubectl,
+    kubectl_json,
+    md_ready,
+    sample,
+    wait_for,
+)
 from tests.loadgen import Stage, load
 
 pytestmark = pytest.mark.integration
@@ -346,10 +355,6 @@ def test_sigkill_at_five_points_mid_reconcile_converges_without_duplicate_action
     wait_for(lambda: children(namespace, "full") == [], 120, what="children collected")
 
 
-def _json(*args: str) -> Any:
-    return json.loads(kubectl(*args, "-o", "json").stdout)
-
-
 def test_sigkill_at_five_points_of_a_variant_rollout_converges_to_one_rollout(
     namespace: str, operator_process: Any
 ) -> None:
@@ -360,14 +365,14 @@ def test_sigkill_at_five_points_of_a_variant_rollout_converges_to_one_rollout(
     deploy = ("get", "deploy", "full-embedding", "-n", namespace)
     assert (
         "--load-model=minilm_int8"
-        in _json(*deploy)["spec"]["template"]["spec"]["containers"][1]["args"]
+        in kubectl_json(*deploy)["spec"]["template"]["spec"]["containers"][1]["args"]
     )
 
     def args() -> list[str]:
-        return list(_json(*deploy)["spec"]["template"]["spec"]["containers"][1]["args"])
+        return list(kubectl_json(*deploy)["spec"]["template"]["spec"]["containers"][1]["args"])
 
     def updated(n: int) -> bool:
-        d = _json(*deploy)
+        d = kubectl_json(*deploy)
         return "--load-model=minilm_fp32" in args() and (d["status"].get("updatedReplicas", 0) >= n)
 
     # Dropping the serving variant from the spec moves the stage to the next one that meets
@@ -383,7 +388,9 @@ def test_sigkill_at_five_points_of_a_variant_rollout_converges_to_one_rollout(
                 "the ConfigMap names the new model",
                 lambda: (
                     "minilm_fp32"
-                    in json.dumps(_json("get", "cm", "full-embedding", "-n", namespace)["data"])
+                    in json.dumps(
+                        kubectl_json("get", "cm", "full-embedding", "-n", namespace)["data"]
+                    )
                 ),
             ),
             ("the pod template names it", lambda: "--load-model=minilm_fp32" in args()),
@@ -402,7 +409,7 @@ def test_sigkill_at_five_points_of_a_variant_rollout_converges_to_one_rollout(
             operator_process.start()
 
     def rolled_out() -> bool:
-        d = _json(*deploy)
+        d = kubectl_json(*deploy)
         st = d["status"]
         return (
             st.get("observedGeneration") == d["metadata"]["generation"]
@@ -410,17 +417,17 @@ def test_sigkill_at_five_points_of_a_variant_rollout_converges_to_one_rollout(
         )
 
     wait_for(rolled_out, 180, what="the rollout complete")
-    status = _json("get", "md", "full", "-n", namespace)["status"]
+    status = kubectl_json("get", "md", "full", "-n", namespace)["status"]
     assert status["stages"]["embedding"]["variant"] == "minilm-fp32"
-    uid = _json(*deploy)["metadata"]["uid"]
+    uid = kubectl_json(*deploy)["metadata"]["uid"]
     sets = [
         rs
-        for rs in _json("get", "rs", "-n", namespace)["items"]
+        for rs in kubectl_json("get", "rs", "-n", namespace)["items"]
         if any(o["uid"] == uid for o in rs["metadata"].get("ownerReferences") or [])
     ]
     assert len(sets) == 2, "one rollout: the old ReplicaSet and the new one, nothing between"
     assert sorted(rs["spec"]["replicas"] for rs in sets) == [0, 3]
-    events = _json("get", "events", "-n", namespace)["items"]
+    events = kubectl_json("get", "events", "-n", namespace)["items"]
     updates = [
         e for e in events
         if e["involvedObject"]["name"] == "full"

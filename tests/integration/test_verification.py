@@ -29,7 +29,7 @@ from modelpilot.reconcile import Reconciler
 from modelpilot.shadow import set_shadow
 from modelpilot.telemetry import Telemetry
 from tests.dataplane.client import ok
-from tests.helpers import KUBECONFIG, ROOT, kubectl, sample, wait_for
+from tests.helpers import KUBECONFIG, ROOT, kubectl, kubectl_json, sample, wait_for
 
 pytestmark = pytest.mark.integration
 SENTENCES = [
@@ -121,11 +121,11 @@ class Telemetered:
 
 
 def _get(namespace: str, kind: str, name: str) -> dict[str, Any]:
-    return dict(json.loads(kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout))
+    return dict(kubectl_json("get", kind, name, "-n", namespace))
 
 
 def _events(namespace: str, reason: str) -> list[str]:
-    items = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    items = kubectl_json("get", "events", "-n", namespace)["items"]
     return [e["message"] for e in items if e.get("reason") == reason]
 
 
@@ -224,7 +224,7 @@ def test_the_optimizer_rejects_a_disagreeing_candidate_and_says_why(
     assert rejected["variant"] == "minilm-int8" and "agreement 0.710 < 0.9" in rejected["reason"]
     failed = _events(namespace, "VerificationFailed")
     assert failed and "agreement 0.710" in failed[0]
-    items = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    items = kubectl_json("get", "events", "-n", namespace)["items"]
     assert {e["type"] for e in items if e.get("reason") == "VerificationFailed"} == {"Warning"}
     config = json.loads(_get(namespace, "cm", "full-embedding")["data"]["service.json"])
     assert "shadow" not in config
