@@ -8,7 +8,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -314,26 +314,45 @@ def test_a_prometheus_outage_holds_replicas_and_recovers_by_itself(
         stage.server.shutdown()
 
 
-def test_sigkill_at_five_points_mid_reconcile_converges_without_duplicate_actions(
-    namespace: str, operator_process: Any
+def _crash_at(
+    operator_process: Any,
+    namespace: str,
+    change: Callable[[], object],
+    points: list[tuple[str, Callable[[], object], float]],
 ) -> None:
-    operator_process.kill()
+    """With the operator down, make ``change``; then for each point start the operator,
+    SIGKILL it as soon as ``probe`` holds, and finally let it converge to Ready."""
     try:
-        kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples/full.yaml"))
-        for threshold in (1, 3, 5, 8, 11):  # five crash points as the children appear
+        change()
+        for what, probe, timeout in points:
             operator_process.start(wait_healthy=False)
-            wait_for(
-                lambda t=threshold: len(children(namespace, "full")) >= t,
-                120,
-                interval=0.02,
-                what=f"{threshold} children before the crash",
-            )
+            wait_for(probe, timeout, interval=0.02, what=what)
             operator_process.kill()
         operator_process.start()
         wait_for(lambda: md_ready("full", namespace), 180, what="Ready after the crashes")
     finally:
         if operator_process.poll() is not None:
             operator_process.start()
+
+
+def test_sigkill_at_five_points_mid_reconcile_converges_without_duplicate_actions(
+    namespace: str, operator_process: Any
+) -> None:
+    operator_process.kill()
+    points = [  # five crash points as the children appear
+        (
+            f"{threshold} children before the crash",
+            lambda t=threshold: len(children(namespace, "full")) >= t,
+            120,
+        )
+        for threshold in (1, 3, 5, 8, 11)
+    ]
+    _crash_at(
+        operator_process,
+        namespace,
+        lambda: kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples/full.yaml")),
+        points,
+    )
     assert len(children(namespace, "full")) == 13
     events = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
     created = [
@@ -381,32 +400,25 @@ def test_sigkill_at_five_points_of_a_variant_rollout_converges_to_one_rollout(
         v for v in md["spec"]["embedding"]["variants"] if v["name"] != "minilm-int8"
     ]
     operator_process.kill()
-    try:
-        kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(md))
-        points = [
-            (
-                "the ConfigMap names the new model",
-                lambda: (
-                    "minilm_fp32"
-                    in json.dumps(
-                        kubectl_json("get", "cm", "full-embedding", "-n", namespace)["data"]
-                    )
-                ),
+    points = [
+        (
+            "the ConfigMap names the new model",
+            lambda: (
+                "minilm_fp32"
+                in json.dumps(kubectl_json("get", "cm", "full-embedding", "-n", namespace)["data"])
             ),
-            ("the pod template names it", lambda: "--load-model=minilm_fp32" in args()),
-            ("1 pod updated", lambda: updated(1)),
-            ("2 pods updated", lambda: updated(2)),
-            ("3 pods updated", lambda: updated(3)),
-        ]
-        for what, probe in points:
-            operator_process.start(wait_healthy=False)
-            wait_for(probe, 180, interval=0.02, what=what)
-            operator_process.kill()
-        operator_process.start()
-        wait_for(lambda: md_ready("full", namespace), 180, what="Ready after the crashes")
-    finally:
-        if operator_process.poll() is not None:
-            operator_process.start()
+        ),
+        ("the pod template names it", lambda: "--load-model=minilm_fp32" in args()),
+        ("1 pod updated", lambda: updated(1)),
+        ("2 pods updated", lambda: updated(2)),
+        ("3 pods updated", lambda: updated(3)),
+    ]
+    _crash_at(
+        operator_process,
+        namespace,
+        lambda: kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(md)),
+        [(what, probe, 180) for what, probe in points],
+    )
 
     def rolled_out() -> bool:
         d = kubectl_json(*deploy)
