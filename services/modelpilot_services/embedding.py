@@ -59,6 +59,7 @@ class Embedding(Service):
     async def start(self) -> None:
         self.triton = Triton(self.triton_url)
         self._publish()
+        await self.shadow.load()
 
     async def stop(self) -> None:
         await self.triton.close()

@@ -115,6 +115,7 @@ class Inference(Service):
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         self.triton = Triton(self.triton_url, self.timeout_s)
         self._publish()
+        await self.shadow.load()
 
     async def stop(self) -> None:
         await self.http.close()

@@ -83,9 +83,21 @@ class Shadow:
         app.router.add_delete("/v1/admin/shadow", self.delete)
 
     def configure(self, raw: Mapping[str, Any] | None) -> None:
-        """Restore from service.json at start (unchecked model: Triton loads it lazily)."""
+        """Restore from service.json before start; :meth:`load` then loads the model."""
         if raw and raw.get("model") in self.allowed:
             self.model, self.ratio = str(raw["model"]), float(raw.get("sampleRatio", 0.1))
+
+    async def load(self) -> None:
+        """Load the restored candidate in Triton (explicit model control loads nothing by
+        itself): mirrored calls to an unloaded model would count as the candidate's errors.
+        A candidate that cannot load is dropped; the operator's next push sets it again."""
+        if self.model is None:
+            return
+        try:
+            await self.ensure_loaded(self.model)
+        except ApiError as exc:
+            log.warning("shadow candidate %s not restored: %s", self.model, exc.message)
+            self.model, self.ratio = None, 0.0
 
     def _state(self) -> dict[str, Any]:
         return {"model": self.model, "sampleRatio": self.ratio if self.model else 0.0}

@@ -366,3 +366,47 @@ def test_the_triton_entrypoint_writes_the_repository_and_serves(tmp_path: Path) 
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_a_restarted_pod_restores_its_shadow_candidate_loaded(
+    data_plane: Stack, tmp_path: Path
+) -> None:
+    """A pod that starts mid-verification reads the shadow from service.json and loads the
+    candidate in Triton first, so mirrored calls do not fail as the candidate's errors."""
+    triton = data_plane.triton_url
+    unload = call("POST", f"{triton}/v2/repository/models/minilm_static/unload", {})
+    assert unload.status_code == 200, unload.text
+    wait_for(lambda: not http_ok(f"{triton}/v2/models/minilm_static/ready"), 60, what="unloaded")
+    config = tmp_path / "service.json"
+    config.write_text(json.dumps({"shadow": {"model": "minilm_static", "sampleRatio": 1.0}}))
+    port = free_port()
+    env = data_plane.service_env("embedding") | {
+        "PORT": str(port),
+        "MODELPILOT_SERVICE_CONFIG": str(config),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelpilot_services.embedding"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_ok(f"{url}/readyz"), timeout=120, what="embedding")
+        assert ok("GET", f"{url}/v1/admin/shadow") == {"model": "minilm_static", "sampleRatio": 1.0}
+        assert http_ok(f"{triton}/v2/models/minilm_static/ready")
+        for i in range(5):
+            ok("POST", f"{url}/v1/embed", {"texts": [f"mirrored request {i}"]})
+
+        def mirrored() -> bool:
+            text = requests.get(f"{url}/metrics", timeout=10).text
+            return (
+                'modelpilot_shadow_agreement_count{model="minilm_static",stage="embedding"} 5.0'
+                in text
+            )
+
+        wait_for(mirrored, 60, what="5 mirrored requests")
+        assert "modelpilot_shadow_errors_total{" not in requests.get(f"{url}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
