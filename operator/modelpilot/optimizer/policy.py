@@ -457,8 +457,6 @@ def decide(
                 name, cur.replicas, sizing.replicas, hist, t, spec, cooldown, reasons
             )
             hist = replace(hist, calibration_permille=calib_pm)
-            if shadow == variant.name:
-                shadow = None
             new_plan[name] = StagePlan(
                 replicas, variant.name, sizing.max_batch_size, sizing.max_queue_delay_us, shadow
             )
@@ -491,7 +489,9 @@ def decide(
         )
         if budget_note:
             slo_ok = False
-    for name in MODEL_STAGES:  # a budget switch to the candidate ends its verification
+    # A switch to the candidate by another path (the budget, a failed quality floor) ends
+    # its verification: the shadow and its start time go together.
+    for name in MODEL_STAGES:
         if new_plan[name].shadow_variant is not None and (
             new_plan[name].shadow_variant == new_plan[name].variant
         ):
