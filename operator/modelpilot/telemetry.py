@@ -141,6 +141,10 @@ class Telemetry:
         p99 = self._by_stage(quantile("modelpilot_request_duration_seconds", 0.99))
         queue = self._by_stage(mean("modelpilot_queue_duration_seconds"))
         batch = self._by_stage(mean("modelpilot_batch_size"))
+        items = self._by_stage(
+            f"sum by (stage) (rate(modelpilot_model_inferences_total{{{sel}}}[{w}])) / "
+            f"sum by (stage) (rate(modelpilot_model_requests_total{{{sel}}}[{w}]))"
+        )
         in_flight = self._by_stage(f"sum by (stage) (modelpilot_in_flight_requests{{{sel}}})")
         hits = self._by_stage(
             f'sum by (stage) (rate(modelpilot_cache_requests_total{{{sel},result="hit"}}[{w}]))'
@@ -169,6 +173,7 @@ class Telemetry:
                 p99_ms=ms(p99.get(stage)),
                 queue_ms=ms(queue.get(stage)),
                 batch_size=batch.get(stage),
+                items_per_request=items.get(stage),
                 error_ratio=errors.get(stage),
                 in_flight=in_flight.get(stage),
                 cache_hit_ratio=hits.get(stage),

@@ -22,7 +22,11 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 
@@ -137,6 +141,17 @@ class TritonStats(Collector):
             "Time in Triton's queue.",
             labels=["stage", "model"],
         )
+        # Items (texts, query-passage pairs) per request: what the optimizer sizes batches in.
+        inferences = CounterMetricFamily(
+            "modelpilot_model_inferences",
+            "Items Triton ran (texts embedded, pairs re-ranked).",
+            labels=["stage", "model"],
+        )
+        requests = CounterMetricFamily(
+            "modelpilot_model_requests",
+            "Requests Triton completed successfully.",
+            labels=["stage", "model"],
+        )
         for model in self.models():
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/models/{model}/stats", timeout=1) as r:
@@ -150,6 +165,9 @@ class TritonStats(Collector):
                     counts[size] = counts.get(size, 0) + int(row["compute_infer"]["count"])
                 q = version["inference_stats"]["queue"]
                 queue.add_metric([self.stage, model], int(q["count"]), int(q["ns"]) / 1e9)
+                inferences.add_metric([self.stage, model], int(version.get("inference_count", 0)))
+                ok = version["inference_stats"]["success"]
+                requests.add_metric([self.stage, model], int(ok["count"]))
             buckets, running = [], 0
             for le in (1, 2, 4, 8, 16, 32, 64, 128, 256):
                 running = sum(c for s, c in counts.items() if s <= le)
@@ -158,6 +176,8 @@ class TritonStats(Collector):
             batch.add_metric([self.stage, model], buckets, sum(s * c for s, c in counts.items()))
         yield batch
         yield queue
+        yield inferences
+        yield requests
 
 
 class JsonFormatter(logging.Formatter):

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelpilot.plan import StagePlan
 from modelpilot.triton import load_with_config
@@ -114,6 +115,29 @@ def test_batch_size_changes_live_with_no_failed_request(data_plane: Stack) -> No
         assert data_plane.pid("triton") == triton_pid, "Triton restarted"
     finally:
         stop.set()
+        _set_batching(data_plane, model, 64, 2000)
+
+
+def test_a_request_larger_than_a_retuned_max_batch_size_is_split_not_failed(
+    data_plane: Stack,
+) -> None:
+    """The optimizer may lower max_batch_size below what a client sends in one request (an
+    ingestion batch, a query's candidates); Triton rejects such a request, so the service
+    splits it."""
+    model, url = "minilm_fp32", f"{data_plane.url('embedding')}/v1/embed"
+    texts = [f"split me into parts, sentence number {i}" for i in range(7)]
+    whole = ok("POST", url, {"texts": texts})["embeddings"]  # cached max_batch_size: 64
+    before = _batch_sizes(data_plane, model)
+    try:
+        _set_batching(data_plane, model, 2, 0)
+        parts = ok("POST", url, {"texts": texts})["embeddings"]
+        assert len(parts) == 7
+        for a, b in zip(whole, parts, strict=True):
+            assert sum(x * y for x, y in zip(a, b, strict=True)) > 0.999
+        after = _batch_sizes(data_plane, model)
+        new = {size: n - before.get(size, 0) for size, n in after.items()}
+        assert max(size for size, n in new.items() if n) <= 2, new
+    finally:
         _set_batching(data_plane, model, 64, 2000)
 
 
@@ -306,6 +330,11 @@ def test_bad_input_gets_a_clear_4xx_and_the_services_stay_healthy(data_plane: St
 
 
 def test_metrics_follow_prometheus_conventions_beside_tritons(data_plane: Stack) -> None:
+    docs = [
+        {"id": f"metrics-{i}", "text": f"Metric document {i} about counters and gauges."}
+        for i in range(12)
+    ]
+    ok("POST", f"{data_plane.url('ingestion')}/v1/documents", {"documents": docs})
     ok("POST", f"{data_plane.url('inference')}/v1/query", {"query": "metrics please", "top_k": 2})
     inference = requests.get(f"{data_plane.url('inference')}/metrics", timeout=10).text
     for name in (
@@ -321,6 +350,19 @@ def test_metrics_follow_prometheus_conventions_beside_tritons(data_plane: Stack)
         assert name in inference, name
     embedding = requests.get(f"{data_plane.url('embedding')}/metrics", timeout=10).text
     assert 'modelpilot_batch_size_count{model="minilm_fp32",stage="embedding"}' in embedding
+    # Items per Triton request, which the optimizer sizes batches in: a query re-ranks at
+    # most of its candidates (at least 10 when the index has them) in one request.
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(inference):
+        for sample in family.samples:
+            if sample.name in (
+                "modelpilot_model_inferences_total",
+                "modelpilot_model_requests_total",
+            ):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    assert totals["modelpilot_model_requests_total"] >= 1
+    items = totals["modelpilot_model_inferences_total"] / totals["modelpilot_model_requests_total"]
+    assert items > 2, totals
     triton = requests.get(
         f"http://127.0.0.1:{data_plane.ports['triton_metrics']}/metrics", timeout=10
     )

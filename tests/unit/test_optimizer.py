@@ -226,6 +226,33 @@ def test_the_batch_tuner_batches_more_under_load() -> None:
     assert (busy.max_batch_size or 0) > (quiet.max_batch_size or 0)
 
 
+@pytest.mark.parametrize("items", [1.0, 10.0, 24.0])
+def test_multi_item_requests_size_batches_and_replicas_in_items(items: float) -> None:
+    """A re-ranked query is one Triton request of all its candidate pairs: the batch never
+    goes below a request (Triton would reject it) and the load counts every pair."""
+    spec, now = make_spec(), 1_000_000
+    rate = 40.0
+    stages = {
+        s: StageTelemetry(rate_rps=rate, items_per_request=items if s == "inference" else None)
+        for s in ("ingestion", "embedding", "retrieval", "inference")
+    }
+    d = decide(spec, plans.initial(spec), Snapshot(now, now, stages), History(), PROFILES, now)
+    inference = d.plan["inference"]
+    assert (inference.max_batch_size or 0) >= items
+    model = PROFILES.models["inf_small" if inference.variant == "small" else "inf_big"]
+    batch = inference.max_batch_size or 1
+    # Capacity in items over the chosen replicas covers the item rate at the target.
+    assert inference.replicas * model.throughput_rps(batch) * 0.75 >= rate * items
+
+
+def test_prediction_counts_items_and_refuses_a_batch_below_a_request() -> None:
+    prof = PROFILES.models["inf_small"]
+    one, _ = predict(prof, 20, 2, 32, 1000, items=1)
+    ten, util = predict(prof, 20, 2, 32, 1000, items=10)
+    assert ten > one and util > 0
+    assert predict(prof, 20, 2, 8, 1000, items=10)[0] == math.inf
+
+
 def test_optimizer_off_holds() -> None:
     doc = copy.deepcopy(SPEC_DOC)
     doc["optimizer"]["mode"] = "Off"

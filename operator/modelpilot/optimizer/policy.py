@@ -5,13 +5,15 @@ next plan (replicas, variant, batching per stage), the reasons a human can read,
 history to carry to the next call. No I/O, no clock: the same code runs in the operator and
 in the trace-replay simulator.
 
-Model. A model stage replica runs Triton with dynamic batching. At arrival rate lambda over
-``c`` replicas, the batch a replica forms is about the requests that arrive while it waits
-(queue delay) or executes the previous batch; batch execution time comes from the measured
-profile; waiting for a free replica follows M/M/c on batches. The prediction is scaled by a
-calibration factor learnt online (measured p95 / predicted p95), so the model corrects
-itself from live telemetry. Replicas are the fewest that keep utilisation under a safety
-margin and the predicted p95 inside the stage's share of the SLO.
+Model. A model stage replica runs Triton with dynamic batching. Triton batches *items* (texts
+to embed, query-passage pairs to re-rank), and one request may carry several: a query is
+re-ranked as one request of all its candidates. At an item rate lambda (request rate x
+measured items per request) over ``c`` replicas, the batch a replica forms is about the items
+that arrive while it waits (queue delay) or executes the previous batch; batch execution time
+comes from the measured profile; waiting for a free replica follows M/M/c on batches. The
+prediction is scaled by a calibration factor learnt online (measured p95 / predicted p95), so
+the model corrects itself from live telemetry. Replicas are the fewest that keep utilisation
+under a safety margin and the predicted p95 inside the stage's share of the SLO.
 
 Stability. Scale-up is immediate (bounded by ``maxScaleUpStep``); scale-down goes only to the
 highest recommendation over the stabilization window and not within a cooldown of the last
@@ -159,23 +161,34 @@ def _delays(limit: int) -> list[int]:
 
 
 def predict(
-    profile: ModelProfile, rate: float, replicas: int, max_batch: int, delay_us: int
+    profile: ModelProfile,
+    rate: float,
+    replicas: int,
+    max_batch: int,
+    delay_us: int,
+    items: float = 1.0,
 ) -> tuple[float, float]:
-    """(p95 latency ms, utilisation) of a model stage under the batching model above."""
-    if replicas <= 0:
+    """(p95 latency ms, utilisation) of a model stage under the batching model above.
+
+    ``rate`` is in requests/s, each of ``items`` items; ``max_batch`` counts items, so a
+    request larger than it cannot be served (Triton rejects it).
+    """
+    items = max(items, 1.0)
+    if replicas <= 0 or max_batch < items:
         return (math.inf, math.inf) if rate > 0 else (0.0, 0.0)
-    per_replica = rate / replicas
+    per_replica = rate * items / replicas
     delay_ms = delay_us / 1000.0
-    batch = 1.0
+    batch = items
     for _ in range(8):  # fixed point: the batch is what arrives while waiting + executing
         exec_ms = profile.latency_ms(batch)
-        batch = min(float(max_batch), max(1.0, per_replica * (delay_ms + exec_ms) / 1000.0))
+        batch = min(float(max_batch), max(items, per_replica * (delay_ms + exec_ms) / 1000.0))
     exec_ms = profile.latency_ms(batch)
     utilisation = per_replica * exec_ms / (1000.0 * batch)
     if utilisation >= 1.0:
         return math.inf, utilisation
-    wait_ms = 1000.0 * wait_quantile(replicas, rate / batch, 1000.0 / exec_ms, 0.95)
-    fill_ms = min(delay_ms, 1000.0 * (max_batch - 1) / per_replica) if per_replica > 0 else 0
+    wait_ms = 1000.0 * wait_quantile(replicas, rate * items / batch, 1000.0 / exec_ms, 0.95)
+    room = max_batch - items
+    fill_ms = min(delay_ms, 1000.0 * room / per_replica) if per_replica > 0 else 0
     return wait_ms + profile.latency_ms(batch, "p95") + max(fill_ms, 0.0), utilisation
 
 
@@ -189,15 +202,18 @@ def size_model_stage(
     max_delay_us: int,
     tun: Tunables,
     prefer: tuple[int, int] | None = None,
+    items: float = 1.0,
 ) -> Sizing:
     """The fewest replicas (then lowest p95) meeting utilisation and latency targets.
 
     ``prefer`` is the current (max batch, delay): kept whenever it is as good in replicas,
-    so batching does not churn when several settings fit.
+    so batching does not churn when several settings fit. ``items`` is the mean number of
+    items per request; batch sizes below it are never proposed.
     """
     lo, hi = bounds
     best: Sizing | None = None
-    configs = [(b, d) for b in _powers_of_two(max_batch) for d in _delays(max_delay_us)]
+    batches = [b for b in _powers_of_two(max_batch) if b >= items] or [max_batch]
+    configs = [(b, d) for b in batches for d in _delays(max_delay_us)]
     if prefer in configs:
         configs.remove(prefer)
         configs.insert(0, prefer)
@@ -205,9 +221,9 @@ def size_model_stage(
         start = max(lo, 1 if rate > 0 else lo)
         cap = profile.throughput_rps(b) * tun.target_utilisation
         if rate > 0:
-            start = max(start, math.ceil(rate / cap))
+            start = max(start, math.ceil(rate * max(items, 1.0) / cap))
         for c in range(start, hi + 1):
-            p95, util = predict(profile, rate, c, b, d)
+            p95, util = predict(profile, rate, c, b, d, items)
             p95 *= calibration
             if util <= tun.target_utilisation and p95 <= budget_ms:
                 cand = Sizing(c, b, d, p95, util, True)
@@ -219,7 +235,7 @@ def size_model_stage(
     if best is not None:
         return best
     # Nothing fits: the most capacity we are allowed, with the largest batch.
-    p95, util = predict(profile, rate, hi, max_batch, max_delay_us)
+    p95, util = predict(profile, rate, hi, max_batch, max_delay_us, items)
     return Sizing(hi, max_batch, max_delay_us, p95 * calibration, util, False)
 
 
@@ -338,12 +354,14 @@ def decide(
             if cur_var is None or cur_prof is None:
                 reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
                 continue
+            items = tele.items_per_request or 1.0
             predicted, _ = predict(
                 cur_prof,
                 rate,
                 max(cur.replicas, 1),
                 cur.max_batch_size or 1,
                 cur.max_queue_delay_us or 0,
+                items,
             )
             calib_pm = _calibrate(hist, tele, predicted, tun)
             calib = calib_pm / 1000
@@ -385,6 +403,7 @@ def decide(
                     stage.batching.max_queue_delay_microseconds,
                     tun,
                     prefer,
+                    items,
                 )
                 options.append((s.replicas * float(v.cost_value), v, s))
             feasible = sorted(
