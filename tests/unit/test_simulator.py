@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from modelpilot.optimizer import queueing
 from modelpilot.optimizer.profiles import BatchPoint, ModelProfile
-from modelpilot.sim import traces
-from modelpilot.sim.engine import Config, simulate
-from modelpilot.sim.policies import HPA, KEDA, KPA, Action, Observation, StaticPeak
+from modelpilot.sim import bench, traces
+from modelpilot.sim.engine import Config, StageConfig, simulate
+from modelpilot.sim.policies import (
+    HPA,
+    KEDA,
+    KPA,
+    Action,
+    Observation,
+    PerStage,
+    StaticPeak,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -31,6 +42,28 @@ def obs(now: float = 0.0, ready: int = 4, replicas: int = 4, **kw: float | None)
     return Observation(now, ready, replicas, **base)  # type: ignore[arg-type]
 
 
+def one_stage(profile: ModelProfile, replicas: int, cost: float = 1.0, **kw: Any) -> StageConfig:
+    return StageConfig(
+        "embedding",
+        {"v": profile},
+        {"v": cost},
+        Action(replicas, "v", kw.pop("max_batch", 1), 0),
+        min_replicas=replicas,
+        max_replicas=replicas,
+        **kw,
+    )
+
+
+def static(seconds: float, **stages: int) -> PerStage:
+    return PerStage({s: StaticPeak(replicas=n, interval=seconds) for s, n in stages.items()})
+
+
+def constant(lam: float, seconds: int) -> traces.Trace:
+    return traces.Trace(
+        "const", np.arange(seconds, dtype=float), np.full(seconds, lam), float(seconds)
+    )
+
+
 @pytest.mark.parametrize(
     ("servers", "lam", "service_ms"), [(1, 7.0, 100.0), (3, 24.0, 100.0), (8, 60.0, 100.0)]
 )
@@ -40,39 +73,84 @@ def test_mmc_mean_latency_matches_the_closed_form(
     mu = 1000.0 / service_ms
     profile = ModelProfile("exp", "embedding", 1.0, (BatchPoint(1, service_ms, service_ms),))
     seconds = int(150_000 / lam)  # about 150k requests: the mean settles within ~1%
-    trace = traces.Trace(
-        "const", np.arange(seconds, dtype=float), np.full(seconds, lam), float(seconds)
-    )
-    cfg = Config(
-        slo_ms=1e9,
-        variant_costs={"v": 1.0},
-        variant_models={"v": profile},
-        start=Action(servers, "v", 1, 0),
-        min_replicas=servers,
-        max_replicas=servers,
-        service="exponential",
-        seed=11,
-    )
-    result = simulate(trace, StaticPeak(replicas=servers, interval=float(seconds)), cfg)
+    cfg = Config(slo_ms=1e9, stages=[one_stage(profile, servers)], service="exponential", seed=11)
+    result = simulate(constant(lam, seconds), static(seconds, embedding=servers), cfg)
     expected_ms = 1000.0 * (queueing.mean_wait(servers, lam, mu) + 1 / mu)
     measured_ms = float(np.nanmean(result.latencies_ms))
     assert measured_ms == pytest.approx(expected_ms, rel=0.05)
 
 
+def test_two_stages_in_tandem_match_the_jackson_network() -> None:
+    """M/M/1 -> fixed hop -> M/M/1: by Burke's theorem the first stage's departures are
+    Poisson, so the mean end-to-end time is the sum of the two M/M/1 sojourns plus the hop."""
+    lam, s1, s2, hop = 6.0, 100.0, 80.0, 5.0
+    first = ModelProfile("a", "embedding", 1.0, (BatchPoint(1, s1, s1),))
+    second = ModelProfile("b", "inference", 1.0, (BatchPoint(1, s2, s2),))
+    stages = [
+        one_stage(first, 1, hop_ms=hop),
+        replace(one_stage(second, 1), name="inference"),
+    ]
+    seconds = 25_000
+    cfg = Config(slo_ms=1e9, stages=stages, service="exponential", seed=5)
+    # Ticks every 15 s: the stages hand requests over tick by tick, as in the bench.
+    policy = PerStage({"embedding": StaticPeak(1), "inference": StaticPeak(1)})
+    result = simulate(constant(lam, seconds), policy, cfg)
+    expected_ms = 1000 / (1000 / s1 - lam) + 1000 / (1000 / s2 - lam) + hop
+    assert float(np.mean(result.latencies_ms)) == pytest.approx(expected_ms, rel=0.05)
+
+
+def test_a_request_of_several_items_takes_its_whole_batch_time() -> None:
+    """A re-ranked query is one Triton request of all its pairs: 4 items take the profile's
+    4-item time, and max_batch_size (in items) caps how many requests share a batch."""
+    affine = tuple(BatchPoint(b, 10.0 + 5.0 * b, 10.0 + 5.0 * b) for b in (1, 2, 4, 8, 16))
+    profile = ModelProfile("pairs", "inference", 1.0, affine)
+    sparse = simulate(
+        constant(1.0, 4000),
+        static(4000.0, embedding=1),
+        Config(slo_ms=1e9, stages=[one_stage(profile, 1, items=4, max_batch=8)], seed=3),
+    )
+    assert float(np.median(sparse.latencies_ms)) == pytest.approx(30.0, rel=0.02)
+    busy = simulate(
+        constant(30.0, 600),
+        static(600.0, embedding=1),
+        Config(slo_ms=1e9, stages=[one_stage(profile, 1, items=4, max_batch=8)], seed=3),
+    )
+    # Under load batches fill to 2 requests (8 items, 50 ms), never more.
+    assert float(np.max(busy.latencies_ms)) < 10 * 50.0
+    assert float(np.percentile(busy.latencies_ms, 50)) >= 50.0
+
+
 def test_cost_is_replica_seconds_times_variant_cost() -> None:
     profile = ModelProfile("m", "embedding", 1.0, (BatchPoint(1, 10.0, 12.0),))
     trace = traces.Trace("quiet", np.arange(3600, dtype=float), np.full(3600, 5.0), 3600.0)
-    cfg = Config(
-        slo_ms=100,
-        variant_costs={"v": 2.5},
-        variant_models={"v": profile},
-        start=Action(3, "v", 1, 0),
-        min_replicas=3,
-        max_replicas=3,
-    )
-    result = simulate(trace, StaticPeak(replicas=3), cfg)
+    cfg = Config(slo_ms=100, stages=[one_stage(profile, 3, cost=2.5)])
+    result = simulate(trace, static(15.0, embedding=3), cfg)
     assert result.cost == pytest.approx(3 * 2.5, rel=1e-6)  # 3 replicas x 1 h x 2.5
     assert result.attainment(100) > 0.99 and result.actions == 0
+
+
+def test_bench_prints_every_policy_and_one_json_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = traces.Trace("short", np.array([0.0, 300.0]), np.array([4.0, 12.0]), 600.0)
+    traces.write_csv(trace, tmp_path / "short.csv")
+    code = bench.main(
+        ["--trace", str(tmp_path / "short.csv"), "--out", str(tmp_path), "--no-progress"]
+    )
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads(last)
+    assert report["trace"] == "short"
+    policies = report["policies"]
+    assert set(policies) == {"modelpilot", "static-peak", "hpa", "keda", "kpa", "oracle"}
+    for figures in policies.values():
+        assert set(figures) == {
+            "attainment", "window_attainment", "cost", "cost_vs_hpa", "cost_vs_oracle",
+            "quality", "actions",
+        }  # fmt: skip
+        assert figures["cost"] > 0 and 0 <= figures["attainment"] <= 1
+    assert policies["hpa"]["cost_vs_hpa"] == 1.0
+    assert (tmp_path / "short.png").stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------ baselines, by hand

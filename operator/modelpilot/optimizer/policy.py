@@ -189,7 +189,26 @@ def predict(
     wait_ms = 1000.0 * wait_quantile(replicas, rate * items / batch, 1000.0 / exec_ms, 0.95)
     room = max_batch - items
     fill_ms = min(delay_ms, 1000.0 * room / per_replica) if per_replica > 0 else 0
-    return wait_ms + profile.latency_ms(batch, "p95") + max(fill_ms, 0.0), utilisation
+    # The tail is set by the large batches, not the mean one: a request shares its batch with
+    # the requests that reached the replica while it waited or ran the previous batch
+    # (Poisson), up to max_batch. On hardware where a batch costs its size in time (CPU), a
+    # few coinciding requests double the p95.
+    extra = _poisson_quantile(rate / replicas * (delay_ms + exec_ms) / 1000.0, 0.95)
+    tail_batch = min(float(max_batch), max(batch, items * (1 + extra)))
+    return wait_ms + profile.latency_ms(tail_batch, "p95") + max(fill_ms, 0.0), utilisation
+
+
+def _poisson_quantile(mean: float, q: float) -> int:
+    """The smallest k with P(Poisson(mean) <= k) >= q."""
+    if mean <= 0:
+        return 0
+    k, term = 0, math.exp(-mean)
+    total = term
+    while total < q and k < 10_000:
+        k += 1
+        term *= mean / k
+        total += term
+    return k
 
 
 def size_model_stage(
@@ -218,25 +237,51 @@ def size_model_stage(
         configs.remove(prefer)
         configs.insert(0, prefer)
     for b, d in configs:
+        # However many replicas, a request still takes its own batch's time plus the queue
+        # delay when the batch has room: skip settings that cannot fit at any count.
+        floor = profile.latency_ms(items, "p95") + (d / 1000.0 if b > items else 0.0)
+        if floor * calibration > budget_ms:
+            continue
         start = max(lo, 1 if rate > 0 else lo)
         cap = profile.throughput_rps(b) * tun.target_utilisation
         if rate > 0:
             start = max(start, math.ceil(rate * max(items, 1.0) / cap))
-        for c in range(start, hi + 1):
+        top = hi if best is None else min(hi, best.replicas)
+
+        def fits(c: int, b: int = b, d: int = d) -> Sizing:
             p95, util = predict(profile, rate, c, b, d, items)
             p95 *= calibration
-            if util <= tun.target_utilisation and p95 <= budget_ms:
-                cand = Sizing(c, b, d, p95, util, True)
-                if best is None or (c, p95) < (best.replicas, best.p95_ms - 1e-9):
-                    best = cand
-                break
-            if best is not None and c >= best.replicas:
-                break
+            ok = util <= tun.target_utilisation and p95 <= budget_ms
+            return Sizing(c, b, d, p95, util, ok)
+
+        # The first few counts one by one (exact where it matters most), then bisection:
+        # more replicas never raise the p95 by more than the queue delay.
+        found = next(
+            (z for c in range(start, min(top, start + 8) + 1) if (z := fits(c)).feasible), None
+        )
+        if found is None and start + 8 < top and fits(top).feasible:
+            low, high = start + 9, top
+            while low < high:
+                mid = (low + high) // 2
+                if fits(mid).feasible:
+                    high = mid
+                else:
+                    low = mid + 1
+            found = fits(low)
+        if found is not None and (
+            best is None or (found.replicas, found.p95_ms) < (best.replicas, best.p95_ms - 1e-9)
+        ):
+            best = found
     if best is not None:
         return best
-    # Nothing fits: the most capacity we are allowed, with the largest batch.
-    p95, util = predict(profile, rate, hi, max_batch, max_delay_us, items)
-    return Sizing(hi, max_batch, max_delay_us, p95 * calibration, util, False)
+    # Nothing fits the latency budget: the batch's own time is over it, so more replicas
+    # would not help. Serve at the utilisation target with the fastest setting (the smallest
+    # batch, no queue delay) rather than buy every replica allowed.
+    b = batches[0]
+    need = math.ceil(rate * max(items, 1.0) / (profile.throughput_rps(b) * tun.target_utilisation))
+    c = min(hi, max(lo, need, 1 if rate > 0 else lo))
+    p95, util = predict(profile, rate, c, b, 0, items)
+    return Sizing(c, b, 0, p95 * calibration, util, False)
 
 
 def stage_budgets(spec: ModelDeploymentSpec, snapshot: Snapshot, tun: Tunables) -> dict[str, float]:
@@ -355,7 +400,7 @@ def decide(
                 reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
                 continue
             items = tele.items_per_request or 1.0
-            predicted, _ = predict(
+            predicted, predicted_util = predict(
                 cur_prof,
                 rate,
                 max(cur.replicas, 1),
@@ -363,7 +408,14 @@ def decide(
                 cur.max_queue_delay_us or 0,
                 items,
             )
-            calib_pm = _calibrate(hist, tele, predicted, tun)
+            # Learn only from a settled stage: near saturation, or with a window that mixes
+            # settings, the measured p95 is a transient backlog, not a model error.
+            settled = hist.last_change is None or t - hist.last_change >= 60
+            calib_pm = (
+                _calibrate(hist, tele, predicted, tun)
+                if settled and predicted_util <= tun.target_utilisation
+                else hist.calibration_permille
+            )
             calib = calib_pm / 1000
             hist = replace(hist, rejected=tuple(r for r in hist.rejected if r[1] > t))
             shadow, verdict = cur.shadow_variant if gated else None, None

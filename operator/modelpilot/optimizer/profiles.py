@@ -27,6 +27,7 @@ extrapolated from the last two points (batch execution time is close to affine i
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,9 +53,13 @@ class ModelProfile:
     quality: float
     points: tuple[BatchPoint, ...]
 
-    def _interp(self, batch: float, attr: str) -> float:
+    @functools.cached_property
+    def _curves(self) -> dict[str, tuple[list[int], list[float]]]:
         xs = [p.batch for p in self.points]
-        ys = [getattr(p, attr) for p in self.points]
+        return {a: (xs, [getattr(p, a) for p in self.points]) for a in ("p50_ms", "p95_ms")}
+
+    def _interp(self, batch: float, attr: str) -> float:
+        xs, ys = self._curves[attr]
         if len(xs) == 1:
             return float(ys[0]) * max(batch, 1) / xs[0]
         i = bisect.bisect_left(xs, batch)

@@ -9,54 +9,55 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from modelpilot.api.v1alpha1 import ModelDeploymentSpec
+from modelpilot.api.v1alpha1 import ModelDeploymentSpec, ModelStage
 from modelpilot.optimizer import profiles as profiles_mod
-from modelpilot.optimizer.policy import Tunables, size_model_stage
+from modelpilot.optimizer.policy import Tunables
 from modelpilot.sim import traces
-from modelpilot.sim.engine import Config, Result, simulate
-from modelpilot.sim.policies import HPA, KEDA, KPA, Action, ModelPilot, Oracle, StaticPeak
+from modelpilot.sim.engine import Config, Result, StageConfig, simulate
+from modelpilot.sim.policies import (
+    HPA,
+    KEDA,
+    KPA,
+    Action,
+    ModelPilot,
+    Oracle,
+    PerStage,
+    StaticPeak,
+)
 
-REFERENCE = "minilm-fp32"
+REFERENCE = {"embedding": "minilm-fp32", "inference": "reranker-large"}
 
 
 def bench_spec(slo_ms: int) -> ModelDeploymentSpec:
-    """The pipeline the bench runs: the measured embedding variants, equal cost per replica
-    (each a one-CPU pod), a quality floor that admits int8 but not the static model."""
-    variant = [
-        {
-            "name": "minilm-fp32",
-            "model": "minilm_fp32",
-            "precision": "fp32",
-            "quality": "1",
+    """The pipeline the bench runs: the measured embedding and re-ranker variants, equal cost
+    per replica (each a one-CPU pod), a quality floor that admits int8 embeddings but not
+    the static model."""
+
+    def variant(name: str, model: str, precision: str, quality: str) -> dict[str, str]:
+        return {
+            "name": name,
+            "model": model,
+            "precision": precision,
+            "quality": quality,
             "cost": "1",
-        },
-        {
-            "name": "minilm-int8",
-            "model": "minilm_int8",
-            "precision": "int8",
-            "quality": "0.8",
-            "cost": "1",
-        },
-        {
-            "name": "minilm-static",
-            "model": "minilm_static",
-            "precision": "distilled",
-            "quality": "0.35",
-            "cost": "1",
-        },
-    ]
+        }
+
     return ModelDeploymentSpec.model_validate(
         {
             "slo": {"latencyP95Ms": slo_ms, "minQuality": "0.8"},
             "optimizer": {
                 "intervalSeconds": 15,
                 "scaleDownStabilizationSeconds": 300,
-                "maxScaleUpStep": 4,
+                # Hundreds of re-ranker pods: let one decision add what HPA's +100% would.
+                "maxScaleUpStep": 100,
                 # The simulator has no model outputs to compare in shadow: it switches
                 # variants unverified (the gate's own tests are in test_optimizer.py).
                 "verification": {"enabled": False},
@@ -64,9 +65,20 @@ def bench_spec(slo_ms: int) -> ModelDeploymentSpec:
             "embedding": {
                 "replicas": {"min": 1, "max": 64},
                 "batching": {"maxBatchSize": 8, "maxQueueDelayMicroseconds": 2000},
-                "variants": variant,
+                "variants": [
+                    variant("minilm-fp32", "minilm_fp32", "fp32", "1"),
+                    variant("minilm-int8", "minilm_int8", "int8", "0.8"),
+                    variant("minilm-static", "minilm_static", "distilled", "0.35"),
+                ],
             },
-            "inference": {"variants": [variant[0]]},
+            "inference": {
+                "replicas": {"min": 1, "max": 256},
+                "batching": {"maxBatchSize": 64, "maxQueueDelayMicroseconds": 2000},
+                "variants": [
+                    variant("reranker-large", "reranker_large", "fp32", "1"),
+                    variant("reranker-small", "reranker_small", "int8", "0.95"),
+                ],
+            },
         }
     )
 
@@ -77,62 +89,83 @@ def run_trace(
     slo_ms: int,
     startup_s: float,
     show_progress: bool,
+    candidates: int = 10,
+    retrieval_ms: float = 2.0,
 ) -> dict[str, Result]:
+    """Replay ``trace`` through embedding -> retrieval (``retrieval_ms``) -> re-ranking of
+    ``candidates`` pairs per query, under every policy."""
     spec = bench_spec(slo_ms)
-    stage = spec.embedding
-    models = {v.name: profiles.models[v.model] for v in stage.variants}
-    ref = models[REFERENCE]
-    b, d = stage.batching.max_batch_size, stage.batching.max_queue_delay_microseconds
-    per_pod = ref.throughput_rps(1)  # what a user measures for one pod of the reference
+    items = {"embedding": 1, "inference": candidates}
     tun = Tunables()
     start_rate = trace.max_rate(0, 60)
-    warm = size_model_stage(ref, start_rate, slo_ms * tun.slo_headroom, 1.0, (1, 64), 1, 0, tun)
-    start = Action(warm.replicas, REFERENCE, b, d)
     peak = float(trace.rps.max())
-    policies = [
-        ModelPilot(spec, profiles),
-        StaticPeak(replicas=math.ceil(peak / (0.75 * per_pod))),
-        HPA(min_replicas=1, max_replicas=64),
-        KEDA(min_replicas=1, max_replicas=64, threshold=0.7 * per_pod),
-        KPA(min_replicas=1, max_replicas=64, container_concurrency=1.0),
-        Oracle(spec, profiles, trace.max_rate),
+    stage_cfgs: dict[str, tuple[dict[str, Any], Action, float]] = {}
+    for name in ("embedding", "inference"):
+        stage = spec.stage(name)
+        assert isinstance(stage, ModelStage)
+        models = {v.name: profiles.models[v.model] for v in stage.variants}
+        ref = models[REFERENCE[name]]
+        # What a user measures for one pod of the reference: requests/s at one request a batch.
+        per_pod = ref.throughput_rps(items[name]) / items[name]
+        warm = math.ceil(start_rate / (tun.target_utilisation * per_pod))
+        # Every policy starts without cross-request batching (a batch is one request), the
+        # sensible static setting on CPU, where a bigger batch adds latency but no
+        # throughput (profiles/cpu.json); only ModelPilot tunes batching afterwards.
+        start = Action(warm, REFERENCE[name], items[name], 0)
+        stage_cfgs[name] = (models, start, per_pod)
+
+    def per_stage(make: Any) -> PerStage:
+        return PerStage({name: make(name, cfg[2]) for name, cfg in stage_cfgs.items()})
+
+    fixed = {"retrieval": retrieval_ms}
+    policies: list[Any] = [
+        ModelPilot(spec, profiles, items, fixed),
+        per_stage(lambda n, pod: StaticPeak(replicas=math.ceil(peak / (0.75 * pod)))),
+        per_stage(lambda n, pod: HPA(min_replicas=1, max_replicas=256)),
+        per_stage(lambda n, pod: KEDA(min_replicas=1, max_replicas=256, threshold=0.7 * pod)),
+        per_stage(lambda n, pod: KPA(min_replicas=1, max_replicas=256)),
+        Oracle(spec, profiles, trace.max_rate, items, retrieval_ms),
     ]
-    results: dict[str, Result] = {}
+    jobs = []
     for policy in policies:
-        # Static provisioning is in place from the start; the others start warm for the
-        # trace's first minute on the reference variant.
-        first = (
-            Action(policy.replicas, REFERENCE, b, d) if isinstance(policy, StaticPeak) else start
-        )
-        cfg = Config(
-            slo_ms=slo_ms,
-            variant_costs={v.name: float(v.cost_value) for v in stage.variants},
-            variant_models=models,
-            start=first,
-            startup_s=startup_s,
-        )
+        stages = []
+        for name, (models, warm_start, _) in stage_cfgs.items():
+            stage = spec.stage(name)
+            assert isinstance(stage, ModelStage)
+            first = warm_start
+            if policy.name == "static-peak":  # provisioned from the start
+                first = replace(warm_start, replicas=policy.policies[name].replicas)
+            stages.append(
+                StageConfig(
+                    name,
+                    models,
+                    {v.name: float(v.cost_value) for v in stage.variants},
+                    first,
+                    items=items[name],
+                    hop_ms=retrieval_ms if name == "embedding" else 0.0,
+                    min_replicas=stage.replicas.min,
+                    max_replicas=stage.replicas.max,
+                )
+            )
+        jobs.append((trace, policy, Config(slo_ms=slo_ms, stages=stages, startup_s=startup_s)))
+    # Policies replay independently: one process per core.
+    results: dict[str, Result] = {}
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        futures = {pool.submit(simulate, *job): job[1].name for job in jobs}
         bar = None
         if show_progress:
             from tqdm import tqdm
 
             bar = tqdm(
-                total=int(trace.duration),
-                desc=f"{trace.name}:{policy.name}",
-                unit="s",
-                leave=False,
-                file=sys.stderr,
+                total=len(jobs), desc=trace.name, unit="policy", leave=False, file=sys.stderr
             )
-        last = [0.0]
-
-        def progress(now: float, bar: Any = bar, last: list[float] = last) -> None:
-            if bar is not None and now - last[0] >= 60:
-                bar.update(int(now - last[0]))
-                last[0] = now
-
-        results[policy.name] = simulate(trace, policy, cfg, progress)
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
             bar.close()
-    return results
+    return {job[1].name: results[job[1].name] for job in jobs}
 
 
 def summarize(results: dict[str, Result], slo_ms: int) -> dict[str, dict[str, float]]:
@@ -151,14 +184,19 @@ def summarize(results: dict[str, Result], slo_ms: int) -> dict[str, dict[str, fl
     return out
 
 
-_QUALITY: dict[str, float] = {}
+_QUALITY: dict[tuple[str, str], float] = {}  # (stage, variant) -> measured quality
 
 
 def _quality(r: Result) -> float:
-    total = sum(r.variant_seconds.values())
-    if not total:
-        return 1.0
-    return sum(_QUALITY.get(v, 1.0) * s for v, s in r.variant_seconds.items()) / total
+    """Measured quality relative to the reference pipeline: per stage the mean over serving
+    time, multiplied across stages (each stage's loss compounds)."""
+    out = 1.0
+    for stage in {s for s, _ in r.variant_seconds}:
+        spans = {v: t for (s, v), t in r.variant_seconds.items() if s == stage}
+        total = sum(spans.values())
+        if total:
+            out *= sum(_QUALITY.get((stage, v), 1.0) * t for v, t in spans.items()) / total
+    return out
 
 
 def plot(trace: traces.Trace, results: dict[str, Result], slo_ms: int, path: Path) -> None:
@@ -190,7 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trace", type=Path, help="CSV t,rps; default: every built-in trace")
     parser.add_argument("--profiles", type=Path, default=Path("profiles/cpu.json"))
-    parser.add_argument("--slo-ms", type=int, default=150)
+    parser.add_argument("--slo-ms", type=int, default=1000, help="end-to-end p95 SLO")
+    parser.add_argument(
+        "--candidates", type=int, default=10, help="query-passage pairs re-ranked per query"
+    )
+    parser.add_argument(
+        "--retrieval-ms",
+        type=float,
+        default=None,
+        help="retrieval's fixed latency (default: the profile's, else 2 ms)",
+    )
     parser.add_argument("--startup-s", type=float, default=20.0)
     parser.add_argument("--hours", type=float, default=4.0, help="built-in trace length")
     parser.add_argument("--out", type=Path, default=Path(".cache/bench"))
@@ -198,8 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     profiles = profiles_mod.load(args.profiles)
-    for v in bench_spec(args.slo_ms).embedding.variants:
-        _QUALITY[v.name] = profiles.models[v.model].quality
+    spec = bench_spec(args.slo_ms)
+    for name, stage in (("embedding", spec.embedding), ("inference", spec.inference)):
+        for v in stage.variants:
+            _QUALITY[(name, v.name)] = profiles.models[v.model].quality
+    retrieval = profiles.services.get("retrieval")
+    retrieval_ms = (
+        args.retrieval_ms
+        if args.retrieval_ms is not None
+        else (retrieval.p95_ms if retrieval else 2.0)
+    )
     if args.trace:
         trace_list = [traces.load_csv(args.trace)]
     else:
@@ -209,14 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {}
     for trace in trace_list:
         t0 = time.perf_counter()
-        results = run_trace(trace, profiles, args.slo_ms, args.startup_s, not args.no_progress)
+        results = run_trace(
+            trace,
+            profiles,
+            args.slo_ms,
+            args.startup_s,
+            not args.no_progress,
+            args.candidates,
+            retrieval_ms,
+        )
         elapsed = time.perf_counter() - t0
         summary = summarize(results, args.slo_ms)
         png = args.out / f"{trace.name}.png"
         plot(trace, results, args.slo_ms, png)
         print(
             f"\ntrace {trace.name}: {trace.duration / 3600:.1f} h, "
-            f"{len(results['hpa'].arrivals)} requests, SLO p95 {args.slo_ms} ms, "
+            f"{len(results['hpa'].arrivals)} queries (embed, retrieve {retrieval_ms:g} ms, "
+            f"re-rank {args.candidates} pairs), SLO p95 {args.slo_ms} ms, "
             f"simulated all policies in {elapsed:.1f} s -> {png}"
         )
         print(

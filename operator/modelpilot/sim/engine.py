@@ -1,15 +1,21 @@
-"""Discrete-event replay of one model stage under a policy.
+"""Discrete-event replay of a serving pipeline under a policy.
 
-Requests arrive as a Poisson process from the trace and wait in one FCFS queue served by the
-stage's replicas (a Service spreading load over Triton pods). A free replica forms a batch
-with Triton's dynamic-batching rule: it sends as soon as ``max_batch_size`` requests wait, or
-when the oldest has waited ``max_queue_delay``. A batch of ``b`` takes the variant's measured
-latency at ``b`` times log-normal noise fitted to the measured p95/p50. New replicas are ready
-only after ``startup_s``; a variant switch is a surge rollout. Policies observe windowed
+Requests arrive as a Poisson process from the trace and pass the pipeline's stages in order
+(embedding -> retrieval -> re-ranking). Each stage is its own FCFS queue served by its own
+replicas (a Service spreading load over Triton pods). A free replica forms a batch with
+Triton's dynamic-batching rule: it sends as soon as the batch is full (``max_batch_size``
+counts items, and a request carries ``items`` of them: a re-ranked query is all its
+candidate pairs), or when the oldest request has waited ``max_queue_delay``. A batch of
+``b`` items takes the variant's measured latency at ``b`` times log-normal noise fitted to
+the measured p95/p50. A request leaving a stage reaches the next one ``hop_ms`` later
+(a fixed-latency step between them, e.g. the ANN search). New replicas are ready only after
+``startup_s``; a variant switch is a surge rollout. Policies observe each stage's windowed
 metrics at their own tick interval as of the last scrape, as they would from Prometheus.
 
-The loop advances a batch at a time (not a request at a time), which is what lets a 4-hour
-trace at 1 s resolution replay under every policy within a minute.
+The stages advance together tick by tick: up to a tick, a stage dispatches only batches
+whose dispatch time it can already decide, then hands its finished requests to the next
+stage. The loop moves a batch at a time (not a request at a time), which is what lets a
+4-hour trace at 1 s resolution replay under every policy within a minute.
 """
 
 from __future__ import annotations
@@ -17,40 +23,61 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from modelpilot.optimizer.profiles import ModelProfile
-from modelpilot.sim.policies import Action, Observation, Policy
+from modelpilot.sim.policies import Action, Observation
 from modelpilot.sim.traces import Trace
+
+
+@dataclass
+class StageConfig:
+    name: str
+    variant_models: dict[str, ModelProfile]
+    variant_costs: dict[str, float]  # variant name -> cost per replica-hour
+    start: Action
+    items: int = 1  # Triton items per request (texts, query-passage pairs)
+    hop_ms: float = 0.0  # fixed latency before the next stage
+    min_replicas: int = 1
+    max_replicas: int = 64
 
 
 @dataclass
 class Config:
     slo_ms: float
-    variant_costs: dict[str, float]  # variant name -> cost per replica-hour
-    variant_models: dict[str, ModelProfile]
-    start: Action
-    min_replicas: int = 1
-    max_replicas: int = 64
+    stages: list[StageConfig]
     startup_s: float = 20.0
     scrape_s: float = 15.0  # policies see metrics as of the last Prometheus scrape
     service: str = "lognormal"  # or "exponential" (M/M/c validation)
     seed: int = 7
 
 
+class PipelinePolicy(Protocol):
+    name: str
+    interval: float
+
+    def decide_all(
+        self,
+        obs: Mapping[str, Observation],
+        current: Mapping[str, Action],
+        e2e_p95_ms: float | None,
+    ) -> dict[str, Action]: ...
+
+
 @dataclass
 class Result:
     policy: str
-    latencies_ms: npt.NDArray[np.float64]
+    latencies_ms: npt.NDArray[np.float64]  # end to end, per request
     arrivals: npt.NDArray[np.float64]
     cost: float  # sum of replica-seconds x variant cost, per hour units
     actions: int
     timeline: dict[str, list[float]] = field(default_factory=dict)
-    variant_seconds: dict[str, float] = field(default_factory=dict)
+    variant_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def attainment(self, slo_ms: float) -> float:
         return float(np.mean(self.latencies_ms <= slo_ms)) if len(self.latencies_ms) else 1.0
@@ -75,192 +102,276 @@ class _Replica:
         self.retire_at: float | None = None
 
 
-def simulate(
-    trace: Trace, policy: Policy, cfg: Config, progress: Callable[[float], None] | None = None
-) -> Result:
-    """Replay ``trace`` under ``policy``; returns per-request latencies and the bill."""
-    rng = np.random.default_rng(cfg.seed)
-    arr = trace.arrivals(cfg.seed)
-    n = len(arr)
-    arr_list = arr.tolist()
-    lat = np.full(n, np.nan)
-    end = np.full(n, np.inf)
-    busy = np.zeros(int(trace.duration) + 2)
-    noise = _noise(rng, cfg, 1 << 16)
-    sigma_idx = 0
+def _window_stats(
+    arr: list[float], start: npt.NDArray[np.float64], end: npt.NDArray[np.float64], now: float
+) -> tuple[float | None, float | None]:
+    """(p95 ms, mean s) of requests that arrived in the last 90 s and finished in the last 60
+    (``arr`` the arrivals as a list for bisect, ``start`` the same as an array)."""
+    window = slice(bisect.bisect_left(arr, now - 90.0), bisect.bisect_right(arr, now))
+    ends = end[window]
+    done = (ends <= now) & (ends > now - 60.0)
+    if not done.any():
+        return None, None
+    recent = (ends[done] - start[window][done]) * 1000
+    return float(np.percentile(recent, 95)), float(recent.mean()) / 1000
 
-    replicas: dict[int, _Replica] = {}
-    heap: list[tuple[float, int]] = []
-    next_id = 0
-    current = cfg.start
-    batch_sum = batch_n = 0
 
-    def add(count: int, variant: str, now: float, delay: float) -> None:
-        nonlocal next_id
+class _Stage:
+    """One stage's queue, replicas and bill."""
+
+    def __init__(self, cfg: StageConfig, n: int, seconds: int, noise: npt.NDArray[np.float64]):
+        self.cfg = cfg
+        self.arr: list[float] = []  # arrival times at this stage, ascending
+        self.rid: list[int] = []  # request id of each arrival
+        self.arr_np = np.zeros(n)  # the same arrivals as an array
+        self.end = np.full(n, np.inf)  # when each arrival left this stage
+        self.busy = np.zeros(seconds + 2)
+        self.noise, self.noise_i = noise, 0
+        self.replicas: dict[int, _Replica] = {}
+        self.heap: list[tuple[float, int]] = []  # (free at, replica id)
+        self.next_id = 0
+        self.current = cfg.start
+        self.head = 0
+        self.batch_items = self.batch_n = 0
+        self.intervals: list[tuple[float, float, str]] = []  # (created, removed, variant)
+        self.finished: list[tuple[float, int, int]] = []  # (finish, first index, count)
+        self.actions = 0
+        self.add(cfg.start.replicas, cfg.start.variant or "", 0.0, 0.0)
+
+    def add(self, count: int, variant: str, now: float, delay: float) -> None:
         for _ in range(count):
-            replicas[next_id] = _Replica(variant, now, now + delay)
-            heapq.heappush(heap, (now + delay, next_id))
-            next_id += 1
+            self.replicas[self.next_id] = _Replica(variant, now, now + delay)
+            heapq.heappush(self.heap, (now + delay, self.next_id))
+            self.next_id += 1
 
-    def live(now: float) -> list[_Replica]:
-        return [r for r in replicas.values() if r.retire_at is None or r.retire_at > now]
+    def live(self, now: float) -> list[_Replica]:
+        return [r for r in self.replicas.values() if r.retire_at is None or r.retire_at > now]
 
-    add(current.replicas, current.variant or "", 0.0, 0.0)
-    intervals: list[tuple[float, float, str]] = []  # (created, removed, variant)
-    timeline: dict[str, list[float]] = {"t": [], "rate": [], "replicas": [], "p95": []}
-    actions = 0
-    head = 0
-    next_tick = policy.interval
-    next_sample = 0.0
+    def feed(self, times: list[float], ids: list[int]) -> None:
+        self.arr_np[len(self.arr) : len(self.arr) + len(times)] = times
+        self.arr.extend(times)
+        self.rid.extend(ids)
 
-    def observe(now: float) -> Observation:
-        lo60 = bisect.bisect_left(arr_list, now - 60.0)
-        lo6 = bisect.bisect_left(arr_list, now - 6.0)
-        lo15 = bisect.bisect_left(arr_list, now - 15.0)
-        hi = bisect.bisect_right(arr_list, now)
-        rate60 = (hi - lo60) / min(60.0, max(now, 1.0))
-        rate6 = (hi - lo6) / min(6.0, max(now, 1.0))
-        rate15 = (hi - lo15) / min(15.0, max(now, 1.0))
-        window = slice(bisect.bisect_left(arr_list, now - 90.0), hi)
-        done = end[window] <= now
-        recent = lat[window][done & (end[window] > now - 60.0)]
-        p95 = float(np.percentile(recent, 95)) if len(recent) else None
-        mean_lat = float(recent.mean()) / 1000 if len(recent) else None
-        ready = sum(1 for r in live(now) if r.ready_at <= now)
+    def observe(self, now: float) -> Observation:
+        arr = self.arr
+        hi = bisect.bisect_right(arr, now)
+        span = max(now, 1.0)
+        rate60 = (hi - bisect.bisect_left(arr, now - 60.0)) / min(60.0, span)
+        rate6 = (hi - bisect.bisect_left(arr, now - 6.0)) / min(6.0, span)
+        rate15 = (hi - bisect.bisect_left(arr, now - 15.0)) / min(15.0, span)
+        p95, mean_lat = _window_stats(arr, self.arr_np, self.end, now)
+        live = self.live(now)
+        ready = sum(1 for r in live if r.ready_at <= now)
         s0 = max(0, int(now) - 60)
         capacity = max(ready, 1) * (int(now) - s0 if int(now) > s0 else 1)
-        util = float(busy[s0 : int(now)].sum()) / capacity if now >= 1 else None
-        conc60 = rate60 * mean_lat if mean_lat is not None else None
-        conc6 = rate6 * mean_lat if mean_lat is not None else None
-        serving = sum(1 for r in live(now) if r.retire_at is None)
+        util = float(self.busy[s0 : int(now)].sum()) / capacity if now >= 1 else None
         return Observation(
             now,
             ready,
-            serving,
+            sum(1 for r in live if r.retire_at is None),
             rate60,
             rate6,
             rate15,
             p95,
             util,
-            conc60,
-            conc6,
-            batch_sum / batch_n if batch_n else None,
+            rate60 * mean_lat if mean_lat is not None else None,
+            rate6 * mean_lat if mean_lat is not None else None,
+            self.batch_items / self.batch_n if self.batch_n else None,
         )
 
-    def tick(now: float) -> None:
-        nonlocal current, actions, batch_sum, batch_n
-        scraped = observe(math.floor(now / cfg.scrape_s) * cfg.scrape_s)
-        obs = replace(scraped, now=now)
-        want = policy.decide(obs, current)
-        want_variant = want.variant or current.variant
+    def apply(self, want: Action, now: float, startup: float) -> None:
+        cur, cfg = self.current, self.cfg
         want = Action(
             min(max(want.replicas, cfg.min_replicas), cfg.max_replicas),
-            want_variant,
-            want.max_batch_size or current.max_batch_size,
+            want.variant or cur.variant,
+            want.max_batch_size or cur.max_batch_size,
             want.max_queue_delay_us
             if want.max_queue_delay_us is not None
-            else current.max_queue_delay_us,
+            else cur.max_queue_delay_us,
         )
-        if want != current:
-            actions += 1
-        startup = 0.0 if policy.name == "oracle" else cfg.startup_s
-        alive = live(now)
-        if want.variant != current.variant:
+        if want != cur:
+            self.actions += 1
+        alive = self.live(now)
+        if want.variant != cur.variant:
             for r in alive:  # surge rollout: old pods serve until the new ones are ready
                 r.retire_at = now + startup
-            add(want.replicas, want.variant or "", now, startup)
+            self.add(want.replicas, want.variant or "", now, startup)
         else:
             # Only the serving generation counts: pods of a finished rollout's old variant
             # are already on their way out.
             serving = [r for r in alive if r.retire_at is None]
             delta = want.replicas - len(serving)
             if delta > 0:
-                add(delta, want.variant or "", now, startup)
+                self.add(delta, want.variant or "", now, startup)
             elif delta < 0:
                 # retire the newest first (starting pods go before serving ones)
                 for r in sorted(serving, key=lambda r: -r.ready_at)[:-delta]:
                     r.retire_at = now
-        current = want
-        batch_sum = batch_n = 0
+        self.current = want
+        self.batch_items = self.batch_n = 0
 
-    total = trace.duration
-    while True:
-        # Retire replicas whose time has come, recording their lifetime.
-        while heap:
+    def advance(self, until: float) -> None:
+        """Dispatch every batch whose dispatch time is decidable and not after ``until``
+        (every arrival up to ``until`` is known)."""
+        arr, heap, replicas, items = self.arr, self.heap, self.replicas, self.cfg.items
+        n = len(arr)
+        cur = self.current
+        b = max(1, (cur.max_batch_size or 1) // items)  # whole requests per batch
+        delay = (cur.max_queue_delay_us or 0) / 1e6
+        model_of = self.cfg.variant_models
+        while True:
+            # Retire replicas whose time has come, recording their lifetime.
+            while heap:
+                free_at, rid = heap[0]
+                rep = replicas.get(rid)
+                if rep is None:
+                    heapq.heappop(heap)
+                    continue
+                if rep.retire_at is not None and rep.retire_at <= max(free_at, rep.created):
+                    heapq.heappop(heap)
+                    self.intervals.append(
+                        (rep.created, max(rep.retire_at, rep.created), rep.variant)
+                    )
+                    del replicas[rid]
+                    continue
+                break
+            head = self.head
+            if head >= n or not heap:
+                return
             free_at, rid = heap[0]
-            rep = replicas.get(rid)
-            if rep is None:
+            start = max(free_at, arr[head])
+            if start > until:
+                return
+            rep = replicas[rid]
+            if rep.retire_at is not None and rep.retire_at <= start:
                 heapq.heappop(heap)
-                continue
-            if rep.retire_at is not None and rep.retire_at <= max(free_at, rep.created):
-                heapq.heappop(heap)
-                intervals.append((rep.created, max(rep.retire_at, rep.created), rep.variant))
+                self.intervals.append((rep.created, rep.retire_at, rep.variant))
                 del replicas[rid]
                 continue
-            break
-        start = math.inf
-        if heap and head < n:
-            start = max(heap[0][0], arr_list[head])
-        if next_tick <= min(start, total) or (head >= n and next_tick <= total):
-            while next_sample <= next_tick:
-                o = observe(next_sample)
-                timeline["t"].append(next_sample)
-                timeline["rate"].append(trace.rate_at(next_sample))
-                timeline["replicas"].append(float(o.replicas))
-                timeline["p95"].append(o.p95_ms if o.p95_ms is not None else math.nan)
-                next_sample += 30.0
-            tick(next_tick)
-            if progress:
-                progress(next_tick)
-            next_tick += policy.interval
-            continue
-        if head >= n or not heap:
-            break
-        free_at, rid = heapq.heappop(heap)
-        rep = replicas[rid]
-        if rep.retire_at is not None and rep.retire_at <= start:
-            intervals.append((rep.created, rep.retire_at, rep.variant))
-            del replicas[rid]
-            continue
-        b = current.max_batch_size or 1
-        delay = (current.max_queue_delay_us or 0) / 1e6
-        k = bisect.bisect_right(arr_list, start) - head
-        if k >= b:
-            dispatch = start
-        else:
-            full_at = arr_list[head + b - 1] if head + b - 1 < n else math.inf
-            dispatch = max(start, min(arr_list[head] + delay, full_at))
-            k = bisect.bisect_right(arr_list, dispatch) - head
-        k = max(1, min(k, b))
-        model = cfg.variant_models[rep.variant]
-        service = model.latency_ms(k) / 1000 * noise[sigma_idx & 0xFFFF]
-        sigma_idx += 1
-        finish = dispatch + service
-        lat[head : head + k] = (finish - arr[head : head + k]) * 1000
-        end[head : head + k] = finish
-        sec = int(dispatch)
-        if sec < len(busy):
-            busy[sec] += service
-        batch_sum += k
-        batch_n += 1
-        head += k
-        heapq.heappush(heap, (finish, rid))
+            k = bisect.bisect_right(arr, start, head) - head
+            if k >= b:
+                dispatch = start
+            else:
+                full_at = arr[head + b - 1] if head + b - 1 < n else math.inf
+                dispatch = max(start, min(arr[head] + delay, full_at))
+                if dispatch > until:
+                    return  # arrivals after ``until`` could still join this batch
+                k = bisect.bisect_right(arr, dispatch, head) - head
+            k = max(1, min(k, b))
+            heapq.heappop(heap)
+            service = model_of[rep.variant].latency_ms(k * items) / 1000
+            service *= self.noise[self.noise_i & 0xFFFF]
+            self.noise_i += 1
+            finish = dispatch + service
+            self.end[head : head + k] = finish
+            sec = int(dispatch)
+            if sec < len(self.busy):
+                self.busy[sec] += service
+            self.batch_items += k * items
+            self.batch_n += 1
+            self.head = head + k
+            self.finished.append((finish, head, k))
+            heapq.heappush(heap, (finish, rid))
 
-    for rep in replicas.values():
-        intervals.append((rep.created, min(rep.retire_at or total, total), rep.variant))
+    def release(self, until: float) -> tuple[list[float], list[int]]:
+        """Requests that finished by ``until``, in finishing order: (times, request ids)."""
+        done = [f for f in self.finished if f[0] <= until]
+        self.finished = [f for f in self.finished if f[0] > until]
+        done.sort()
+        times: list[float] = []
+        ids: list[int] = []
+        for finish, first, count in done:
+            times.extend([finish] * count)
+            ids.extend(self.rid[first : first + count])
+        return times, ids
+
+    def close(self, total: float) -> None:
+        for rep in self.replicas.values():
+            self.intervals.append((rep.created, min(rep.retire_at or total, total), rep.variant))
+
+
+def simulate(
+    trace: Trace,
+    policy: PipelinePolicy,
+    cfg: Config,
+    progress: Callable[[float], None] | None = None,
+) -> Result:
+    """Replay ``trace`` under ``policy``; returns end-to-end latencies and the bill."""
+    rng = np.random.default_rng(cfg.seed)
+    arrivals = trace.arrivals(cfg.seed)
+    n = len(arrivals)
+    seconds = int(trace.duration)
+    stages = [_Stage(s, n, seconds, _noise(rng, cfg, s, 1 << 16)) for s in cfg.stages]
+    stages[0].feed(arrivals.tolist(), list(range(n)))
+    e2e_end = np.full(n, np.inf)
+    first_arr = stages[0].arr
+    timeline: dict[str, list[float]] = {"t": [], "rate": [], "replicas": [], "p95": []}
+    total = trace.duration
+    startup = 0.0 if policy.name == "oracle" else cfg.startup_s
+
+    def run_until(until: float) -> None:
+        for i, st in enumerate(stages):
+            st.advance(until)
+            times, ids = st.release(until)
+            if not times:
+                continue
+            if i + 1 < len(stages):
+                hop = st.cfg.hop_ms / 1000
+                stages[i + 1].feed([t + hop for t in times], ids)
+            else:
+                e2e_end[np.asarray(ids)] = np.asarray(times) + st.cfg.hop_ms / 1000
+
+    def e2e_p95(now: float) -> float | None:
+        return _window_stats(first_arr, arrivals, e2e_end, now)[0]
+
+    next_tick, next_sample = policy.interval, 0.0
+    while next_tick <= total:
+        run_until(next_tick)
+        while next_sample <= next_tick:
+            obs = [st.observe(next_sample) for st in stages]
+            p95 = e2e_p95(next_sample)
+            timeline["t"].append(next_sample)
+            timeline["rate"].append(trace.rate_at(next_sample))
+            timeline["replicas"].append(float(sum(o.replicas for o in obs)))
+            timeline["p95"].append(p95 if p95 is not None else math.nan)
+            next_sample += 30.0
+        scraped = math.floor(next_tick / cfg.scrape_s) * cfg.scrape_s
+        views = {st.cfg.name: replace(st.observe(scraped), now=next_tick) for st in stages}
+        current = {st.cfg.name: st.current for st in stages}
+        wants = policy.decide_all(views, current, e2e_p95(scraped))
+        for st in stages:
+            st.apply(wants.get(st.cfg.name, st.current), next_tick, startup)
+        if progress:
+            progress(next_tick)
+        next_tick += policy.interval
+    run_until(math.inf)
+
     cost = 0.0
-    variant_seconds: dict[str, float] = {}
-    for created, removed, variant in intervals:
-        span = max(0.0, min(removed, total) - created)
-        cost += span * cfg.variant_costs.get(variant, 1.0) / 3600
-        variant_seconds[variant] = variant_seconds.get(variant, 0.0) + span
-    return Result(policy.name, lat, arr, cost, actions, timeline, variant_seconds)
+    variant_seconds: dict[tuple[str, str], float] = {}
+    for st in stages:
+        st.close(total)
+        for created, removed, variant in st.intervals:
+            span = max(0.0, min(removed, total) - created)
+            cost += span * st.cfg.variant_costs.get(variant, 1.0) / 3600
+            key = (st.cfg.name, variant)
+            variant_seconds[key] = variant_seconds.get(key, 0.0) + span
+    return Result(
+        policy.name,
+        (e2e_end - arrivals) * 1000,
+        arrivals,
+        cost,
+        sum(st.actions for st in stages),
+        timeline,
+        variant_seconds,
+    )
 
 
-def _noise(rng: np.random.Generator, cfg: Config, size: int) -> npt.NDArray[np.float64]:
+def _noise(
+    rng: np.random.Generator, cfg: Config, stage: StageConfig, size: int
+) -> npt.NDArray[np.float64]:
     if cfg.service == "exponential":
         return rng.exponential(1.0, size)
     # Log-normal with median 1 whose 95th percentile matches the profiles' p95/p50 ratio.
-    ratios = [p.p95_ms / p.p50_ms for m in cfg.variant_models.values() for p in m.points]
+    ratios = [p.p95_ms / p.p50_ms for m in stage.variant_models.values() for p in m.points]
     sigma = math.log(max(float(np.median(ratios)), 1.0001)) / 1.645
     return rng.lognormal(0.0, sigma, size)

@@ -5,17 +5,17 @@ Knative KPA, a static peak provisioning and a perfect-foresight oracle."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from modelpilot import plan as plans
-from modelpilot.api.v1alpha1 import ModelDeploymentSpec
+from modelpilot.api.v1alpha1 import ModelDeploymentSpec, ModelStage
 from modelpilot.optimizer.policy import History, Tunables, decide, size_model_stage
 from modelpilot.optimizer.profiles import Profiles
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
-
-STAGE = "embedding"
 
 
 @dataclass(frozen=True)
@@ -157,47 +157,81 @@ class StaticPeak(Policy):
         return Action(self.replicas)
 
 
-class ModelPilot(Policy):
-    """The operator's optimizer, called exactly as the operator calls it."""
+class PerStage:
+    """One independent autoscaler per stage Deployment, as users run HPA, KEDA or the KPA."""
+
+    def __init__(self, policies: Mapping[str, Policy]) -> None:
+        self.policies = dict(policies)
+        first = next(iter(self.policies.values()))
+        self.name, self.interval = first.name, first.interval
+
+    def decide_all(
+        self,
+        obs: Mapping[str, Observation],
+        current: Mapping[str, Action],
+        e2e_p95_ms: float | None,
+    ) -> dict[str, Action]:
+        return {s: p.decide(obs[s], current[s]) for s, p in self.policies.items()}
+
+
+class ModelPilot:
+    """The operator's optimizer, called exactly as the operator calls it: one decision for
+    every stage from every stage's telemetry."""
 
     name = "modelpilot"
 
     def __init__(
-        self, spec: ModelDeploymentSpec, profiles: Profiles, other_stages_p95_ms: float = 2.0
+        self,
+        spec: ModelDeploymentSpec,
+        profiles: Profiles,
+        items: Mapping[str, float],
+        fixed_p95_ms: Mapping[str, float],
     ) -> None:
         self.spec = spec
         self.profiles = profiles
         self.interval = float(spec.optimizer.interval_seconds)
         self.plan = plans.initial(spec)
         self.history = History()
-        self.other_p95 = other_stages_p95_ms
+        self.items = dict(items)  # what Triton's statistics report per stage
+        self.fixed = dict(fixed_p95_ms)  # stages replayed as a fixed latency (retrieval)
 
-    def snapshot(self, obs: Observation) -> Snapshot:
+    def snapshot(self, obs: Mapping[str, Observation], e2e_p95_ms: float | None) -> Snapshot:
+        now = next(iter(obs.values())).now
         stages = {
-            STAGE: StageTelemetry(
-                rate_rps=obs.rate_stable,
-                rate_short_rps=obs.rate_short,
-                p95_ms=obs.p95_ms,
-                batch_size=obs.batch_size,
-                cpu_utilisation=obs.cpu_utilisation,
-            ),
-            # The simulator models the embedding stage; the others are fast and held.
-            "retrieval": StageTelemetry(p95_ms=self.other_p95),
-            "inference": StageTelemetry(p95_ms=self.other_p95),
+            name: StageTelemetry(
+                rate_rps=o.rate_stable,
+                rate_short_rps=o.rate_short,
+                p95_ms=o.p95_ms,
+                batch_size=o.batch_size,
+                cpu_utilisation=o.cpu_utilisation,
+                items_per_request=self.items.get(name),
+            )
+            for name, o in obs.items()
         }
-        return Snapshot(time=obs.now, newest_sample=obs.now, stages=stages, e2e_p95_ms=obs.p95_ms)
+        stages.update({name: StageTelemetry(p95_ms=ms) for name, ms in self.fixed.items()})
+        return Snapshot(time=now, newest_sample=now, stages=stages, e2e_p95_ms=e2e_p95_ms)
 
-    def decide(self, obs: Observation, current: Action) -> Action:
-        d = decide(self.spec, self.plan, self.snapshot(obs), self.history, self.profiles, obs.now)
+    def decide_all(
+        self,
+        obs: Mapping[str, Observation],
+        current: Mapping[str, Action],
+        e2e_p95_ms: float | None,
+    ) -> dict[str, Action]:
+        snap = self.snapshot(obs, e2e_p95_ms)
+        d = decide(self.spec, self.plan, snap, self.history, self.profiles, snap.time)
         self.plan, self.history = d.plan, d.history
-        p = d.plan[STAGE]
-        return Action(p.replicas, p.variant, p.max_batch_size, p.max_queue_delay_us)
+        out = {}
+        for name in obs:
+            p = d.plan[name]
+            out[name] = Action(p.replicas, p.variant, p.max_batch_size, p.max_queue_delay_us)
+        return out
 
 
-class Oracle(Policy):
-    """Perfect foresight: every tick, the cheapest allowed variant and fewest replicas that
-    the queueing model says meet the SLO for the highest rate of the coming interval, ready
-    at once (no start-up delay). A lower bound on cost at full attainment."""
+class Oracle:
+    """Perfect foresight: every tick, for the highest rate of the coming interval, the
+    cheapest allowed variants and fewest replicas that the queueing model says meet the SLO,
+    over every split of the latency budget between the stages (10% steps), ready at once
+    (no start-up delay). A lower bound on cost at full attainment."""
 
     name = "oracle"
 
@@ -205,21 +239,25 @@ class Oracle(Policy):
         self,
         spec: ModelDeploymentSpec,
         profiles: Profiles,
-        future_max: object,
+        future_max: Callable[[float, float], float],
+        items: Mapping[str, float],
+        fixed_ms: float = 0.0,
         interval: float = 15.0,
     ) -> None:
         self.spec = spec
         self.profiles = profiles
-        self.future_max = future_max  # callable (start, end) -> max rate
+        self.future_max = future_max
+        self.items = dict(items)
+        self.fixed_ms = fixed_ms  # latency of the stages not replayed as queues
         self.interval = interval
         self.tun = Tunables()
 
-    def decide(self, obs: Observation, current: Action) -> Action:
-        stage = self.spec.embedding
-        rate = self.future_max(obs.now, obs.now + self.interval)  # type: ignore[operator]
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one oracle per replay, bounded
+    def _cheapest(self, stage_name: str, rate: int, budget_ms: float) -> tuple[float, Action]:
+        stage = self.spec.stage(stage_name)
+        assert isinstance(stage, ModelStage)
         floor = float(self.spec.slo.min_quality_value)
-        best: tuple[float, Action] | None = None
-        budget = self.spec.slo.latency_p95_ms * self.tun.slo_headroom
+        best = (math.inf, Action(stage.replicas.max))
         for v in stage.variants:
             prof = self.profiles.model(v.model)
             if prof is None or float(v.quality_value) < floor:
@@ -227,14 +265,41 @@ class Oracle(Policy):
             s = size_model_stage(
                 prof,
                 rate,
-                budget,
+                budget_ms,
                 1.0,
                 (stage.replicas.min, stage.replicas.max),
                 stage.batching.max_batch_size,
                 stage.batching.max_queue_delay_microseconds,
                 self.tun,
+                items=self.items.get(stage_name, 1.0),
             )
             cost = s.replicas * float(v.cost_value)
-            if s.feasible and (best is None or cost < best[0]):
+            if s.feasible and cost < best[0]:
                 best = (cost, Action(s.replicas, v.name, s.max_batch_size, s.max_queue_delay_us))
-        return best[1] if best else current
+        return best
+
+    def decide_all(
+        self,
+        obs: Mapping[str, Observation],
+        current: Mapping[str, Action],
+        e2e_p95_ms: float | None,
+    ) -> dict[str, Action]:
+        now = next(iter(obs.values())).now
+        # Rates rounded up to whole requests/s: conservative, and it lets sizings be reused.
+        rate = math.ceil(self.future_max(now, now + self.interval))
+        total = self.spec.slo.latency_p95_ms * self.tun.slo_headroom - self.fixed_ms
+        names = list(obs)
+        splits = [(1.0,)] if len(names) == 1 else [(s / 10, 1 - s / 10) for s in range(1, 10)]
+        best: tuple[float, dict[str, Action]] | None = None
+        for shares in splits:
+            picks = [
+                self._cheapest(n, rate, round(total * f, 3))
+                for n, f in zip(names, shares, strict=True)
+            ]
+            cost = sum(c for c, _ in picks)
+            if best is None or cost < best[0]:
+                best = (cost, {n: a for n, (_, a) in zip(names, picks, strict=True)})
+        assert best is not None
+        if math.isinf(best[0]):
+            return dict(current)
+        return best[1]
