@@ -62,23 +62,31 @@ class Triton:
     ) -> NDArray[np.float32]:
         """Run ``n`` items, split into requests no larger than the model's max batch size:
         a retuned, smaller max_batch_size must never fail a request that used to fit."""
-        limit = await self._max_batch(model)
-        for attempt in range(2):
-            parts = [slice(i, min(i + limit, n)) for i in range(0, n, limit)] or [slice(0, 0)]
+        try:
             try:
-                arrays = await asyncio.gather(
-                    *(self._call(model, inputs(p), output) for p in parts)
-                )
+                return await self._in_parts(model, inputs, n, output, await self._max_batch(model))
             except InferenceServerException as e:
-                if attempt == 0 and "batch-size must be" in str(e):
-                    limit = await self._max_batch(model, refresh=True)
-                    continue
-                # Triton unreachable, overloaded or the model reloading: retryable.
-                raise ApiError(503, "model_unavailable", f"{model}: {e}", retry_after=1) from None
-            except OSError as e:
-                raise ApiError(503, "triton_unreachable", str(e), retry_after=1) from None
-            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        raise AssertionError("unreachable")
+                if "batch-size must be" not in str(e):
+                    raise
+                limit = await self._max_batch(model, refresh=True)  # retuned since we read it
+                return await self._in_parts(model, inputs, n, output, limit)
+        except InferenceServerException as e:
+            # Triton unreachable, overloaded or the model reloading: retryable for clients.
+            raise ApiError(503, "model_unavailable", f"{model}: {e}", retry_after=1) from None
+        except OSError as e:
+            raise ApiError(503, "triton_unreachable", str(e), retry_after=1) from None
+
+    async def _in_parts(
+        self,
+        model: str,
+        inputs: Callable[[slice], list[triton.InferInput]],
+        n: int,
+        output: str,
+        limit: int,
+    ) -> NDArray[np.float32]:
+        parts = [slice(i, min(i + limit, n)) for i in range(0, n, limit)] or [slice(0, 0)]
+        arrays = await asyncio.gather(*(self._call(model, inputs(p), output) for p in parts))
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
     async def _call(
         self, model: str, inputs: list[triton.InferInput], output: str

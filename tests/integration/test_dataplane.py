@@ -4,6 +4,7 @@ all-MiniLM-L6-v2 weights: answers, live batching, durability, back-pressure, bad
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,26 +182,36 @@ def test_retrieval_keeps_every_acknowledged_document_across_crash_and_restart(
     assert hit["results"][0]["document_id"].startswith("dur-")
 
 
-def test_ingestion_pushes_back_when_its_queue_is_full(data_plane: Stack) -> None:
+@contextlib.contextmanager
+def _spare_service(
+    stack: Stack, name: str, env: dict[str, str], ready_timeout: float
+) -> Iterator[str]:
+    """A second ``name`` process beside the stack's, on a free port with ``env`` on top of
+    the stack's settings; yields its URL once ready, stopped on exit."""
     port = free_port()
-    env = data_plane.service_env("ingestion") | {
-        "PORT": str(port),
-        "MODELPILOT_MAX_CONCURRENT": "1",
-        "MODELPILOT_MAX_QUEUE": "1",
-    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelpilot_services.ingestion"],
-        env=env,
+        [sys.executable, "-m", f"modelpilot_services.{name}"],
+        env=stack.service_env(name) | {"PORT": str(port)} | env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=60, what="ingestion")
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_ok(f"{url}/readyz"), timeout=ready_timeout, what=name)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_ingestion_pushes_back_when_its_queue_is_full(data_plane: Stack) -> None:
+    limits = {"MODELPILOT_MAX_CONCURRENT": "1", "MODELPILOT_MAX_QUEUE": "1"}
+    with _spare_service(data_plane, "ingestion", limits, ready_timeout=60) as url:
         text = " ".join(f"word{i}" for i in range(3000))  # many chunks: a slow request
 
         def post(n: int) -> requests.Response:
             body = {"documents": [{"id": f"bp-{n}", "text": text}]}
-            return call("POST", f"http://127.0.0.1:{port}/v1/documents", body)
+            return call("POST", f"{url}/v1/documents", body)
 
         with cf.ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(post, range(8)))
@@ -207,9 +219,6 @@ def test_ingestion_pushes_back_when_its_queue_is_full(data_plane: Stack) -> None
         assert 429 in codes and 200 in codes, codes
         assert set(codes) <= {200, 429}, codes
         assert all(r.headers.get("Retry-After") for r in responses if r.status_code == 429)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 VECTOR = [0.05] * 384
@@ -421,20 +430,8 @@ def test_a_restarted_pod_restores_its_shadow_candidate_loaded(
     wait_for(lambda: not http_ok(f"{triton}/v2/models/minilm_static/ready"), 60, what="unloaded")
     config = tmp_path / "service.json"
     config.write_text(json.dumps({"shadow": {"model": "minilm_static", "sampleRatio": 1.0}}))
-    port = free_port()
-    env = data_plane.service_env("embedding") | {
-        "PORT": str(port),
-        "MODELPILOT_SERVICE_CONFIG": str(config),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelpilot_services.embedding"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: http_ok(f"{url}/readyz"), timeout=120, what="embedding")
+    env = {"MODELPILOT_SERVICE_CONFIG": str(config)}
+    with _spare_service(data_plane, "embedding", env, ready_timeout=120) as url:
         assert ok("GET", f"{url}/v1/admin/shadow") == {"model": "minilm_static", "sampleRatio": 1.0}
         assert http_ok(f"{triton}/v2/models/minilm_static/ready")
         for i in range(5):
@@ -449,6 +446,3 @@ def test_a_restarted_pod_restores_its_shadow_candidate_loaded(
 
         wait_for(mirrored, 60, what="5 mirrored requests")
         assert "modelpilot_shadow_errors_total{" not in requests.get(f"{url}/metrics").text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

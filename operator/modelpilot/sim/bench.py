@@ -99,7 +99,7 @@ def run_trace(
     tun = Tunables()
     start_rate = trace.max_rate(0, 60)
     peak = float(trace.rps.max())
-    stage_cfgs: dict[str, tuple[dict[str, Any], Action, float]] = {}
+    stage_cfgs: dict[str, tuple[ModelStage, dict[str, Any], Action, float]] = {}
     for name in ("embedding", "inference"):
         stage = spec.stage(name)
         assert isinstance(stage, ModelStage)
@@ -112,10 +112,10 @@ def run_trace(
         # sensible static setting on CPU, where a bigger batch adds latency but no
         # throughput (profiles/cpu.json); only ModelPilot tunes batching afterwards.
         start = Action(warm, REFERENCE[name], items[name], 0)
-        stage_cfgs[name] = (models, start, per_pod)
+        stage_cfgs[name] = (stage, models, start, per_pod)
 
     def per_stage(make: Any) -> PerStage:
-        return PerStage({name: make(name, cfg[2]) for name, cfg in stage_cfgs.items()})
+        return PerStage({name: make(name, cfg[3]) for name, cfg in stage_cfgs.items()})
 
     fixed = {"retrieval": retrieval_ms}
     policies: list[Any] = [
@@ -129,9 +129,7 @@ def run_trace(
     jobs = []
     for policy in policies:
         stages = []
-        for name, (models, warm_start, _) in stage_cfgs.items():
-            stage = spec.stage(name)
-            assert isinstance(stage, ModelStage)
+        for name, (stage, models, warm_start, _) in stage_cfgs.items():
             first = warm_start
             if policy.name == "static-peak":  # provisioned from the start
                 first = replace(warm_start, replicas=policy.policies[name].replicas)

@@ -5,7 +5,6 @@ Knative KPA, a static peak provisioning and a perfect-foresight oracle."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -251,9 +250,16 @@ class Oracle:
         self.fixed_ms = fixed_ms  # latency of the stages not replayed as queues
         self.interval = interval
         self.tun = Tunables()
+        # (stage, rate, budget) -> its cheapest sizing: whole-rps rates repeat a lot.
+        self._sized: dict[tuple[str, int, float], tuple[float, Action]] = {}
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one oracle per replay, bounded
     def _cheapest(self, stage_name: str, rate: int, budget_ms: float) -> tuple[float, Action]:
+        key = (stage_name, rate, budget_ms)
+        if key not in self._sized:
+            self._sized[key] = self._size(stage_name, rate, budget_ms)
+        return self._sized[key]
+
+    def _size(self, stage_name: str, rate: int, budget_ms: float) -> tuple[float, Action]:
         stage = self.spec.stage(stage_name)
         assert isinstance(stage, ModelStage)
         floor = float(self.spec.slo.min_quality_value)
