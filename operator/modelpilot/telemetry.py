@@ -31,7 +31,13 @@ from typing import Any
 
 from prometheus_api_client import PrometheusConnect
 
-from modelpilot.optimizer.snapshot import ShadowStats, Snapshot, StageTelemetry
+from modelpilot.optimizer.snapshot import (
+    RATE_WINDOW_S,
+    SHORT_RATE_WINDOW_S,
+    ShadowStats,
+    Snapshot,
+    StageTelemetry,
+)
 
 
 def _finite(value: Any) -> float | None:
@@ -48,8 +54,8 @@ class Telemetry:
     def __init__(
         self,
         url: str,
-        window: str = "1m",
-        short_window: str = "15s",
+        window: str = f"{RATE_WINDOW_S}s",
+        short_window: str = f"{SHORT_RATE_WINDOW_S}s",
         shadow_window: str = "10m",
         timeout_s: float = 5.0,
         query: Callable[[str], list[dict[str, Any]]] | None = None,

@@ -12,7 +12,15 @@ import pytest
 from modelpilot import plan as plans
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
 from modelpilot.optimizer import queueing
-from modelpilot.optimizer.policy import Decision, History, decide, predict
+from modelpilot.optimizer.policy import (
+    Decision,
+    History,
+    Tunables,
+    decide,
+    forecast,
+    max_utilisation,
+    predict,
+)
 from modelpilot.optimizer.profiles import parse
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
 
@@ -148,6 +156,38 @@ def test_prediction_grows_with_load_and_shrinks_with_replicas() -> None:
     assert low < high and wider < high
 
 
+@pytest.mark.parametrize(
+    ("long", "short", "expected", "why"),
+    [
+        (100.0, None, 100.0, False),  # no short window: the stable rate
+        (100.0, 80.0, 100.0, False),  # falling: scale-down waits for the stable window
+        (100.0, 109.0, 100.0, False),  # within the 10% deadband: noise
+        # climbing: slope (130 - 100) / 22.5 s, projected 7.5 + 30 s past the short rate
+        (100.0, 130.0, 130.0 + 30.0 / 22.5 * 37.5, True),
+        (40.0, 110.0, 165.0, True),  # a jump: at most 1.5x the short rate
+    ],
+)
+def test_forecast_sizes_for_the_rate_new_replicas_will_meet(
+    long: float, short: float | None, expected: float, why: bool
+) -> None:
+    rate, reason = forecast(long, short, Tunables())
+    assert rate == pytest.approx(expected)
+    assert (reason is not None) == why
+
+
+@pytest.mark.parametrize(
+    ("offered", "expected"),
+    [
+        (0.0, 0.75),
+        (4.0, 0.75),  # small pools keep the fixed margin: 4 / (4 + 1.5 * 2) = 0.57 < 0.75
+        (36.0, 36.0 / (36.0 + 9.0)),  # 0.8
+        (100.0, 100.0 / 115.0),
+    ],
+)
+def test_large_pools_run_hotter_by_square_root_staffing(offered: float, expected: float) -> None:
+    assert max_utilisation(offered, Tunables()) == pytest.approx(expected)
+
+
 # ------------------------------------------------------------------------ time sequences
 
 
@@ -168,6 +208,29 @@ def test_a_step_up_scales_up_within_two_ticks() -> None:
     for stage in ("embedding", "inference", "ingestion"):
         assert after[stage].replicas > before[stage].replicas, stage
     assert any("scale up" in r for r in decisions[20].reasons)
+
+
+def test_a_climb_is_met_ahead_and_its_forecast_is_not_held_for_the_window() -> None:
+    spec = make_spec()
+    plan, history = plans.initial(spec), History()
+    ticks: list[Decision] = []
+    # Steady 300/s, then the short window climbs to 450/s, then everything settles at 450/s.
+    for i, (long, short) in enumerate([(300, 300)] * 10 + [(300, 450)] + [(450, 450)] * 6):
+        now = 1_000_000 + 15 * i
+        stages = {
+            s: StageTelemetry(rate_rps=long, rate_short_rps=short)
+            for s in ("ingestion", "embedding", "retrieval", "inference")
+        }
+        d = decide(spec, plan, Snapshot(now, now, stages), history, PROFILES, now)
+        plan, history = d.plan, d.history
+        ticks.append(d)
+    plain = run(spec, [300] * 10 + [450] * 7)  # the same load without the early signal
+    surge, settled = ticks[10].plan["ingestion"].replicas, ticks[-1].plan["ingestion"].replicas
+    assert any("rate climbing" in r for r in ticks[10].reasons)
+    assert surge > plain[10].plan["ingestion"].replicas
+    # The forecast bought replicas ahead of the load; once the load is measured, the stage
+    # goes back to what 450/s needs instead of holding the forecast for the whole window.
+    assert settled == plain[-1].plan["ingestion"].replicas < surge
 
 
 def test_a_drop_scales_down_only_after_the_stabilization_window() -> None:

@@ -212,3 +212,14 @@ def test_trace_csv_round_trip_and_validation(tmp_path: Path) -> None:
 def test_builtin_traces_are_seeded(name: str) -> None:
     a, b = traces.BUILTIN[name](seconds=900), traces.BUILTIN[name](seconds=900)
     assert np.array_equal(a.rps, b.rps) and a.rps.min() >= 0 and len(a.rps) == 900
+
+
+def test_the_oracles_peak_is_the_highest_forward_mean() -> None:
+    # 10/s for 10 s, one 1 s spike to 100/s, then 20/s; rows of uneven length.
+    trace = traces.Trace("t", np.array([0.0, 10.0, 11.0]), np.array([10.0, 100.0, 20.0]), 30.0)
+    peak = trace.peak_mean(5.0)
+    assert peak(0, 1) == pytest.approx(10.0)  # [0, 5): no spike yet
+    assert peak(0, 8) == pytest.approx((3 * 10 + 100 + 20) / 5)  # [7, 12) holds the spike
+    assert trace.max_rate(0, 8) == 10.0 and trace.max_rate(0, 11) == 100.0
+    assert peak(20, 30) == pytest.approx(20.0)  # near the end: the mean of what is left
+    assert peak(29, 40) == pytest.approx(20.0)

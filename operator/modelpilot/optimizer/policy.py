@@ -12,8 +12,10 @@ measured items per request) over ``c`` replicas, the batch a replica forms is ab
 that arrive while it waits (queue delay) or executes the previous batch; batch execution time
 comes from the measured profile; waiting for a free replica follows M/M/c on batches. The
 prediction is scaled by a calibration factor learnt online (measured p95 / predicted p95), so
-the model corrects itself from live telemetry. Replicas are the fewest that keep utilisation
-under a safety margin and the predicted p95 inside the stage's share of the SLO.
+the model corrects itself from live telemetry. Replicas are the fewest that keep the predicted
+p95 inside the stage's share of the SLO and utilisation under a safety margin, which shrinks
+for large pools (square-root staffing). The rate sized for is the measured one, or, while the
+short window shows a clear climb, the rate forecast for when new replicas will serve.
 
 Stability. Scale-up is immediate (bounded by ``maxScaleUpStep``); scale-down goes only to the
 highest recommendation over the stabilization window and not within a cooldown of the last
@@ -37,7 +39,12 @@ from modelpilot.api.v1alpha1 import (
 from modelpilot.optimizer.gate import judge
 from modelpilot.optimizer.profiles import ModelProfile, Profiles
 from modelpilot.optimizer.queueing import wait_quantile
-from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.optimizer.snapshot import (
+    RATE_WINDOW_S,
+    SHORT_RATE_WINDOW_S,
+    Snapshot,
+    StageTelemetry,
+)
 from modelpilot.plan import Plan, StagePlan
 
 QUERY_PATH = ("embedding", "retrieval", "inference")
@@ -48,13 +55,17 @@ MODEL_STAGES = ("embedding", "inference")
 class Tunables:
     """Policy constants; documented so SREs can reason about every decision."""
 
-    target_utilisation: float = 0.75  # safety margin: never plan replicas past this
+    target_utilisation: float = 0.75  # safety margin: never plan replicas past this ...
+    staffing_beta: float = 1.5  # ... unless the pool is large (square-root staffing, below)
     slo_headroom: float = 0.85  # share of the SLO the stages may use (rest: network, gateway)
     min_stage_share: float = 0.10  # no query-path stage gets less of the budget than this
     switch_saving: float = 0.15  # a variant switch must save at least this share of cost
     calibration_smoothing: float = 0.3  # EWMA weight of the newest measured/predicted ratio
     calibration_bounds: tuple[float, float] = (0.5, 4.0)
     min_metric_age_s: float = 60.0  # metrics older than max(this, 3 intervals) are stale
+    forecast_lead_s: float = 30.0  # a new replica serves about this long after the decision
+    forecast_deadband: float = 0.10  # short/long rate rises below this are noise, not trend
+    forecast_max_ratio: float = 1.5  # never size for more than this x the short-window rate
 
 
 @dataclass(frozen=True)
@@ -211,6 +222,18 @@ def _poisson_quantile(mean: float, q: float) -> int:
     return k
 
 
+def max_utilisation(offered: float, tun: Tunables) -> float:
+    """The highest utilisation to plan for ``offered`` busy replicas (arrival rate / one
+    replica's capacity).
+
+    Square-root staffing (Halfin-Whitt): random arrivals need spare capacity in proportion to
+    the square root of the load, not to the load itself, so a large pool runs hotter than a
+    small one at the same risk. Never below ``target_utilisation``."""
+    if offered <= 0:
+        return tun.target_utilisation
+    return max(tun.target_utilisation, offered / (offered + tun.staffing_beta * math.sqrt(offered)))
+
+
 def size_model_stage(
     profile: ModelProfile,
     rate: float,
@@ -243,15 +266,16 @@ def size_model_stage(
         if floor * calibration > budget_ms:
             continue
         start = max(lo, 1 if rate > 0 else lo)
-        cap = profile.throughput_rps(b) * tun.target_utilisation
+        offered = rate * max(items, 1.0) / profile.throughput_rps(b)  # busy replicas
+        limit = max_utilisation(offered, tun)
         if rate > 0:
-            start = max(start, math.ceil(rate * max(items, 1.0) / cap))
+            start = max(start, math.ceil(offered / limit))
         top = hi if best is None else min(hi, best.replicas)
 
-        def fits(c: int, b: int = b, d: int = d) -> Sizing:
+        def fits(c: int, b: int = b, d: int = d, limit: float = limit) -> Sizing:
             p95, util = predict(profile, rate, c, b, d, items)
             p95 *= calibration
-            ok = util <= tun.target_utilisation and p95 <= budget_ms
+            ok = util <= limit and p95 <= budget_ms
             return Sizing(c, b, d, p95, util, ok)
 
         # The first few counts one by one (exact where it matters most), then bisection:
@@ -320,9 +344,14 @@ def _stabilize(
     spec: ModelDeploymentSpec,
     cooldown: int,
     reasons: list[str],
+    remember: int | None = None,
 ) -> tuple[int, StageHistory]:
+    """Scale up at once (bounded by maxScaleUpStep); scale down only to the highest
+    recommendation over the stabilization window, outside the cooldown. ``remember`` is the
+    recommendation to keep for that window when it differs from ``desired`` (a forecast)."""
     window = spec.optimizer.scale_down_stabilization_seconds
-    recs = (*tuple(r for r in hist.recommendations if now - r[0] < window), (now, desired))
+    recent = tuple(r for r in hist.recommendations if now - r[0] < window)
+    recs = (*recent, (now, desired if remember is None else remember))
     # Keep only what can still be the window's maximum: a monotone, bounded history.
     kept: list[tuple[int, int]] = []
     for r in recs:
@@ -345,6 +374,27 @@ def _stabilize(
         )
         return ceiling, hist
     return current, hist
+
+
+def forecast(long: float, short: float | None, tun: Tunables) -> tuple[float, str | None]:
+    """The request rate to size for, and why when it is above what was measured.
+
+    A surge shows in the short window first: size for at least the short-window rate (fast
+    up). When the short rate is clearly above the long one the load is climbing; replicas
+    ordered now serve only after ``forecast_lead_s``, so size for the rate the climb reaches
+    by then (linear from the two windows' midpoints), bounded by ``forecast_max_ratio``.
+    Scale-down is held back by the stabilization window either way."""
+    if short is None or short <= long * (1 + tun.forecast_deadband):
+        return long, None
+    long_w, short_w = RATE_WINDOW_S, SHORT_RATE_WINDOW_S
+    slope = (short - long) / ((long_w - short_w) / 2)  # requests/s per second
+    ahead = min(short + slope * (short_w / 2 + tun.forecast_lead_s), short * tun.forecast_max_ratio)
+    why = (
+        f"rate climbing {slope:.2f}/s ({short_w}s {short:.1f} vs {long_w}s {long:.1f} "
+        f"requests/s): sized for "
+        f"{ahead:.1f} requests/s, the rate in {tun.forecast_lead_s:.0f}s"
+    )
+    return ahead, why
 
 
 def decide(
@@ -388,9 +438,10 @@ def decide(
         if tele.rate_rps is None:
             reasons.append(f"{name}: hold, no request rate")
             continue
-        # Size for the higher of the stable and the short-window rate: a surge shows in the
-        # short window first (fast up); scale-down is held back by the stabilization window.
-        rate = max(tele.rate_rps, tele.rate_short_rps or 0.0)
+        rate, trend = forecast(tele.rate_rps, tele.rate_short_rps, tun)
+        measured = max(tele.rate_rps, tele.rate_short_rps or 0.0)
+        if trend:
+            reasons.append(f"{name}: {trend}")
         bounds = (stage.replicas.min, stage.replicas.max)
         if isinstance(stage, ModelStage):
             budget = budgets[name]
@@ -524,8 +575,24 @@ def decide(
                     f"{sizing.max_batch_size}, delay {cur.max_queue_delay_us} -> "
                     f"{sizing.max_queue_delay_us} us"
                 )
+            remember = None
+            if trend and (prof := profiles.model(variant.model)) is not None:
+                # The stabilization window holds what the measured rate needs: the forecast
+                # buys replicas ahead of a climb, not for the next five minutes.
+                remember = size_model_stage(
+                    prof,
+                    measured,
+                    budget,
+                    calib,
+                    bounds,
+                    stage.batching.max_batch_size,
+                    stage.batching.max_queue_delay_microseconds,
+                    tun,
+                    (sizing.max_batch_size, sizing.max_queue_delay_us),
+                    items,
+                ).replicas
             replicas, hist = _stabilize(
-                name, cur.replicas, sizing.replicas, hist, t, spec, cooldown, reasons
+                name, cur.replicas, sizing.replicas, hist, t, spec, cooldown, reasons, remember
             )
             hist = replace(hist, calibration_permille=calib_pm)
             new_plan[name] = StagePlan(
@@ -538,13 +605,18 @@ def decide(
             if svc is None:
                 reasons.append(f"{name}: hold, no capacity profile")
                 continue
-            need = math.ceil(rate / (svc.capacity_rps * tun.target_utilisation)) if rate else 0
+
+            def replicas_for(r: float, cap: float = svc.capacity_rps) -> int:
+                return math.ceil(r / (cap * tun.target_utilisation)) if r else 0
+
+            need = replicas_for(rate)
             desired = min(max(need, bounds[0]), bounds[1])
             if need > bounds[1]:
                 slo_ok = False
                 reasons.append(f"{name}: needs {need} replicas, capped at max {bounds[1]}")
+            remember = min(max(replicas_for(measured), bounds[0]), bounds[1]) if trend else None
             replicas, hist = _stabilize(
-                name, cur.replicas, desired, hist, t, spec, cooldown, reasons
+                name, cur.replicas, desired, hist, t, spec, cooldown, reasons, remember
             )
             new_plan[name] = replace(cur, replicas=replicas)
         if new_plan[name] != cur:

@@ -8,11 +8,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+RATE_WINDOW_S = 60  # the stable rate window
+SHORT_RATE_WINDOW_S = 15  # the short one, to see a surge early (and its trend)
+
 
 @dataclass(frozen=True)
 class StageTelemetry:
-    rate_rps: float | None = None  # over the stable window (1 minute)
-    rate_short_rps: float | None = None  # over a short window, to see a surge early
+    rate_rps: float | None = None  # over RATE_WINDOW_S
+    rate_short_rps: float | None = None  # over SHORT_RATE_WINDOW_S
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None

@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelpilot.optimizer.profiles import ModelProfile
+from modelpilot.optimizer.snapshot import SHORT_RATE_WINDOW_S
 from modelpilot.sim.policies import Action, Observation
 from modelpilot.sim.traces import Trace
 
@@ -158,7 +159,8 @@ class _Stage:
         span = max(now, 1.0)
         rate60 = (hi - bisect.bisect_left(arr, now - 60.0)) / min(60.0, span)
         rate6 = (hi - bisect.bisect_left(arr, now - 6.0)) / min(6.0, span)
-        rate15 = (hi - bisect.bisect_left(arr, now - 15.0)) / min(15.0, span)
+        short = float(SHORT_RATE_WINDOW_S)
+        rate_short = (hi - bisect.bisect_left(arr, now - short)) / min(short, span)
         p95, mean_lat = _window_stats(arr, self.arr_np, self.end, now)
         live = self.live(now)
         ready = sum(1 for r in live if r.ready_at <= now)
@@ -171,7 +173,7 @@ class _Stage:
             sum(1 for r in live if r.retire_at is None),
             rate60,
             rate6,
-            rate15,
+            rate_short,
             p95,
             util,
             rate60 * mean_lat if mean_lat is not None else None,

@@ -227,7 +227,8 @@ class ModelPilot:
 
 
 class Oracle:
-    """Perfect foresight: every tick, for the highest rate of the coming interval, the
+    """Perfect foresight: every tick, for the highest rate of the coming interval (``future_max``;
+    the bench gives it 10-second means, the load a queue feels, not single-second noise), the
     cheapest allowed variants and fewest replicas that the queueing model says meet the SLO,
     over every split of the latency budget between the stages (10% steps), ready at once
     (no start-up delay). A lower bound on cost at full attainment."""

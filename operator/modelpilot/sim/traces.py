@@ -31,6 +31,17 @@ class Trace:
         j = max(int(np.searchsorted(self.t, end, side="right")), i + 1)
         return float(self.rps[i:j].max())
 
+    def peak_mean(self, smooth_s: float) -> PeakMean:
+        """The highest mean rate over any ``smooth_s`` seconds starting in a time range."""
+        grid = np.arange(0.0, self.duration, 1.0)
+        rates = self.rps[np.maximum(np.searchsorted(self.t, grid, side="right") - 1, 0)]
+        k = min(max(int(smooth_s), 1), len(rates))
+        sums = np.concatenate(([0.0], np.cumsum(rates)))
+        # The mean of the next k seconds, or of what is left near the end.
+        ends = np.minimum(np.arange(len(rates)) + k, len(rates))
+        starts = np.arange(len(rates))
+        return PeakMean((sums[ends] - sums[starts]) / (ends - starts))
+
     def arrivals(self, seed: int) -> npt.NDArray[np.float64]:
         """Poisson arrival times: per row, a Poisson count spread uniformly over the row."""
         rng = np.random.default_rng(seed)
@@ -40,6 +51,19 @@ class Trace:
         starts = np.repeat(self.t, counts)
         offsets = rng.random(int(counts.sum())) * np.repeat(spans, counts)
         return np.sort(starts + offsets)
+
+
+@dataclass(frozen=True)
+class PeakMean:
+    """``peak(start, end)``: the highest forward mean rate starting in [start, end), at 1 s
+    steps: the load a queue feels, without the single-second spikes a raw maximum picks."""
+
+    means: npt.NDArray[np.float64]  # forward mean rate from each whole second
+
+    def __call__(self, start: float, end: float) -> float:
+        i = min(max(int(start), 0), len(self.means) - 1)
+        j = max(math.ceil(end), i + 1)
+        return float(self.means[i:j].max())
 
 
 def load_csv(path: str | Path) -> Trace:
