@@ -22,7 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from modelpilot_services import models
 from modelpilot_services.shadow import Shadow
 from modelpilot_services.triton import Triton
-from modelpilot_services.web import ApiError, Service, TritonStats, env, parse, run, service_config
+from modelpilot_services.web import (
+    ApiError,
+    Service,
+    TritonStats,
+    env,
+    json_response,
+    parse,
+    run,
+    service_config,
+)
 
 MAX_TEXTS = 256
 MAX_CHARS = 20_000
@@ -83,12 +92,10 @@ class Embedding(Service):
             return list((vectors * other).sum(axis=1) / np.maximum(norms, 1e-12))
 
         self.shadow.mirror(model, cosine)
-        return web.json_response(
-            {"embeddings": vectors.tolist(), "model": model, "dims": int(vectors.shape[1])}
-        )
+        return json_response({"embeddings": vectors, "model": model, "dims": int(vectors.shape[1])})
 
     async def get_model(self, request: web.Request) -> web.Response:
-        return web.json_response({"model": self.model, "available": list(self.allowed)})
+        return json_response({"model": self.model, "available": list(self.allowed)})
 
     async def put_model(self, request: web.Request) -> web.Response:
         body = await parse(request, ModelSwitch)
@@ -99,7 +106,7 @@ class Embedding(Service):
         await self.triton.ensure_loaded(body.model)
         self.model = body.model
         self._publish()
-        return web.json_response({"model": self.model})
+        return json_response({"model": self.model})
 
 
 def main() -> None:

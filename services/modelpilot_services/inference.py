@@ -39,6 +39,7 @@ from modelpilot_services.web import (
     TritonStats,
     call_downstream,
     env,
+    json_response,
     parse,
     run,
     service_config,
@@ -145,7 +146,7 @@ class Inference(Service):
         self.cache_requests.labels(self.stage, "hit" if cached else "miss").inc()
         if cached is not None:
             self.query_duration.labels(self.stage).observe(time.perf_counter() - start)
-            return web.json_response({**cached, "cached": True})
+            return json_response({**cached, "cached": True})
 
         search = {"embedding": vector.tolist(), "top_k": max(CANDIDATES * body.top_k, 10)}
         if body.filter:
@@ -179,7 +180,7 @@ class Inference(Service):
         answer = {"results": results, "variant": model, "route": route, "model": embedded["model"]}
         self.cache.put(key, vector, answer)
         self.query_duration.labels(self.stage).observe(time.perf_counter() - start)
-        return web.json_response({**answer, "cached": False})
+        return json_response({**answer, "cached": False})
 
     def route(self, candidates: list[dict[str, Any]]) -> Literal["small", "large"]:
         """``large`` when the best match is weak (difficulty = 1 - best similarity)."""
@@ -195,7 +196,7 @@ class Inference(Service):
         }
 
     async def get_config(self, request: web.Request) -> web.Response:
-        return web.json_response(self._knobs())
+        return json_response(self._knobs())
 
     async def patch_config(self, request: web.Request) -> web.Response:
         body = await parse(request, Knobs)
@@ -216,7 +217,7 @@ class Inference(Service):
         if body.cacheThreshold is not None:
             self.cache.threshold = body.cacheThreshold
         self._publish()
-        return web.json_response(self._knobs())
+        return json_response(self._knobs())
 
 
 def main() -> None:

@@ -21,7 +21,15 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot_services.schemas import DocumentId, Metadata, document_id
-from modelpilot_services.web import ApiError, Service, call_downstream, env, parse, run
+from modelpilot_services.web import (
+    ApiError,
+    Service,
+    call_downstream,
+    env,
+    json_response,
+    parse,
+    run,
+)
 
 MAX_DOCUMENTS = 64
 EMBED_BATCH = 32
@@ -137,12 +145,12 @@ class Ingestion(Service):
                 counts = await asyncio.gather(*(self._ingest(d) for d in body.documents))
         finally:
             self.admitted -= 1
-        return web.json_response({"acknowledged": ids, "chunks": sum(counts)})
+        return json_response({"acknowledged": ids, "chunks": sum(counts)})
 
     async def delete(self, request: web.Request) -> web.Response:
         doc = document_id(request.match_info["id"])
         await self._call("DELETE", f"{self.retrieval_url}/v1/documents/{doc}")
-        return web.json_response({"id": doc, "deleted": True})
+        return json_response({"id": doc, "deleted": True})
 
 
 def main() -> None:

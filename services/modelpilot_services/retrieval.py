@@ -22,7 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot_services.schemas import Filter, Metadata, Vector, document_id
 from modelpilot_services.store import Store
-from modelpilot_services.web import ApiError, Service, env, parse, run, service_config
+from modelpilot_services.web import (
+    ApiError,
+    Service,
+    env,
+    json_response,
+    parse,
+    run,
+    service_config,
+)
 
 MAX_TOP_K = 1000
 
@@ -92,7 +100,7 @@ class Retrieval(Service):
             await asyncio.to_thread(self.store.log, entry)  # durable before visible and acked
             self.store.apply(entry)
             await asyncio.to_thread(self.store.maybe_snapshot)
-        return web.json_response({"id": doc, "chunks": len(chunks)})
+        return json_response({"id": doc, "chunks": len(chunks)})
 
     async def get(self, request: web.Request) -> web.Response:
         doc = document_id(request.match_info["id"])
@@ -100,7 +108,7 @@ class Retrieval(Service):
         if chunks is None:
             raise ApiError(404, "not_found", f"no document {doc!r}")
         out = [{"text": c.text, "metadata": c.metadata} for c in chunks]
-        return web.json_response({"id": doc, "chunks": out})
+        return json_response({"id": doc, "chunks": out})
 
     async def delete(self, request: web.Request) -> web.Response:
         doc = document_id(request.match_info["id"])
@@ -108,7 +116,7 @@ class Retrieval(Service):
             if doc not in self.store.documents:
                 raise ApiError(404, "not_found", f"no document {doc!r}")
             await asyncio.to_thread(self.store.delete, doc)
-        return web.json_response({"id": doc, "deleted": True})
+        return json_response({"id": doc, "deleted": True})
 
     async def search(self, request: web.Request) -> web.Response:
         body = await parse(request, Search)
@@ -122,11 +130,11 @@ class Retrieval(Service):
             }
             for h in hits
         ]
-        return web.json_response({"results": results})
+        return json_response({"results": results})
 
     async def stats(self, request: web.Request) -> web.Response:
         s = self.store
-        return web.json_response(
+        return json_response(
             {
                 "documents": len(s.documents),
                 "chunks": len(s),

@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelpilot_services.web import ApiError, parse
+from modelpilot_services.web import ApiError, json_response, parse
 
 log = logging.getLogger(__name__)
 AGREEMENT_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
@@ -103,7 +103,7 @@ class Shadow:
         return {"model": self.model, "sampleRatio": self.ratio if self.model else 0.0}
 
     async def get(self, request: web.Request) -> web.Response:
-        return web.json_response(self._state())
+        return json_response(self._state())
 
     async def put(self, request: web.Request) -> web.Response:
         body = await parse(request, ShadowConfig)
@@ -113,11 +113,11 @@ class Shadow:
             )
         await self.ensure_loaded(body.model)  # loaded before the first mirrored request
         self.model, self.ratio = body.model, body.sampleRatio
-        return web.json_response(self._state())
+        return json_response(self._state())
 
     async def delete(self, request: web.Request) -> web.Response:
         self.model, self.ratio = None, 0.0
-        return web.json_response(self._state())
+        return json_response(self._state())
 
     def mirror(self, serving: str, compare: Compare) -> None:
         """Maybe mirror this request: ``compare(candidate)`` returns agreement values."""
