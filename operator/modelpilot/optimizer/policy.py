@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from modelpilot.api.v1alpha1 import (
     STAGES,
@@ -379,11 +380,11 @@ def _stabilize(
 def forecast(long: float, short: float | None, tun: Tunables) -> tuple[float, str | None]:
     """The request rate to size for, and why when it is above what was measured.
 
-    A surge shows in the short window first: size for at least the short-window rate (fast
-    up). When the short rate is clearly above the long one the load is climbing; replicas
-    ordered now serve only after ``forecast_lead_s``, so size for the rate the climb reaches
-    by then (linear from the two windows' midpoints), bounded by ``forecast_max_ratio``.
-    Scale-down is held back by the stabilization window either way."""
+    Normally the long-window rate: a short window only a little above it is noise. A surge
+    shows in the short window first; when it is more than ``forecast_deadband`` above the
+    long one the load is climbing, and replicas ordered now serve only after
+    ``forecast_lead_s``, so size for the rate the climb reaches by then (linear from the two
+    windows' midpoints), bounded by ``forecast_max_ratio``."""
     if short is None or short <= long * (1 + tun.forecast_deadband):
         return long, None
     long_w, short_w = RATE_WINDOW_S, SHORT_RATE_WINDOW_S
@@ -391,8 +392,7 @@ def forecast(long: float, short: float | None, tun: Tunables) -> tuple[float, st
     ahead = min(short + slope * (short_w / 2 + tun.forecast_lead_s), short * tun.forecast_max_ratio)
     why = (
         f"rate climbing {slope:.2f}/s ({short_w}s {short:.1f} vs {long_w}s {long:.1f} "
-        f"requests/s): sized for "
-        f"{ahead:.1f} requests/s, the rate in {tun.forecast_lead_s:.0f}s"
+        f"requests/s): sized for {ahead:.1f} requests/s, the rate in {tun.forecast_lead_s:.0f}s"
     )
     return ahead, why
 
@@ -439,9 +439,9 @@ def decide(
             reasons.append(f"{name}: hold, no request rate")
             continue
         rate, trend = forecast(tele.rate_rps, tele.rate_short_rps, tun)
-        measured = max(tele.rate_rps, tele.rate_short_rps or 0.0)
         if trend:
             reasons.append(f"{name}: {trend}")
+        measured = tele.rate_short_rps or 0.0  # a forecast's base: read only when trending
         bounds = (stage.replicas.min, stage.replicas.max)
         if isinstance(stage, ModelStage):
             budget = budgets[name]
@@ -487,6 +487,16 @@ def decide(
                     hist = replace(hist, trial_started=None)
             excluded[name] = hist.rejected_at(t) - {cur.variant or ""}
             options: list[tuple[float, Variant, Sizing]] = []
+            size = partial(
+                size_model_stage,
+                budget_ms=budget,
+                calibration=calib,
+                bounds=bounds,
+                max_batch=stage.batching.max_batch_size,
+                max_delay_us=stage.batching.max_queue_delay_microseconds,
+                tun=tun,
+                items=items,
+            )
             for v in stage.variants:
                 prof = profiles.model(v.model)
                 if prof is None or float(v.quality_value) < floor or v.name in excluded[name]:
@@ -496,18 +506,7 @@ def decide(
                     if v.name == cur.variant
                     else None
                 )
-                s = size_model_stage(
-                    prof,
-                    rate,
-                    budget,
-                    calib,
-                    bounds,
-                    stage.batching.max_batch_size,
-                    stage.batching.max_queue_delay_microseconds,
-                    tun,
-                    prefer,
-                    items,
-                )
+                s = size(prof, rate, prefer=prefer)
                 options.append((s.replicas * float(v.cost_value), v, s))
             feasible = sorted(
                 (o for o in options if o[2].feasible),
@@ -579,18 +578,8 @@ def decide(
             if trend and (prof := profiles.model(variant.model)) is not None:
                 # The stabilization window holds what the measured rate needs: the forecast
                 # buys replicas ahead of a climb, not for the next five minutes.
-                remember = size_model_stage(
-                    prof,
-                    measured,
-                    budget,
-                    calib,
-                    bounds,
-                    stage.batching.max_batch_size,
-                    stage.batching.max_queue_delay_microseconds,
-                    tun,
-                    (sizing.max_batch_size, sizing.max_queue_delay_us),
-                    items,
-                ).replicas
+                kept = (sizing.max_batch_size, sizing.max_queue_delay_us)
+                remember = size(prof, measured, prefer=kept).replicas
             replicas, hist = _stabilize(
                 name, cur.replicas, sizing.replicas, hist, t, spec, cooldown, reasons, remember
             )
