@@ -13,11 +13,17 @@ carry what changes (``max_batch_size``, ``dynamic_batching``), which is what the
 import json
 import os
 import site
+import sys
 from typing import Any
 
 # The stub runs the system interpreter; locally the packages live in the project's venv.
+# addsitedir appends, behind the system's dist-packages: a Debian python3-protobuf (pulled in
+# by criu, say) would then shadow the protobuf onnx needs and no model would load. The venv's
+# directories go first.
+_system_path = list(sys.path)
 for _path in filter(None, os.environ.get("MODELPILOT_SITE_PACKAGES", "").split(os.pathsep)):
     site.addsitedir(_path)
+sys.path[:] = [p for p in sys.path if p not in _system_path] + _system_path
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,7 @@ import pytest
 from modelpilot_services.cache import SemanticCache
 from modelpilot_services.ingestion import chunk
 from modelpilot_services.store import Store
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -103,3 +108,28 @@ def test_store_recovers_from_wal_snapshot_and_a_torn_tail(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "snap-2", "wal-2.jsonl"]
     with pytest.raises(ValueError, match="dimensions"):
         Store(tmp_path, dims=16)
+
+
+def test_the_triton_model_imports_the_venvs_packages_before_the_systems(tmp_path: Path) -> None:
+    """The python-backend stub runs the system interpreter, whose dist-packages (a Debian
+    python3-protobuf, say) sit ahead of anything appended later: model.py must put the venv's
+    packages first. Here a shadowing numpy stands in for the system's."""
+    shadow = tmp_path / "system"
+    (shadow / "numpy").mkdir(parents=True)
+    (shadow / "numpy/__init__.py").write_text("raise ImportError('the system numpy won')\n")
+    (tmp_path / "triton_python_backend_utils.py").write_text("")  # the stub provides it
+    model = ROOT / "services/modelpilot_services/triton_model.py"
+    code = f"import runpy; runpy.run_path({str(model)!r})"
+    paths = sysconfig.get_paths()
+    env = {
+        **os.environ,
+        # The system interpreter, the shadowing directory ahead of everything, as the stub has
+        # dist-packages ahead of the venv.
+        "PYTHONPATH": os.pathsep.join([str(shadow), str(tmp_path)]),
+        "MODELPILOT_SITE_PACKAGES": os.pathsep.join({paths["purelib"], paths["platlib"]}),
+    }
+    run = subprocess.run(
+        [sys._base_executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "the system numpy won" not in run.stderr
+    assert run.returncode == 0, run.stderr[-2000:]
