@@ -76,15 +76,21 @@ def test_one_target_per_stage_image_with_an_importable_entrypoint() -> None:
 ENTRYPOINTS = ("ingestion", "embedding", "retrieval", "inference", "tritonserve", "triton_model")
 
 
-def _imports(path: Path) -> set[str]:
-    """Top-level names of every module ``path`` imports, at any depth of the file."""
-    names = set()
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """What ``path`` imports, at any depth of the file: (top-level names of other packages,
+    modules of our own package)."""
+    names, own = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+            if node.module == "modelpilot_services":
+                own |= {a.name for a in node.names}
+            elif node.module.startswith("modelpilot_services."):
+                own.add(node.module.split(".")[1])
+            else:
+                names.add(node.module.split(".")[0])
+    return names, own
 
 
 def test_every_package_a_service_imports_is_declared_for_the_image() -> None:
@@ -98,17 +104,10 @@ def test_every_package_a_service_imports_is_declared_for_the_image() -> None:
         if module in seen:
             continue
         seen.add(module)
-        for name in _imports(package / f"{module}.py"):
-            if name == "modelpilot_services":
-                tree = ast.parse((package / f"{module}.py").read_text())
-                todo += [
-                    a.name if n.module == "modelpilot_services" else n.module.split(".")[1]
-                    for n in ast.walk(tree)
-                    if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(name)
-                    for a in n.names
-                ]
-            elif name not in sys.stdlib_module_names and name != "triton_python_backend_utils":
-                third_party.add(name)  # the last one: Triton's python backend provides it
+        names, own = _imports(package / f"{module}.py")
+        todo += own
+        # The last one: Triton's python backend provides it.
+        third_party |= names - set(sys.stdlib_module_names) - {"triton_python_backend_utils"}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {
         re.split(r"[\[<>=!~ ]", req, maxsplit=1)[0].lower().replace("_", "-")
