@@ -11,8 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-REPO=${IMAGE_REPOSITORY:-modelpilot}
-TAG=${IMAGE_TAG:-dev}
+REPO=${IMAGE_REPOSITORY:-ghcr.io/modelpilot}  # the operator's defaults (render.py)
+TAG=${IMAGE_TAG:-0.1.0}
 SERVICES=(ingestion embedding retrieval inference triton)
 
 if docker info >/dev/null 2>&1; then

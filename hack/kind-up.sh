@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 name=${1:-modelpilot}
 tag=${TAG:-dev}
-images=(operator ingestion embedding retrieval inference)
+images=(operator ingestion embedding retrieval inference triton)  # as hack/build-images.sh builds
 
 for tool in docker kind kubectl helm; do
   command -v "$tool" >/dev/null || { echo "kind-up: $tool is required" >&2; exit 1; }
