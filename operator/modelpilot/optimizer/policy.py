@@ -26,7 +26,7 @@ candidate is markedly cheaper. A stationary load therefore settles and stays.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -309,6 +309,37 @@ def size_model_stage(
     return Sizing(c, b, 0, p95 * calibration, util, False)
 
 
+Option = tuple[float, Variant, Sizing]  # (cost per hour, variant, its sizing)
+
+
+def variant_options(
+    stage: ModelStage,
+    profiles: Profiles,
+    floor: float,
+    size: Callable[..., Sizing],
+    excluded: Collection[str] = (),
+    prefer: tuple[str, tuple[int, int]] | None = None,
+) -> list[Option]:
+    """Every variant the stage may serve (profiled, at or above the quality ``floor``, not
+    ``excluded``), sized by ``size(profile, prefer=...)``. ``prefer`` is (variant, its current
+    batching), kept for that variant when it is as good."""
+    out: list[Option] = []
+    for v in stage.variants:
+        prof = profiles.model(v.model)
+        if prof is None or float(v.quality_value) < floor or v.name in excluded:
+            continue
+        s = size(prof, prefer=prefer[1] if prefer and prefer[0] == v.name else None)
+        out.append((s.replicas * float(v.cost_value), v, s))
+    return out
+
+
+def cheapest(options: list[Option]) -> list[Option]:
+    """The feasible options, cheapest first (then the higher quality)."""
+    return sorted(
+        (o for o in options if o[2].feasible), key=lambda o: (o[0], -float(o[1].quality_value))
+    )
+
+
 def stage_budgets(spec: ModelDeploymentSpec, snapshot: Snapshot, tun: Tunables) -> dict[str, float]:
     """Split the end-to-end SLO over the query-path stages by their measured p95 shares."""
     total = spec.slo.latency_p95_ms * tun.slo_headroom
@@ -486,7 +517,6 @@ def decide(
                     shadow = None
                     hist = replace(hist, trial_started=None)
             excluded[name] = hist.rejected_at(t) - {cur.variant or ""}
-            options: list[tuple[float, Variant, Sizing]] = []
             size = partial(
                 size_model_stage,
                 budget_ms=budget,
@@ -497,21 +527,16 @@ def decide(
                 tun=tun,
                 items=items,
             )
-            for v in stage.variants:
-                prof = profiles.model(v.model)
-                if prof is None or float(v.quality_value) < floor or v.name in excluded[name]:
-                    continue
-                prefer = (
-                    (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
-                    if v.name == cur.variant
-                    else None
-                )
-                s = size(prof, rate, prefer=prefer)
-                options.append((s.replicas * float(v.cost_value), v, s))
-            feasible = sorted(
-                (o for o in options if o[2].feasible),
-                key=lambda o: (o[0], -float(o[1].quality_value)),
+            batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
+            options = variant_options(
+                stage,
+                profiles,
+                floor,
+                partial(size, rate=rate),
+                excluded[name],
+                (cur.variant or "", batching),
             )
+            feasible = cheapest(options)
             current = next((o for o in options if o[1].name == cur.variant), None)
             pick = (
                 feasible[0]
@@ -579,7 +604,7 @@ def decide(
                 # The stabilization window holds what the measured rate needs: the forecast
                 # buys replicas ahead of a climb, not for the next five minutes.
                 kept = (sizing.max_batch_size, sizing.max_queue_delay_us)
-                remember = size(prof, measured, prefer=kept).replicas
+                remember = size(prof, rate=measured, prefer=kept).replicas
             replicas, hist = _stabilize(
                 name, cur.replicas, sizing.replicas, hist, t, spec, cooldown, reasons, remember
             )
