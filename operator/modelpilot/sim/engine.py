@@ -153,6 +153,10 @@ class _Stage:
         self.arr.extend(times)
         self.rid.extend(ids)
 
+    def counted(self, now: float) -> int:
+        """Pods the Deployment counts at ``now``: alive and not being retired."""
+        return sum(1 for r in self.live(now) if r.retire_at is None)
+
     def observe(self, now: float) -> Observation:
         arr = self.arr
         hi = bisect.bisect_right(arr, now)
@@ -170,7 +174,7 @@ class _Stage:
         return Observation(
             now,
             ready,
-            sum(1 for r in live if r.retire_at is None),
+            self.counted(now),
             rate60,
             rate6,
             rate_short,
@@ -330,11 +334,10 @@ def simulate(
     while next_tick <= total:
         run_until(next_tick)
         while next_sample <= next_tick:
-            obs = [st.observe(next_sample) for st in stages]
             p95 = e2e_p95(next_sample)
             timeline["t"].append(next_sample)
             timeline["rate"].append(trace.rate_at(next_sample))
-            timeline["replicas"].append(float(sum(o.replicas for o in obs)))
+            timeline["replicas"].append(float(sum(st.counted(next_sample) for st in stages)))
             timeline["p95"].append(p95 if p95 is not None else math.nan)
             next_sample += 30.0
         scraped = math.floor(next_tick / cfg.scrape_s) * cfg.scrape_s
