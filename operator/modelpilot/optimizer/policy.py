@@ -309,6 +309,23 @@ def size_model_stage(
     return Sizing(c, b, 0, p95 * calibration, util, False)
 
 
+def stage_sizer(
+    stage: ModelStage, budget_ms: float, calibration: float, tun: Tunables, items: float
+) -> Callable[..., Sizing]:
+    """``size_model_stage`` bound to the stage's bounds and batching limits:
+    call it as ``size(profile, rate=..., prefer=...)``."""
+    return partial(
+        size_model_stage,
+        budget_ms=budget_ms,
+        calibration=calibration,
+        bounds=(stage.replicas.min, stage.replicas.max),
+        max_batch=stage.batching.max_batch_size,
+        max_delay_us=stage.batching.max_queue_delay_microseconds,
+        tun=tun,
+        items=items,
+    )
+
+
 Option = tuple[float, Variant, Sizing]  # (cost per hour, variant, its sizing)
 
 
@@ -517,16 +534,7 @@ def decide(
                     shadow = None
                     hist = replace(hist, trial_started=None)
             excluded[name] = hist.rejected_at(t) - {cur.variant or ""}
-            size = partial(
-                size_model_stage,
-                budget_ms=budget,
-                calibration=calib,
-                bounds=bounds,
-                max_batch=stage.batching.max_batch_size,
-                max_delay_us=stage.batching.max_queue_delay_microseconds,
-                tun=tun,
-                items=items,
-            )
+            size = stage_sizer(stage, budget, calib, tun, items)
             batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
             options = variant_options(
                 stage,

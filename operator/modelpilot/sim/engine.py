@@ -153,9 +153,9 @@ class _Stage:
         self.arr.extend(times)
         self.rid.extend(ids)
 
-    def counted(self, now: float) -> int:
-        """Pods the Deployment counts at ``now``: alive and not being retired."""
-        return sum(1 for r in self.live(now) if r.retire_at is None)
+    def counted(self) -> int:
+        """Pods the Deployment counts: those not being retired (every one of them is live)."""
+        return sum(1 for r in self.replicas.values() if r.retire_at is None)
 
     def observe(self, now: float) -> Observation:
         arr = self.arr
@@ -174,7 +174,7 @@ class _Stage:
         return Observation(
             now,
             ready,
-            self.counted(now),
+            self.counted(),
             rate60,
             rate6,
             rate_short,
@@ -337,7 +337,7 @@ def simulate(
             p95 = e2e_p95(next_sample)
             timeline["t"].append(next_sample)
             timeline["rate"].append(trace.rate_at(next_sample))
-            timeline["replicas"].append(float(sum(st.counted(next_sample) for st in stages)))
+            timeline["replicas"].append(float(sum(st.counted() for st in stages)))
             timeline["p95"].append(p95 if p95 is not None else math.nan)
             next_sample += 30.0
         scraped = math.floor(next_tick / cfg.scrape_s) * cfg.scrape_s

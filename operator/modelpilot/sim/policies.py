@@ -18,7 +18,7 @@ from modelpilot.optimizer.policy import (
     Tunables,
     cheapest,
     decide,
-    size_model_stage,
+    stage_sizer,
     variant_options,
 )
 from modelpilot.optimizer.profiles import Profiles
@@ -273,19 +273,9 @@ class Oracle:
     def _size(self, stage_name: str, rate: int, budget_ms: float) -> tuple[float, Action]:
         stage = self.spec.stage(stage_name)
         assert isinstance(stage, ModelStage)
-        size = partial(
-            size_model_stage,
-            rate=rate,
-            budget_ms=budget_ms,
-            calibration=1.0,
-            bounds=(stage.replicas.min, stage.replicas.max),
-            max_batch=stage.batching.max_batch_size,
-            max_delay_us=stage.batching.max_queue_delay_microseconds,
-            tun=self.tun,
-            items=self.items.get(stage_name, 1.0),
-        )
+        size = stage_sizer(stage, budget_ms, 1.0, self.tun, self.items.get(stage_name, 1.0))
         floor = float(self.spec.slo.min_quality_value)
-        options = cheapest(variant_options(stage, self.profiles, floor, size))
+        options = cheapest(variant_options(stage, self.profiles, floor, partial(size, rate=rate)))
         if not options:
             return math.inf, Action(stage.replicas.max)
         cost, v, s = options[0]
