@@ -2,7 +2,7 @@
 filter has an embedding within cosine ``threshold`` of it and is younger than its TTL.
 
 Entries live in one preallocated matrix used as a ring (the oldest entry is overwritten when
-full), so a lookup is a single matrix-vector product however many entries there are.
+full), so a lookup is one matrix-vector product over the live entries of the query's key.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ class SemanticCache:
         """The cached value of the most similar live entry above the threshold, or ``None``."""
         if self.capacity == 0:
             return None
-        live = (self.expires > self.clock()) & (self.keys == self._key(key))
-        if not live.any():
+        live = np.flatnonzero((self.expires > self.clock()) & (self.keys == self._key(key)))
+        if live.size == 0:
             return None
-        sims = np.where(live, self.vectors @ vector, -np.inf)
+        # Only the live rows: a mostly empty 10k-entry ring cost 0.7 ms a query in full.
+        sims = self.vectors[live] @ vector
         best = int(np.argmax(sims))
-        return self.values[best] if sims[best] >= self.threshold else None
+        return self.values[live[best]] if sims[best] >= self.threshold else None
 
     def put(self, key: str, vector: NDArray[np.float32], value: Any) -> None:
         if self.capacity == 0:

@@ -21,7 +21,6 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-import aiohttp
 import numpy as np
 from aiohttp import web
 from prometheus_client import Counter, Histogram
@@ -38,6 +37,7 @@ from modelpilot_services.web import (
     Service,
     TritonStats,
     call_downstream,
+    client_session,
     env,
     json_response,
     parse,
@@ -113,7 +113,7 @@ class Inference(Service):
         self.shadow.routes(self.app)
 
     async def start(self) -> None:
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        self.http = client_session(self.timeout_s)
         self.triton = Triton(self.triton_url, self.timeout_s)
         self._publish()
         await self.shadow.load()

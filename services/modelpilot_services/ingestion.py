@@ -25,6 +25,7 @@ from modelpilot_services.web import (
     ApiError,
     Service,
     call_downstream,
+    client_session,
     env,
     json_response,
     parse,
@@ -90,7 +91,7 @@ class Ingestion(Service):
         self.app.router.add_delete("/v1/documents/{id}", self.delete)
 
     async def start(self) -> None:
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        self.http = client_session(self.timeout_s)
 
     async def stop(self) -> None:
         await self.http.close()

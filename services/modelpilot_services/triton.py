@@ -1,23 +1,71 @@
-"""The services' Triton client: embed texts and score pairs through tritonclient's asyncio
-HTTP client (binary tensors), and load a model on demand."""
+"""The services' Triton client: embed texts and score pairs over Triton's HTTP/REST protocol
+with binary tensors, and load a model on demand.
+
+Inference requests are encoded here (KServe v2 inference protocol with Triton's binary tensor
+data extension) and sent on one aiohttp session; tritonclient's asyncio client serves the
+admin calls (readiness, config, load). On the request path, tritonclient's generic request
+and result objects cost ~0.2 ms a call over this encoding (measured in the embedding service,
+2-core machine), a fifth of the 1 ms budget a service may add over a direct Triton call.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import aiohttp
 import numpy as np
+import orjson
 import tritonclient.http.aio as triton
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
 from modelpilot_services.web import ApiError
 
+Inputs = Mapping[str, Sequence[str]]
 
-def _bytes_input(name: str, values: Sequence[str]) -> triton.InferInput:
-    tensor = triton.InferInput(name, [len(values), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[v.encode()] for v in values], dtype=object))
-    return tensor
+
+def encode_request(inputs: Inputs, output: str, timeout_us: int) -> tuple[bytes, int]:
+    """One inference request: the JSON header, then each BYTES input as Triton serializes
+    it (a little-endian uint32 length before each element). Returns (body, header length)."""
+    blobs, specs = [], []
+    for name, values in inputs.items():
+        blob = b"".join(len(b).to_bytes(4, "little") + b for b in (v.encode() for v in values))
+        blobs.append(blob)
+        specs.append(
+            {
+                "name": name,
+                "shape": [len(values), 1],
+                "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        )
+    header = orjson.dumps(
+        {
+            "inputs": specs,
+            "outputs": [{"name": output, "parameters": {"binary_data": True}}],
+            "parameters": {"timeout": timeout_us},
+        }
+    )
+    return header + b"".join(blobs), len(header)
+
+
+def decode_response(body: bytes, header_length: int | None, output: str) -> NDArray[np.float32]:
+    """The named FP32 output of a response to ``encode_request``."""
+    if header_length is None:  # Triton answers without binary data only on errors
+        raise InferenceServerException(f"response without binary output: {body[:200]!r}")
+    header: dict[str, Any] = orjson.loads(body[:header_length])
+    offset = header_length
+    for spec in header["outputs"]:
+        size = int(spec["parameters"]["binary_data_size"])
+        if spec["name"] == output:
+            if spec["datatype"] != "FP32":
+                raise InferenceServerException(f"{output} is {spec['datatype']}, not FP32")
+            data = np.frombuffer(body, dtype=np.float32, count=size // 4, offset=offset)
+            return data.reshape(spec["shape"])
+        offset += size
+    raise InferenceServerException(f"response has no output {output!r}")
 
 
 class Triton:
@@ -27,10 +75,21 @@ class Triton:
         self.url = url.removeprefix("http://").rstrip("/")
         self.timeout_s = timeout_s
         self.client = triton.InferenceServerClient(self.url, conn_limit=256)
+        # No Accept-Encoding: aiohttp asks for gzip by default, and Triton then compresses
+        # every float32 tensor, which saves nothing on a pod's loopback and cost 0.3 ms a
+        # call (measured). No User-Agent: bytes Triton never reads.
+        self.http = aiohttp.ClientSession(
+            f"http://{self.url}",
+            connector=aiohttp.TCPConnector(limit=256),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        )
         self.max_batch: dict[str, int] = {}
 
     async def close(self) -> None:
         await self.client.close()
+        await self.http.close()
 
     async def ready(self, model: str) -> bool:
         try:
@@ -57,60 +116,56 @@ class Triton:
                 return self.max_batch.get(model, 1 << 30)
         return self.max_batch[model]
 
-    async def _infer(
-        self, model: str, inputs: Callable[[slice], list[triton.InferInput]], n: int, output: str
-    ) -> NDArray[np.float32]:
-        """Run ``n`` items, split into requests no larger than the model's max batch size:
-        a retuned, smaller max_batch_size must never fail a request that used to fit."""
+    async def _infer(self, model: str, inputs: Inputs, output: str) -> NDArray[np.float32]:
+        """Run every item of ``inputs``, split into requests no larger than the model's max
+        batch size: a retuned, smaller max_batch_size must never fail a request that used
+        to fit."""
         try:
             try:
-                return await self._in_parts(model, inputs, n, output, await self._max_batch(model))
+                return await self._in_parts(model, inputs, output, await self._max_batch(model))
             except InferenceServerException as e:
                 if "batch-size must be" not in str(e):
                     raise
                 limit = await self._max_batch(model, refresh=True)  # retuned since we read it
-                return await self._in_parts(model, inputs, n, output, limit)
+                return await self._in_parts(model, inputs, output, limit)
         except InferenceServerException as e:
             # Triton unreachable, overloaded or the model reloading: retryable for clients.
             raise ApiError(503, "model_unavailable", f"{model}: {e}", retry_after=1) from None
-        except OSError as e:
-            raise ApiError(503, "triton_unreachable", str(e), retry_after=1) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise ApiError(503, "triton_unreachable", repr(e), retry_after=1) from None
 
     async def _in_parts(
-        self,
-        model: str,
-        inputs: Callable[[slice], list[triton.InferInput]],
-        n: int,
-        output: str,
-        limit: int,
+        self, model: str, inputs: Inputs, output: str, limit: int
     ) -> NDArray[np.float32]:
-        parts = [slice(i, min(i + limit, n)) for i in range(0, n, limit)] or [slice(0, 0)]
-        arrays = await asyncio.gather(*(self._call(model, inputs(p), output) for p in parts))
-        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        n = len(next(iter(inputs.values())))
+        if n <= limit:
+            return await self._call(model, inputs, output)
+        parts = [{k: v[i : i + limit] for k, v in inputs.items()} for i in range(0, n, limit)]
+        arrays = await asyncio.gather(*(self._call(model, p, output) for p in parts))
+        return np.concatenate(arrays)
 
-    async def _call(
-        self, model: str, inputs: list[triton.InferInput], output: str
-    ) -> NDArray[np.float32]:
-        result = await self.client.infer(
-            model,
-            inputs,
-            outputs=[triton.InferRequestedOutput(output, binary_data=True)],
-            timeout=int(self.timeout_s * 1e6),
-        )
-        array: NDArray[np.float32] = result.as_numpy(output)
-        return array
+    async def _call(self, model: str, inputs: Inputs, output: str) -> NDArray[np.float32]:
+        body, header_length = encode_request(inputs, output, int(self.timeout_s * 1e6))
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(header_length),
+        }
+        async with self.http.post(f"/v2/models/{model}/infer", data=body, headers=headers) as r:
+            data = await r.read()
+            if r.status != 200:
+                try:
+                    message = orjson.loads(data)["error"]
+                except (ValueError, KeyError, TypeError):
+                    message = data[:200].decode(errors="replace")
+                raise InferenceServerException(message, status=str(r.status))
+            length = r.headers.get("Inference-Header-Content-Length")
+        return decode_response(data, None if length is None else int(length), output)
 
     async def embed(self, model: str, texts: Sequence[str]) -> NDArray[np.float32]:
         """(len(texts), dims) float32, L2-normalised."""
-        return await self._infer(
-            model, lambda p: [_bytes_input("TEXT", texts[p])], len(texts), "EMBEDDING"
-        )
+        return await self._infer(model, {"TEXT": texts}, "EMBEDDING")
 
     async def score(self, model: str, query: str, passages: Sequence[str]) -> NDArray[np.float32]:
         """One re-ranking score per passage."""
-
-        def inputs(p: slice) -> list[triton.InferInput]:
-            part = passages[p]
-            return [_bytes_input("QUERY", [query] * len(part)), _bytes_input("PASSAGE", part)]
-
-        return (await self._infer(model, inputs, len(passages), "SCORE")).reshape(-1)
+        inputs = {"QUERY": [query] * len(passages), "PASSAGE": passages}
+        return (await self._infer(model, inputs, "SCORE")).reshape(-1)

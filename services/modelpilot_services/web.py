@@ -12,10 +12,10 @@ import asyncio
 import json
 import logging
 import os
+import random
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -81,15 +81,26 @@ async def parse(request: web.Request, model: type[Model]) -> Model:
     except UnicodeDecodeError as e:
         raise ApiError(400, "invalid_encoding", f"body is not UTF-8: {e.reason}") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, "invalid_json", f"body is not JSON: {e.msg} at {e.pos}") from None
-    try:
-        return model.model_validate(data)
+        # pydantic-core parses and validates in one pass, without building Python dicts
+        # first: the request path's cheapest way from bytes to a checked model.
+        return model.model_validate_json(text)
     except ValidationError as e:
         first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, "invalid_json", f"body is not JSON: {first['msg']}") from None
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from None
+
+
+def client_session(timeout_s: float) -> aiohttp.ClientSession:
+    """The session a service calls other services with: JSON through orjson both ways (the
+    standard library took ~180 us to encode one 384-float embedding), nothing compressed."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        json_serialize=lambda obj: orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode(),
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+    )
 
 
 async def call_downstream(
@@ -99,7 +110,7 @@ async def call_downstream(
     ``Retry-After``; its 4xx (our request was bad for it) passes on with its reason."""
     try:
         async with http.request(method, url, json=body) as r:
-            data = await r.json(content_type=None)
+            data = await r.json(content_type=None, loads=orjson.loads)
             if r.status == 429 or r.status >= 500:
                 raise ApiError(
                     503, "downstream_unavailable", f"{url}: {r.status}", retry_after=retry_after
@@ -134,6 +145,17 @@ class Metrics:
             "modelpilot_serving_info", "The model each route serves now (value 1).",
             ["stage", "route", "model"], registry=registry,
         )  # fmt: skip
+        # Bound once: a labels() lookup takes a lock and a dict probe on every request.
+        self.stage_in_flight = self.in_flight.labels(stage)
+        self.stage_duration = self.duration.labels(stage)
+        self._by_code: dict[int, Any] = {}
+
+    def count(self, status: int) -> None:
+        """One more response with HTTP ``status``."""
+        child = self._by_code.get(status)
+        if child is None:
+            child = self._by_code[status] = self.requests.labels(self.stage, str(status))
+        child.inc()
 
 
 class TritonStats(Collector):
@@ -230,8 +252,9 @@ def _middleware(metrics: Metrics) -> Any:
         if request.path in QUIET_PATHS:
             return await handler(request)
         start = time.perf_counter()
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
-        metrics.in_flight.labels(metrics.stage).inc()
+        # Correlation ids need not be unpredictable: getrandbits skips uuid4's urandom call.
+        request_id = request.headers.get("X-Request-Id") or f"{random.getrandbits(64):016x}"
+        metrics.stage_in_flight.inc()
         try:
             try:
                 response = await handler(request)
@@ -248,10 +271,10 @@ def _middleware(metrics: Metrics) -> Any:
                 log.exception("unhandled", extra={"fields": {"request_id": request_id}})
                 response = error_response(500, "internal", "internal error; see the logs")
         finally:
-            metrics.in_flight.labels(metrics.stage).dec()
+            metrics.stage_in_flight.dec()
         elapsed = time.perf_counter() - start
-        metrics.requests.labels(metrics.stage, str(response.status)).inc()
-        metrics.duration.labels(metrics.stage).observe(elapsed)
+        metrics.count(response.status)
+        metrics.stage_duration.observe(elapsed)
         response.headers["X-Request-Id"] = request_id
         if response.status >= 400 or log.isEnabledFor(logging.DEBUG):
             fields = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonclient.http import InferResult
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from modelpilot_services.cache import SemanticCache
 from modelpilot_services.ingestion import chunk
 from modelpilot_services.store import Store
+from modelpilot_services.triton import decode_response, encode_request
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit
@@ -43,12 +47,16 @@ def unit(*values: float) -> np.ndarray:
 def test_cache_hits_above_threshold_for_the_same_key_only() -> None:
     now = [0.0]
     cache = SemanticCache(0.95, max_entries=10, ttl_s=60, dims=2, clock=lambda: now[0])
+    cache.put("k5", unit(0, 1), "other")
     cache.put("k3", unit(1, 0), "answer")
+    assert cache.get("k5", unit(0, 1)) == "other" and cache.get("k3", unit(0, 1)) is None
     assert cache.get("k3", unit(1, 0.1)) == "answer"  # cosine 0.995
     assert cache.get("k3", unit(1, 0.5)) is None  # cosine 0.894
     assert cache.get("k5", unit(1, 0)) is None  # another top_k/filter
     now[0] = 61
     assert cache.get("k3", unit(1, 0)) is None and len(cache) == 0  # expired
+    cache.put("k3", unit(1, 0.05), "fresh")  # expired rows never answer, live ones do
+    assert cache.get("k3", unit(1, 0)) == "fresh"
 
 
 def test_cache_is_bounded_and_overwrites_the_oldest() -> None:
@@ -61,6 +69,45 @@ def test_cache_is_bounded_and_overwrites_the_oldest() -> None:
     disabled = SemanticCache(0.5, max_entries=0, ttl_s=60, dims=2)
     disabled.put("k", unit(1, 0), 1)
     assert disabled.get("k", unit(1, 0)) is None
+
+
+def test_triton_request_encoding_matches_tritonclients() -> None:
+    query, passages = "q", ["héllo wörld", "", "x" * 300]
+    body, length = encode_request({"QUERY": [query] * 3, "PASSAGE": passages}, "SCORE", 5)
+    header = json.loads(body[:length])
+    assert header["outputs"] == [{"name": "SCORE", "parameters": {"binary_data": True}}]
+    assert header["parameters"] == {"timeout": 5}
+    expected = b""
+    for spec, values in zip(header["inputs"], ([query] * 3, passages), strict=True):
+        blob = serialize_byte_tensor(np.array([[v.encode()] for v in values], dtype=object))
+        assert spec["shape"] == [3, 1] and spec["datatype"] == "BYTES"
+        assert spec["parameters"]["binary_data_size"] == len(blob.item())
+        expected += blob.item()
+    assert body[length:] == expected
+
+
+def test_triton_response_decoding_matches_tritonclients() -> None:
+    first, wanted = np.ones(4, np.float32), np.arange(6, dtype=np.float32).reshape(2, 3)
+    outputs = [
+        {
+            "name": name,
+            "datatype": "FP32",
+            "shape": list(a.shape),
+            "parameters": {"binary_data_size": a.nbytes},
+        }
+        for name, a in (("OTHER", first), ("EMB", wanted))
+    ]
+    header = json.dumps({"model_name": "m", "outputs": outputs}).encode()
+    body = header + first.tobytes() + wanted.tobytes()
+    ours = decode_response(body, len(header), "EMB")
+    np.testing.assert_array_equal(ours, wanted)
+    np.testing.assert_array_equal(
+        ours, InferResult.from_response_body(body, False, len(header)).as_numpy("EMB")
+    )
+    with pytest.raises(InferenceServerException, match="no output"):
+        decode_response(body, len(header), "MISSING")
+    with pytest.raises(InferenceServerException, match="without binary output"):
+        decode_response(b'{"error": "x"}', None, "EMB")
 
 
 def vectors(n: int, dims: int = 8, seed: int = 0) -> np.ndarray:
