@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelpilot.optimizer import queueing
+from modelpilot.optimizer import profiles, queueing
 from modelpilot.optimizer.profiles import BatchPoint, ModelProfile
 from modelpilot.sim import bench, traces
 from modelpilot.sim.engine import Config, StageConfig, simulate
@@ -20,9 +20,12 @@ from modelpilot.sim.policies import (
     KPA,
     Action,
     Observation,
+    Oracle,
     PerStage,
+    Reactive,
     StaticPeak,
 )
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -142,7 +145,9 @@ def test_bench_prints_every_policy_and_one_json_line(
     report = json.loads(last)
     assert report["trace"] == "short"
     policies = report["policies"]
-    assert set(policies) == {"modelpilot", "static-peak", "hpa", "keda", "kpa", "oracle"}
+    assert set(policies) == {
+        "modelpilot", "static-peak", "hpa", "keda", "kpa", "oracle", "reactive",
+    }  # fmt: skip
     for figures in policies.values():
         assert set(figures) == {
             "attainment", "window_attainment", "cost", "cost_vs_hpa", "cost_vs_oracle",
@@ -223,3 +228,27 @@ def test_the_oracles_peak_is_the_highest_forward_mean() -> None:
     assert trace.max_rate(0, 8) == 10.0 and trace.max_rate(0, 11) == 100.0
     assert peak(20, 30) == pytest.approx(20.0)  # near the end: the mean of what is left
     assert peak(29, 40) == pytest.approx(20.0)
+
+
+def test_reactive_sizes_for_the_seconds_behind_it_the_oracle_for_those_ahead() -> None:
+    # 20/s for 100 s, then 80/s.
+    trace = traces.Trace("step", np.array([0.0, 100.0]), np.array([20.0, 80.0]), 200.0)
+    past = trace.past_mean(10.0)
+    assert past(0, 1) == pytest.approx(20.0) and past(100, 101) == pytest.approx(20.0)
+    assert past(105, 106) == pytest.approx(50.0)  # 5 s at 20/s, 5 s at 80/s
+    assert past(150, 151) == pytest.approx(80.0) and past(500, 501) == pytest.approx(80.0)
+
+    spec, prof = bench.bench_spec(1000), profiles.load(ROOT / "profiles" / "cpu.json")
+    items = {"embedding": 1.0, "inference": 10.0}
+    at_step = {"embedding": obs(now=100.0), "inference": obs(now=100.0)}
+
+    def sized_for(rate: float) -> dict[str, Action]:
+        return Oracle(spec, prof, lambda s, e: rate, items, 2.0).decide_all(at_step, {}, None)
+
+    reactive = Reactive(spec, prof, past, items, 2.0, interval=1.0)
+    oracle = Oracle(spec, prof, trace.peak_mean(10.0), items, 2.0, interval=1.0)
+    assert reactive.decide_all(at_step, {}, None) == sized_for(20.0)
+    assert oracle.decide_all(at_step, {}, None) == sized_for(80.0)
+    assert sized_for(80.0)["inference"].replicas > sized_for(20.0)["inference"].replicas
+    # Only the oracle's replicas are ready at once; the reactive bound pays start-up.
+    assert oracle.ready_at_once and not reactive.ready_at_once

@@ -1,1 +1,2 @@
-"""Trace-replay simulator: the operator optimizer against HPA, KEDA, KPA, static, oracle."""
+"""Trace-replay simulator: the operator optimizer against HPA, KEDA, KPA, static, the oracle
+and its reactive twin."""

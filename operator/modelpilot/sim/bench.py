@@ -30,6 +30,7 @@ from modelpilot.sim.policies import (
     ModelPilot,
     Oracle,
     PerStage,
+    Reactive,
     StaticPeak,
 )
 
@@ -130,6 +131,10 @@ def run_trace(
         # Sized for each interval's peak 10 s mean: a raw 1 s maximum buys for noise that
         # a queue absorbs, and a real policy then beats the "lower bound".
         Oracle(spec, profiles, trace.peak_mean(10.0), items, retrieval_ms),
+        # The same sizing knowing only the exact last 10 s, with start-up: what reacting
+        # perfectly without foresight attains. Every 5 s: 1 s ticks took 30 s a trace and
+        # attained 0.8 points more of bursty's windows than 15 s ticks.
+        Reactive(spec, profiles, trace.past_mean(10.0), items, retrieval_ms, interval=5.0),
     ]
     jobs = []
     for policy in policies:

@@ -171,6 +171,7 @@ class PerStage:
         self.policies = dict(policies)
         first = next(iter(self.policies.values()))
         self.name, self.interval = first.name, first.interval
+        self.ready_at_once = False
 
     def decide_all(
         self,
@@ -186,6 +187,7 @@ class ModelPilot:
     every stage from every stage's telemetry."""
 
     name = "modelpilot"
+    ready_at_once = False
 
     def __init__(
         self,
@@ -244,6 +246,7 @@ class Oracle:
     than the uncalibrated model does."""
 
     name = "oracle"
+    ready_at_once = True
 
     def __init__(
         self,
@@ -306,3 +309,14 @@ class Oracle:
         if math.isinf(best[0]):
             return dict(current)
         return best[1]
+
+
+class Reactive(Oracle):
+    """The oracle's sizing without its foresight: every second (``interval``) it knows the
+    exact mean rate of the last seconds (``past_mean``) and nothing ahead, and its pods take
+    the start-up delay every online policy's take. What start-up alone costs: the attainment
+    a policy that reacts perfectly but cannot see a burst coming reaches at the queueing
+    model's cost."""
+
+    name = "reactive"
+    ready_at_once = False

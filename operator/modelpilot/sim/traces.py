@@ -42,6 +42,18 @@ class Trace:
         starts = np.arange(len(rates))
         return PeakMean((sums[ends] - sums[starts]) / (ends - starts))
 
+    def past_mean(self, smooth_s: float) -> PastMean:
+        """The mean rate over the ``smooth_s`` seconds before each whole second."""
+        grid = np.arange(0.0, self.duration, 1.0)
+        rates = self.rps[np.maximum(np.searchsorted(self.t, grid, side="right") - 1, 0)]
+        k = min(max(int(smooth_s), 1), len(rates))
+        sums = np.concatenate(([0.0], np.cumsum(rates)))
+        ends = np.arange(len(rates))
+        starts = np.maximum(ends - k, 0)
+        means = (sums[ends] - sums[starts]) / np.maximum(ends - starts, 1)
+        means[0] = rates[0]  # nothing has passed yet at t=0: the first second's rate
+        return PastMean(means)
+
     def arrivals(self, seed: int) -> npt.NDArray[np.float64]:
         """Poisson arrival times: per row, a Poisson count spread uniformly over the row."""
         rng = np.random.default_rng(seed)
@@ -64,6 +76,17 @@ class PeakMean:
         i = min(max(int(start), 0), len(self.means) - 1)
         j = max(math.ceil(end), i + 1)
         return float(self.means[i:j].max())
+
+
+@dataclass(frozen=True)
+class PastMean:
+    """``past(now, _)``: the mean rate over the seconds just before ``now``, exactly: the
+    most a policy without foresight can know (no scrape lag, no rate window, no noise)."""
+
+    means: npt.NDArray[np.float64]  # backward mean rate at each whole second
+
+    def __call__(self, start: float, end: float) -> float:
+        return float(self.means[min(max(int(start), 0), len(self.means) - 1)])
 
 
 def load_csv(path: str | Path) -> Trace:
