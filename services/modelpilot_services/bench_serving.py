@@ -8,7 +8,8 @@ alone costs about 1.3 ms more per call than geventhttpclient here):
 - embedding: ``POST /v1/embed`` (1 text) vs tritonclient ``infer`` of the same text;
 - ingestion: ``POST /v1/documents`` (1 chunk) vs tritonclient embed + retrieval ``PUT``;
 - inference: ``POST /v1/query`` (cache off) vs tritonclient embed + retrieval search +
-  tritonclient re-rank of the same candidates.
+  tritonclient re-rank of the same candidates;
+- one bare hop, ``GET /healthz`` on the embedding service: what any service adds at least.
 
 Each path is also timed less its requests' time inside Triton (read from Triton's
 statistics around the call), which isolates what the service adds from the model's own
@@ -133,8 +134,19 @@ def _run(stack: Stack, args: argparse.Namespace) -> int:
         times[name][path].append(wall)
         outside[name][path].append(wall - (_in_triton_ms(http, stack.triton_url) - before))
 
+    # One bare hop into a service in the same run (GET /healthz: no middleware, no model):
+    # the floor of what any service in this HTTP stack adds.
+    hop: list[float] = []
+
+    def healthz() -> None:
+        r = clients["embedding"].request("GET", "/healthz")
+        r.read()
+        if r.status_code != 200:
+            raise RuntimeError(f"GET embedding/healthz: {r.status_code}")
+
     for i in tqdm(range(n), desc="service vs direct", unit="pair"):
         text, doc = docs[i], {"id": f"bench-{i}", "text": docs[i]}
+        hop.append(_ms(healthz))
         timed("embedding", 0, lambda: post("embedding", "/v1/embed", {"texts": [text]}))  # noqa: B023
         timed("embedding", 1, lambda: embed_direct([text]))  # noqa: B023
 
@@ -189,6 +201,8 @@ def _run(stack: Stack, args: argparse.Namespace) -> int:
     print(
         f"{'retrieval':<11}{statistics.median(search):>12.2f}  (search, top 10 of {2 * n} chunks)"
     )
+    print(f"{'one hop':<11}{statistics.median(hop):>12.2f}  (GET /healthz: the HTTP stack's floor)")
+    summary["hop_p50_ms"] = statistics.median(hop)
 
     # Variant throughput through Triton: 4 clients x 8 texts per request.
     prof = json.loads(args.profile.read_text())["models"] if args.profile.exists() else {}
