@@ -10,6 +10,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := .cache/bin
 APT_PACKAGES := prometheus shellcheck
+# The image test builds with Podman (no Docker engine here) and a Debian base made by
+# mmdebstrap (no image registry); podman with its recommends (fuse-overlayfs, slirp4netns,
+# uidmap), the set the images were first built with.
+APT_IMAGE_PACKAGES := podman runc mmdebstrap
 export KUBECONFIG := $(CURDIR)/.cache/kubeconfig
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
@@ -21,9 +25,15 @@ help: ## list targets
 .PHONY: apt
 apt: ## install the Debian packages the tests use (idempotent)
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	images=""; for p in $(APT_IMAGE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || images="$$images $$p"; done; \
+	if [ -n "$$missing$$images" ]; then apt-get update -qq; fi; \
 	if [ -n "$$missing" ]; then \
 	  echo ">> apt-get install$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi; \
+	if [ -n "$$images" ]; then \
+	  echo ">> apt-get install$$images (with recommends)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$images >/dev/null; \
 	fi
 
 $(VENV)/.stamp: pyproject.toml

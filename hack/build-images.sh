@@ -6,14 +6,17 @@
 #
 # BASE_FROM_DEBIAN=1 builds the Debian bookworm base from Debian's package mirror
 # (mmdebstrap) instead of pulling it, for machines that reach Debian and PyPI but no image
-# registry. Podman builds see the host's CA bundle and /etc/pip.conf, so they work behind a
-# TLS-intercepting proxy; neither ends up in an image.
+# registry. Podman builds see the host's CA bundle (for pip) and /etc/pip.conf, so they work
+# behind a TLS-intercepting proxy; neither ends up in an image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REPO=${IMAGE_REPOSITORY:-ghcr.io/modelpilot}  # the operator's defaults (render.py)
 TAG=${IMAGE_TAG:-0.1.0}
 SERVICES=(ingestion embedding retrieval inference triton)
+
+cleanup=()
+trap 'rm -f "${cleanup[@]}"' EXIT
 
 if docker info >/dev/null 2>&1; then
   ENGINE=(docker)
@@ -22,9 +25,20 @@ elif command -v podman >/dev/null; then
   ENGINE=(podman)
   # chroot isolation: RUN steps need no OCI runtime, cgroups or rlimits from the host.
   BUILD=(podman build --isolation chroot --network host)
-  for f in /etc/ssl/certs/ca-certificates.crt /etc/pip.conf; do
-    [[ -f $f ]] && BUILD+=(-v "$f:$f:ro")
-  done
+  ca=/etc/ssl/certs/ca-certificates.crt
+  if [[ -f $ca ]]; then
+    # The host's CA bundle at a path of its own, and a pip.conf pointing there: mounted at
+    # its usual path it breaks the image's ca-certificates postinst, which replaces it.
+    pipconf=$(mktemp --suffix=.conf)
+    cleanup+=("$pipconf")
+    printf '[global]\ncert = /run/host-ca.crt\n' >"$pipconf"
+    if [[ -f /etc/pip.conf ]]; then
+      grep -vE '^[[:space:]]*(\[global\]|cert[[:space:]]*=)' /etc/pip.conf >>"$pipconf" || true
+    fi
+    BUILD+=(-v "$ca:/run/host-ca.crt:ro" -v "$pipconf:/etc/pip.conf:ro")
+  elif [[ -f /etc/pip.conf ]]; then
+    BUILD+=(-v /etc/pip.conf:/etc/pip.conf:ro)
+  fi
 else
   echo "build-images: neither a Docker engine (docker info failed) nor podman" >&2
   exit 1
@@ -35,7 +49,7 @@ if [[ ${BASE_FROM_DEBIAN:-0} == 1 ]]; then
   if ! "${ENGINE[@]}" image inspect "$base" >/dev/null 2>&1; then
     command -v mmdebstrap >/dev/null || { echo "build-images: BASE_FROM_DEBIAN needs mmdebstrap" >&2; exit 1; }
     rootfs=$(mktemp --suffix=.tar)
-    trap 'rm -f "$rootfs"' EXIT
+    cleanup+=("$rootfs")
     mmdebstrap --variant=minbase --quiet bookworm "$rootfs"
     "${ENGINE[@]}" import "$rootfs" "$base" >/dev/null
   fi
@@ -59,7 +73,7 @@ if [[ ${ENGINE[0]} == podman ]]; then
        --ulimit "nofile=$(ulimit -n):$(ulimit -n)" --ulimit "nproc=4096:4096")
 fi
 names=(modelpilot-smoke-triton modelpilot-smoke-embedding)
-trap '"${ENGINE[@]}" rm -f "${names[@]}" >/dev/null 2>&1 || true' EXIT
+trap '"${ENGINE[@]}" rm -f "${names[@]}" >/dev/null 2>&1 || true; rm -f "${cleanup[@]}"' EXIT
 "${RUN[@]}" --name "${names[0]}" "$REPO/triton:$TAG" --model-repository=/tmp/models \
   --model-control-mode=explicit --load-model=minilm_int8 --http-address=127.0.0.1 \
   --grpc-address=127.0.0.1 --http-port=18000 --grpc-port=18001 --metrics-port=18002 >/dev/null

@@ -1,5 +1,5 @@
-"""The Dockerfiles, checked statically (CI has no Docker engine to build them): pinned
-bases, multi-stage, non-root, one target per rendered stage image, real entrypoints."""
+"""The Dockerfiles, checked statically: pinned bases, multi-stage, non-root, one target per
+rendered stage image, real entrypoints (``test_image_build.py`` builds and runs them)."""
 
 from __future__ import annotations
 
