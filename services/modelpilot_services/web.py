@@ -92,10 +92,17 @@ async def parse(request: web.Request, model: type[Model]) -> Model:
         raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from None
 
 
-def client_session(timeout_s: float) -> aiohttp.ClientSession:
-    """The session a service calls other services with: JSON through orjson both ways (the
-    standard library took ~180 us to encode one 384-float embedding), nothing compressed."""
+def client_session(
+    timeout_s: float, base_url: str | None = None, limit: int = 100
+) -> aiohttp.ClientSession:
+    """The session a service calls other services (and Triton) with: JSON through orjson
+    both ways (the standard library took ~180 us to encode one 384-float embedding), and
+    nothing compressed: aiohttp asks for gzip by default, and Triton then compressed every
+    float32 tensor, which saves nothing on a pod's loopback and cost 0.3 ms a call. No
+    User-Agent: bytes nobody reads."""
     return aiohttp.ClientSession(
+        base_url,
+        connector=aiohttp.TCPConnector(limit=limit),
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         json_serialize=lambda obj: orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode(),
         auto_decompress=False,

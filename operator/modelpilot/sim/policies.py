@@ -312,9 +312,9 @@ class Oracle:
 
 
 class Reactive(Oracle):
-    """The oracle's sizing without its foresight: every second (``interval``) it knows the
-    exact mean rate of the last seconds (``past_mean``) and nothing ahead, and its pods take
-    the start-up delay every online policy's take. What start-up alone costs: the attainment
+    """The oracle's sizing without its foresight: every ``interval`` it knows the exact mean
+    rate of the last seconds (``past_mean``) and nothing ahead, and its pods take the
+    start-up delay every online policy's take. What start-up alone costs: the attainment
     a policy that reacts perfectly but cannot see a burst coming reaches at the queueing
     model's cost."""
 

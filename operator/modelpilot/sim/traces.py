@@ -31,27 +31,29 @@ class Trace:
         j = max(int(np.searchsorted(self.t, end, side="right")), i + 1)
         return float(self.rps[i:j].max())
 
-    def peak_mean(self, smooth_s: float) -> PeakMean:
-        """The highest mean rate over any ``smooth_s`` seconds starting in a time range."""
+    def _seconds(self, smooth_s: float) -> tuple[npt.NDArray[np.float64], int]:
+        """Running sums of the rate at each whole second (``sums[i]``: seconds 0..i-1) and
+        the window ``smooth_s`` in whole seconds, at least 1, at most the trace."""
         grid = np.arange(0.0, self.duration, 1.0)
         rates = self.rps[np.maximum(np.searchsorted(self.t, grid, side="right") - 1, 0)]
         k = min(max(int(smooth_s), 1), len(rates))
-        sums = np.concatenate(([0.0], np.cumsum(rates)))
+        return np.concatenate(([0.0], np.cumsum(rates))), k
+
+    def peak_mean(self, smooth_s: float) -> PeakMean:
+        """The highest mean rate over any ``smooth_s`` seconds starting in a time range."""
+        sums, k = self._seconds(smooth_s)
         # The mean of the next k seconds, or of what is left near the end.
-        ends = np.minimum(np.arange(len(rates)) + k, len(rates))
-        starts = np.arange(len(rates))
+        starts = np.arange(len(sums) - 1)
+        ends = np.minimum(starts + k, len(sums) - 1)
         return PeakMean((sums[ends] - sums[starts]) / (ends - starts))
 
     def past_mean(self, smooth_s: float) -> PastMean:
         """The mean rate over the ``smooth_s`` seconds before each whole second."""
-        grid = np.arange(0.0, self.duration, 1.0)
-        rates = self.rps[np.maximum(np.searchsorted(self.t, grid, side="right") - 1, 0)]
-        k = min(max(int(smooth_s), 1), len(rates))
-        sums = np.concatenate(([0.0], np.cumsum(rates)))
-        ends = np.arange(len(rates))
+        sums, k = self._seconds(smooth_s)
+        ends = np.arange(len(sums) - 1)
         starts = np.maximum(ends - k, 0)
         means = (sums[ends] - sums[starts]) / np.maximum(ends - starts, 1)
-        means[0] = rates[0]  # nothing has passed yet at t=0: the first second's rate
+        means[0] = sums[1]  # nothing has passed yet at t=0: the first second's rate
         return PastMean(means)
 
     def arrivals(self, seed: int) -> npt.NDArray[np.float64]:
