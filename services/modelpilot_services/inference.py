@@ -31,13 +31,13 @@ from modelpilot_services.cache import SemanticCache
 from modelpilot_services.schemas import Filter
 from modelpilot_services.shadow import Shadow
 from modelpilot_services.triton import Triton
+from modelpilot_services.upstream import Upstream
 from modelpilot_services.web import (
     LATENCY_BUCKETS,
     ApiError,
     Service,
     TritonStats,
     call_downstream,
-    client_session,
     env,
     json_response,
     parse,
@@ -81,10 +81,8 @@ class Inference(Service):
         timeout_s: float = 30.0,
     ):
         super().__init__()
-        self.embedding_url, self.retrieval_url = (
-            embedding_url.rstrip("/"),
-            retrieval_url.rstrip("/"),
-        )
+        self.embedding = Upstream(embedding_url, timeout_s=timeout_s)
+        self.retrieval = Upstream(retrieval_url, timeout_s=timeout_s)
         self.triton_url, self.timeout_s = triton_url, timeout_s
         self.models = {"small": small_model, "large": large_model}
         self.threshold = routing_threshold
@@ -113,13 +111,13 @@ class Inference(Service):
         self.shadow.routes(self.app)
 
     async def start(self) -> None:
-        self.http = client_session(self.timeout_s)
         self.triton = Triton(self.triton_url, self.timeout_s)
         self._publish()
         await self.shadow.load()
 
     async def stop(self) -> None:
-        await self.http.close()
+        await self.embedding.close()
+        await self.retrieval.close()
         await self.triton.close()
 
     async def ready(self) -> str | None:
@@ -133,13 +131,13 @@ class Inference(Service):
         for route, model in self.models.items():
             self.metrics.info.labels(self.stage, route, model).set(1)
 
-    async def _post(self, url: str, body: Any) -> Any:
-        return await call_downstream(self.http, "POST", url, body, retry_after=1)
+    async def _post(self, upstream: Upstream, path: str, body: Any) -> Any:
+        return await call_downstream(upstream, "POST", path, body, retry_after=1)
 
     async def query(self, request: web.Request) -> web.Response:
         start = time.perf_counter()
         body = await parse(request, Query)
-        embedded = await self._post(f"{self.embedding_url}/v1/embed", {"texts": [body.query]})
+        embedded = await self._post(self.embedding, "/v1/embed", {"texts": [body.query]})
         vector = np.asarray(embedded["embeddings"][0], dtype=np.float32)
         key = json.dumps([body.top_k, body.filter, body.route], sort_keys=True)
         cached = self.cache.get(key, vector)
@@ -151,7 +149,7 @@ class Inference(Service):
         search = {"embedding": vector.tolist(), "top_k": max(CANDIDATES * body.top_k, 10)}
         if body.filter:
             search["filter"] = body.filter
-        candidates = (await self._post(f"{self.retrieval_url}/v1/search", search))["results"]
+        candidates = (await self._post(self.retrieval, "/v1/search", search))["results"]
         route = body.route or self.route(candidates)
         self.routed.labels(self.stage, route).inc()
         model = self.models[route]

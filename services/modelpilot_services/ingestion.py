@@ -16,16 +16,15 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot_services.schemas import DocumentId, Metadata, document_id
+from modelpilot_services.upstream import Upstream
 from modelpilot_services.web import (
     ApiError,
     Service,
     call_downstream,
-    client_session,
     env,
     json_response,
     parse,
@@ -79,10 +78,8 @@ class Ingestion(Service):
         super().__init__()
         if not 0 <= overlap < chunk_size:
             raise SystemExit("CHUNK_OVERLAP must be >= 0 and < CHUNK_SIZE")
-        self.embedding_url, self.retrieval_url = (
-            embedding_url.rstrip("/"),
-            retrieval_url.rstrip("/"),
-        )
+        self.embedding = Upstream(embedding_url, timeout_s=timeout_s)
+        self.retrieval = Upstream(retrieval_url, timeout_s=timeout_s)
         self.chunk_size, self.overlap, self.timeout_s = chunk_size, overlap, timeout_s
         self.slots = asyncio.Semaphore(max_concurrent)
         self.max_waiting = max_concurrent + max_queue
@@ -90,26 +87,21 @@ class Ingestion(Service):
         self.app.router.add_post("/v1/documents", self.post)
         self.app.router.add_delete("/v1/documents/{id}", self.delete)
 
-    async def start(self) -> None:
-        self.http = client_session(self.timeout_s)
-
     async def stop(self) -> None:
-        await self.http.close()
+        await self.embedding.close()
+        await self.retrieval.close()
 
     async def ready(self) -> str | None:
-        for name, url in (("embedding", self.embedding_url), ("retrieval", self.retrieval_url)):
+        for name, upstream in (("embedding", self.embedding), ("retrieval", self.retrieval)):
             try:
-                async with self.http.get(
-                    f"{url}/readyz", timeout=aiohttp.ClientTimeout(total=2)
-                ) as r:
-                    if r.status != 200:
-                        return f"{name} is not ready"
-            except (aiohttp.ClientError, TimeoutError):
+                if (await upstream.request("GET", "/readyz", timeout_s=2)).status != 200:
+                    return f"{name} is not ready"
+            except (OSError, TimeoutError):
                 return f"{name} is unreachable"
         return None
 
-    async def _call(self, method: str, url: str, body: Any = None) -> Any:
-        return await call_downstream(self.http, method, url, body, retry_after=2)
+    async def _call(self, upstream: Upstream, method: str, path: str, body: Any = None) -> Any:
+        return await call_downstream(upstream, method, path, body, retry_after=2)
 
     async def _ingest(self, doc: DocumentIn) -> int:
         pieces = chunk(doc.text, self.chunk_size, self.overlap)
@@ -118,8 +110,9 @@ class Ingestion(Service):
         vectors: list[list[float]] = []
         for start in range(0, len(pieces), EMBED_BATCH):
             out = await self._call(
+                self.embedding,
                 "POST",
-                f"{self.embedding_url}/v1/embed",
+                "/v1/embed",
                 {"texts": pieces[start : start + EMBED_BATCH]},
             )
             vectors.extend(out["embeddings"])
@@ -127,8 +120,9 @@ class Ingestion(Service):
             {"text": p, "metadata": {**doc.metadata, "chunk": i}} for i, p in enumerate(pieces)
         ]
         await self._call(
+            self.retrieval,
             "PUT",
-            f"{self.retrieval_url}/v1/documents/{doc.id}",
+            f"/v1/documents/{doc.id}",
             {"chunks": chunks, "embeddings": vectors},
         )
         return len(pieces)
@@ -150,7 +144,7 @@ class Ingestion(Service):
 
     async def delete(self, request: web.Request) -> web.Response:
         doc = document_id(request.match_info["id"])
-        await self._call("DELETE", f"{self.retrieval_url}/v1/documents/{doc}")
+        await self._call(self.retrieval, "DELETE", f"/v1/documents/{doc}")
         return json_response({"id": doc, "deleted": True})
 
 
