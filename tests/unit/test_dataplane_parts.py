@@ -56,7 +56,9 @@ def test_cache_hits_above_threshold_for_the_same_key_only() -> None:
     now[0] = 61
     assert cache.get("k3", unit(1, 0)) is None and len(cache) == 0  # expired
     cache.put("k3", unit(1, 0.05), "fresh")  # expired rows never answer, live ones do
+    cache.put("k3", unit(1, 0.2), "second")  # cosine 0.981: a hit, but not the best
     assert cache.get("k3", unit(1, 0)) == "fresh"
+    assert cache.get("k3", unit(1, 0.3)) == "second"
 
 
 def test_cache_is_bounded_and_overwrites_the_oldest() -> None:
