@@ -80,7 +80,7 @@ class Ingestion(Service):
             raise SystemExit("CHUNK_OVERLAP must be >= 0 and < CHUNK_SIZE")
         self.embedding = Upstream(embedding_url, timeout_s=timeout_s)
         self.retrieval = Upstream(retrieval_url, timeout_s=timeout_s)
-        self.chunk_size, self.overlap, self.timeout_s = chunk_size, overlap, timeout_s
+        self.chunk_size, self.overlap = chunk_size, overlap
         self.slots = asyncio.Semaphore(max_concurrent)
         self.max_waiting = max_concurrent + max_queue
         self.admitted = 0

@@ -65,8 +65,9 @@ async def raw_server(handler: Handler) -> AsyncIterator[str]:
 
 async def read_request(reader: asyncio.StreamReader) -> bool:
     """Read one request with a Content-Length body; False at end of stream."""
-    head = await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b""
-    if not head:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:  # the client closed the connection
         return False
     length = next(
         int(line.split(b":")[1])
