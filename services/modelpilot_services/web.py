@@ -30,6 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
+from threadpoolctl import threadpool_limits
 
 from modelpilot_services.upstream import Upstream
 
@@ -364,6 +365,10 @@ def run(service: Service, port: int) -> None:
     libuv's I/O path cut the embedding service's added latency from 2.7 to 1.8 ms (p50,
     interleaved against direct Triton calls, 2-core machine)."""
     setup_logging(service.stage)
+    # Our numpy work is a few small products per request (the semantic cache's lookup), far
+    # too small to share; a second OpenBLAS thread only spins in sched_yield after each one,
+    # which took 58-90 ms of CPU a query in the gateway, on the cores Triton needs.
+    threadpool_limits(limits=1, user_api="blas")
     web.run_app(
         service.app,
         loop=uvloop.new_event_loop(),

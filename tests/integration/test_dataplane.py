@@ -66,6 +66,58 @@ def test_known_answer_queries_find_their_document_in_the_top_3(data_plane: Stack
     assert again["cached"] is True
 
 
+def _thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _stub_pid(triton_pid: int, model: str) -> int:
+    """The Python-backend stub process that runs ``model`` for this Triton."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            parent = (entry / "status").read_text().split("PPid:")[1].split()[0]
+            if (
+                int(parent) == triton_pid
+                and b"triton_python_backend_stub" in argv[0]
+                and f"/{model}/1/".encode() in argv[1]
+            ):
+                return int(entry.name)
+    raise AssertionError(f"Triton {triton_pid} has no Python-backend stub for {model}")
+
+
+def test_no_helper_thread_spins_beside_the_work(data_plane: Stack) -> None:
+    """The gateway and the re-ranker's model process do their numpy work on one thread: a
+    second OpenBLAS thread only spins in sched_yield after each product big enough to share
+    (58-90 ms of CPU a query in the gateway, 60-96 in the re-ranker, on Triton's cores)."""
+    docs = profile.corpus(limit=30)
+    ingest_corpus(data_plane, docs, "spin")
+    query = f"{data_plane.url('inference')}/v1/query"
+    # 40 cache entries: OpenBLAS shares a matrix-vector product past 9216 elements (24 rows
+    # of 384). A filter matching nothing skips the re-ranker, so these are cheap.
+    for i in range(40):
+        ok("POST", query, {"query": f"warm {i}", "filter": {"corpus": "none"}})
+    triton, gateway = data_plane.pid("triton"), data_plane.pid("inference")
+    assert triton is not None and gateway is not None
+    pids = {"gateway": gateway, "reranker_small": _stub_pid(triton, "reranker_small")}
+    before = {name: _thread_cpu_s(pid) for name, pid in pids.items()}
+    queries = profile.queries(docs)[:10]
+    for q in queries:  # distinct texts: every one misses the cache and runs the re-ranker
+        body = {"query": q, "top_k": 3, "route": "small", "filter": {"corpus": "spin"}}
+        assert ok("POST", query, body)["cached"] is False
+    for name, pid in pids.items():
+        after = _thread_cpu_s(pid)
+        helpers = sum(t - before[name].get(tid, 0.0) for tid, t in after.items() if tid != pid)
+        per_query_ms = helpers * 1000 / len(queries)
+        assert per_query_ms < 10, f"{name}: helper threads took {per_query_ms:.1f} ms CPU/query"
+
+
 def _batch_sizes(stack: Stack, model: str) -> dict[int, int]:
     stats = requests.get(f"{stack.triton_url}/v2/models/{model}/stats", timeout=10).json()
     out: dict[int, int] = {}
