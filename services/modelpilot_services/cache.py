@@ -44,7 +44,8 @@ class SemanticCache:
         if filled == 0:
             return None
         # One product over the filled rows, a view: gathering the live rows first copied
-        # them and cost 5.9 ms a lookup with 10k live entries, against 0.26 ms for this.
+        # them and cost 5.9 ms a lookup with 10k live entries. This takes 1.1-1.8 ms there on
+        # one BLAS thread (the 15 MB of vectors come from memory), 0.1 ms with 2000.
         sims = self.vectors[:filled] @ vector
         hit = (
             (sims >= self.threshold)

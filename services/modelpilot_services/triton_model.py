@@ -73,8 +73,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         threads = int(os.environ.get("MODELPILOT_MODEL_THREADS", "1"))
         # ONNX Runtime runs the model on ``threads``; numpy's products after it (the
-        # re-rankers' MaxSim, normalising) are small, and an idle second OpenBLAS thread
-        # spins in sched_yield after each: 60-96 ms of CPU a query in reranker_small.
+        # re-rankers' MaxSim) stay on one thread: a second OpenBLAS thread spins in
+        # sched_yield after each product it shares, 60-96 ms of CPU a query in reranker_small.
         threadpool_limits(limits=1, user_api="blas")
         if self.name in models.RERANKERS:
             self.reranker = models.load_reranker(self.name, threads=threads)

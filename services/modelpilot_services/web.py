@@ -365,9 +365,9 @@ def run(service: Service, port: int) -> None:
     libuv's I/O path cut the embedding service's added latency from 2.7 to 1.8 ms (p50,
     interleaved against direct Triton calls, 2-core machine)."""
     setup_logging(service.stage)
-    # Our numpy work is a few small products per request (the semantic cache's lookup), far
-    # too small to share; a second OpenBLAS thread only spins in sched_yield after each one,
-    # which took 58-90 ms of CPU a query in the gateway, on the cores Triton needs.
+    # A replica has one core. A second OpenBLAS thread spins in sched_yield after each
+    # product it shares (the semantic cache's lookup past 24 entries): 58-90 ms of CPU a
+    # query in the gateway, on the cores Triton needs.
     threadpool_limits(limits=1, user_api="blas")
     web.run_app(
         service.app,
