@@ -4,6 +4,8 @@
 #   hack/build-images.sh              # every image, tagged $IMAGE_REPOSITORY/<name>:$IMAGE_TAG
 #   hack/build-images.sh --smoke      # then run Triton + embedding from them and embed a text
 #
+# When the local cluster's real node runs (hack/node.sh), the images are loaded into it too.
+#
 # BASE_FROM_DEBIAN=1 builds the Debian bookworm base from Debian's package mirror
 # (mmdebstrap) instead of pulling it, for machines that reach Debian and PyPI but no image
 # registry. Podman builds see the host's CA bundle (for pip) and /etc/pip.conf, so they work
@@ -61,6 +63,15 @@ for s in "${SERVICES[@]}"; do
   "${BUILD[@]}" -f images/services.Dockerfile --target "$s" -t "$REPO/$s:$TAG" .
 done
 echo "built: operator ${SERVICES[*]} as $REPO/<name>:$TAG"
+
+# The local cluster's real node has no registry to pull from: hand it the images (each only
+# when it changed), so pods with imagePullPolicy IfNotPresent start offline.
+if [[ ${ENGINE[0]} == podman ]] && hack/node.sh status >/dev/null 2>&1; then
+  images=("$REPO/operator:$TAG")
+  for s in "${SERVICES[@]}"; do images+=("$REPO/$s:$TAG"); done
+  hack/node.sh load "${images[@]}"
+  echo "loaded into node-1: operator ${SERVICES[*]}"
+fi
 
 [[ ${1:-} == --smoke ]] || exit 0
 

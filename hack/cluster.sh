@@ -1,47 +1,15 @@
 #!/usr/bin/env bash
 # A local Kubernetes control plane as plain processes: etcd, kube-apiserver (RBAC, TLS,
-# service-account signing), kube-controller-manager, kube-scheduler and kwok with fake nodes.
+# service-account signing), kube-controller-manager, kube-scheduler, kwok with fake nodes,
+# and one real node (hack/node.sh: containerd, kubelet, kube-proxy, DNS, storage).
 # Usage: hack/cluster.sh up|down|status
 # Env: MODELPILOT_ETCD_PORT (23790), MODELPILOT_APISERVER_PORT (16443),
 #      MODELPILOT_KCM_PORT (20257), MODELPILOT_SCHEDULER_PORT (20259),
-#      MODELPILOT_KWOK_PORT (20247)
+#      MODELPILOT_KWOK_PORT (20247); the node's in hack/node.sh
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-state="$root/.cache/cluster"
-pki="$state/pki"
-run="$state/run"
-logs="$root/.cache/logs"
-bin="$root/.cache/bin"
-kubeconfig="$root/.cache/kubeconfig"
-etcd_port=${MODELPILOT_ETCD_PORT:-23790}
-api_port=${MODELPILOT_APISERVER_PORT:-16443}
-kcm_port=${MODELPILOT_KCM_PORT:-20257}
-sched_port=${MODELPILOT_SCHEDULER_PORT:-20259}
-kwok_port=${MODELPILOT_KWOK_PORT:-20247}
+# shellcheck source=hack/lib.sh
+source "$(dirname "$0")/lib.sh"
 components=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
-
-log() { printf '%s cluster: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "$*"; exit 1; }
-
-# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND until it succeeds or the deadline passes.
-wait_for() {
-  local deadline=$((SECONDS + $1)) what=$2
-  shift 2
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || die "timed out waiting for $what (logs: $logs)"
-    sleep 0.2
-  done
-}
-
-alive() { [ -f "$run/$1.pid" ] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null; }
-
-start() { # start NAME BINARY ARGS...: detach into its own session so the caller may exit.
-  local name=$1
-  shift
-  alive "$name" && return 0
-  setsid "$@" >"$logs/$name.log" 2>&1 </dev/null &
-  echo $! >"$run/$name.pid"
-}
 
 gen_cert() { # gen_cert NAME SUBJECT [SAN]: a key and a certificate signed by the local CA.
   local name=$1 subj=$2 san=${3:-}
@@ -92,26 +60,37 @@ make_pki() {
     openssl req -x509 -new -key "$pki/ca.key" -subj "/CN=modelpilot-local-ca" -days 3650 \
       -out "$pki/ca.crt" 2>/dev/null
   fi
+  # Pods reach the apiserver at kubernetes.default.svc (10.96.0.1), which kube-proxy maps to
+  # the node IP it advertises.
   gen_cert apiserver "/CN=kube-apiserver" \
-    "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    "IP:127.0.0.1,IP:$node_ip,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   gen_cert admin "/O=system:masters/CN=modelpilot-admin"
   gen_cert kube-controller-manager "/CN=system:kube-controller-manager"
   gen_cert kube-scheduler "/CN=system:kube-scheduler"
   gen_cert kwok "/O=system:masters/CN=kwok"
+  # The real node: the kubelet's identity (Node authorizer) and serving certificate in one,
+  # the apiserver's client certificate for kubelets (logs, exec, port-forward), kube-proxy,
+  # CoreDNS and local-path-provisioner, each with the RBAC that hack/node.sh applies.
+  gen_cert kubelet "/O=system:nodes/CN=system:node:node-1" "IP:$node_ip,DNS:node-1"
+  gen_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
+  gen_cert kube-proxy "/CN=system:kube-proxy"
+  gen_cert coredns "/CN=modelpilot:coredns"
+  gen_cert local-path "/CN=modelpilot:local-path-provisioner"
+  gen_cert prometheus "/CN=modelpilot:prometheus"
   [ -f "$pki/sa.key" ] || openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   [ -f "$pki/sa.pub" ] || openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
   write_kubeconfig "$state/admin.kubeconfig" admin
   write_kubeconfig "$state/kube-controller-manager.kubeconfig" kube-controller-manager
   write_kubeconfig "$state/kube-scheduler.kubeconfig" kube-scheduler
   write_kubeconfig "$state/kwok.kubeconfig" kwok
+  local c
+  for c in kubelet kube-proxy coredns local-path; do write_kubeconfig "$state/$c.kubeconfig" "$c"; done
 }
 
 apiserver_ready() {
   curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
     "https://127.0.0.1:$api_port/readyz"
 }
-
-kubectl_() { "$bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
 
 nodes_ready() {
   local ready
@@ -173,13 +152,16 @@ up() {
 
   start kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address 0.0.0.0 --advertise-address "$node_ip" --secure-port "$api_port" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-    --client-ca-file "$pki/ca.crt" --authorization-mode RBAC \
+    --client-ca-file "$pki/ca.crt" --authorization-mode Node,RBAC \
+    --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority "$pki/ca.crt" \
+    --kubelet-preferred-address-types InternalIP \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-    --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=true \
-    --endpoint-reconciler-type none --profiling=false
+    --service-cluster-ip-range "$service_cidr" --allow-privileged=true --profiling=false
   wait_for 90 kube-apiserver apiserver_ready
 
   start kube-controller-manager "$bin/kube-controller-manager" \
@@ -202,7 +184,7 @@ up() {
   start kwok "$bin/kwok" --kubeconfig "$state/kwok.kubeconfig" \
     --manage-all-nodes=false \
     --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
-    --node-ip 10.244.0.1 --cidr 10.244.0.0/16 \
+    --node-ip 10.244.0.1 --cidr "$kwok_cidr" \
     --node-lease-duration-seconds 40 \
     --server-address "127.0.0.1:$kwok_port" "${stage_args[@]}"
 
@@ -212,7 +194,8 @@ up() {
     fake_node kwok-gpu-1 '    nvidia.com/gpu: "4"' \
       '    nvidia.com/gpu.present: "true"
     nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3'
-    # PVCs bind through the controller-manager's hostPath provisioner (single-host testing).
+    # kwok pods' PVCs bind through the controller-manager's hostPath provisioner (the default
+    # class); pods on the real node use local-path (hack/node.sh), which a non-root pod can write.
     cat <<EOF
 ---
 apiVersion: storage.k8s.io/v1
@@ -223,29 +206,33 @@ metadata:
 provisioner: kubernetes.io/host-path
 reclaimPolicy: Delete
 volumeBindingMode: Immediate
+---
+# hack/prometheus.sh discovers pods with this identity.
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "modelpilot:prometheus"}
+rules:
+- {apiGroups: [""], resources: [pods, services, endpoints, nodes], verbs: [get, list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "modelpilot:prometheus"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "modelpilot:prometheus"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "modelpilot:prometheus"}]
 EOF
   } | kubectl_ apply -f - >/dev/null
   wait_for 60 "3 Ready kwok nodes" nodes_ready
   wait_for 60 "kwok's node leases" node_leases
   wait_for 60 "the default ServiceAccount" kubectl_ get serviceaccount default -n default
-  log "control plane up in $((SECONDS - t0))s: export KUBECONFIG=$kubeconfig"
+  log "control plane up in $((SECONDS - t0))s"
+  "$root/hack/node.sh" up
+  log "cluster up in $((SECONDS - t0))s: export KUBECONFIG=$kubeconfig"
 }
 
 down() {
-  local c pid
-  for c in "${components[@]}"; do
-    [ -f "$run/$c.pid" ] || continue
-    pid=$(cat "$run/$c.pid")
-    kill "$pid" 2>/dev/null || true
-  done
-  for c in "${components[@]}"; do
-    [ -f "$run/$c.pid" ] || continue
-    pid=$(cat "$run/$c.pid")
-    local deadline=$((SECONDS + 15))
-    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$run/$c.pid"
-  done
+  # The node first: its pods' containers, mounts and network go while the apiserver answers.
+  "$root/hack/node.sh" down
+  stop "${components[@]}"
   # Fresh state next time: certificates are kept, cluster data is not.
   rm -rf "$state/etcd"
   log "control plane down"
@@ -256,6 +243,7 @@ status() {
   for c in "${components[@]}"; do
     if alive "$c"; then echo "$c: running (pid $(cat "$run/$c.pid"))"; else echo "$c: stopped"; rc=1; fi
   done
+  "$root/hack/node.sh" status || rc=1
   return $rc
 }
 

@@ -48,12 +48,53 @@ def control_plane() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def prometheus_url() -> Iterator[str]:
-    """Debian's Prometheus with file-based scrape targets."""
+def prometheus_url(control_plane: Path) -> Iterator[str]:
+    """Debian's Prometheus: the cluster's pods by Kubernetes discovery (so the cluster comes
+    first), processes outside it by file-based scrape targets."""
     started = _bring_up("prometheus")
     yield f"http://127.0.0.1:{os.environ.get('MODELPILOT_PROMETHEUS_PORT', '19090')}"
     if started and not os.environ.get("MODELPILOT_KEEP_CLUSTER"):
         subprocess.run([str(ROOT / "hack/prometheus.sh"), "down"], check=False)
+
+
+@pytest.fixture(scope="session")
+def real_node(control_plane: Path) -> str:
+    """The real node, node-1, Ready; yields its IP (the address pods reach the host at)."""
+    from tests.helpers import kubectl_json
+
+    def ready_ip() -> str | None:
+        node = kubectl_json("get", "node", "node-1")
+        ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+        ips = [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"]
+        return ips[0] if ready and ready[0]["status"] == "True" and ips else None
+
+    return wait_for(ready_ip, 120, what="node-1 Ready")
+
+
+NODE_IMAGES = "localhost/modelpilot"
+
+
+@pytest.fixture(scope="session")
+def node_images(real_node: str) -> str:
+    """The project's images (tag ``test``) built with Podman and loaded into node-1's
+    containerd; yields their repository. Cached layers and loads make a repeat quick."""
+    env = {
+        **os.environ,
+        "IMAGE_REPOSITORY": NODE_IMAGES,
+        "IMAGE_TAG": "test",
+        "BASE_FROM_DEBIAN": "1",
+    }
+    run = subprocess.run(
+        [str(ROOT / "hack/build-images.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=40 * 60,
+    )
+    assert run.returncode == 0, f"stdout:\n{run.stdout[-3000:]}\nstderr:\n{run.stderr[-5000:]}"
+    assert "loaded into node-1" in run.stdout, run.stdout[-3000:]
+    return NODE_IMAGES
 
 
 @pytest.fixture(scope="session")

@@ -135,3 +135,18 @@ def children(namespace: str, name: str) -> list[str]:
         "name",
     ).stdout
     return out.split()
+
+
+# The busybox image that hack/node.sh builds from Debian's busybox-static and loads into the
+# real node (it also serves the node's local-path helper pods).
+BUSYBOX = "localhost/modelpilot/busybox:1.35"
+REAL_NODE_TAINT = "modelpilot.io/real-node"
+
+
+def on_real_node(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """A pod spec placed on the real node, node-1: selected, and tolerating its taint."""
+    return {
+        **pod_spec,
+        "nodeSelector": {"kubernetes.io/hostname": "node-1"},
+        "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+    }

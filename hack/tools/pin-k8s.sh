@@ -21,7 +21,7 @@ required=$(awk '/^require \(/{r=1; next} r && /^\)/{r=0} r {print $1}' "$gomod" 
   echo "require k8s.io/kubernetes $version"
   echo
   echo "tool ("
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     printf '\tk8s.io/kubernetes/cmd/%s\n' "$cmd"
   done
   echo ")"
