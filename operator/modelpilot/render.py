@@ -295,10 +295,25 @@ def _deployment(
                     "terminationGracePeriodSeconds": 30,
                     "containers": containers,
                     "volumes": volumes,
+                    **_placement(stage),
                 },
             },
         },
     }
+
+
+def _placement(stage: Stage) -> dict[str, Any]:
+    """The pod spec's scheduling fields that the stage sets."""
+    placement: dict[str, Any] = {}
+    if stage.node_selector:
+        placement["nodeSelector"] = dict(stage.node_selector)
+    if stage.tolerations:
+        placement["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in stage.tolerations
+        ]
+    if stage.affinity:
+        placement["affinity"] = stage.affinity
+    return placement
 
 
 def _service(owner: Owner, name: str, stage: Stage, defaults: Defaults) -> dict[str, Any]:

@@ -132,6 +132,13 @@ def _hostile() -> list[tuple[str, Any]]:
             "resources-garbage",
             lambda m: m[s]["ingestion"].update(resources={"limits": {"cpu": "a lot"}}),
         ),
+        (
+            "toleration-exists-with-value",
+            lambda m: m[s]["embedding"].update(
+                tolerations=[{"key": "gpu", "operator": "Exists", "value": "yes"}]
+            ),
+        ),
+        ("toleration-effect", lambda m: m[s]["embedding"].update(tolerations=[{"effect": "Soon"}])),
         ("env-bad-name", lambda m: m[s]["ingestion"].update(env=[{"name": "1 BAD", "value": "x"}])),
         (
             "env-huge-list",

@@ -208,3 +208,34 @@ def test_condition_transition_time_moves_only_when_status_flips() -> None:
 def test_rollout_rollup(observed: dict[str, Any], ready: bool, progressing: bool) -> None:
     got = cond.rollout(observed, {"a": 2})
     assert got[:2] == (ready, progressing)
+
+
+def test_a_stages_node_selector_tolerations_and_affinity_reach_only_its_pods() -> None:
+    raw = copy.deepcopy(sample("full")["spec"])
+    gpu_pool = {
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 1,
+                        "preference": {
+                            "matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]
+                        },
+                    }
+                ]
+            }
+        },
+    }
+    raw["inference"].update(gpu_pool)
+    spec = ModelDeploymentSpec.model_validate(raw)
+    objs = render(Owner("p", "ns", "uid-1"), spec, plan.initial(spec))
+    pods = {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"]
+        for o in objs
+        if o["kind"] == "Deployment"
+    }
+    assert {k: pods["p-inference"][k] for k in gpu_pool} == gpu_pool
+    for name in ("p-ingestion", "p-embedding", "p-retrieval"):
+        assert not set(gpu_pool) & set(pods[name]), name

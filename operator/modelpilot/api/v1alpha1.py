@@ -284,6 +284,38 @@ class EnvVar(_Model):
     )
 
 
+class Toleration(_Model):
+    """The core/v1 Toleration shape."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.operator) || self.operator != 'Exists' || "
+                    "!has(self.value) || self.value == ''",
+                    "a toleration with operator Exists has no value",
+                )
+            ]
+        }
+    )
+
+    key: str | None = Field(
+        default=None, max_length=316, description="Taint key to tolerate; empty means all."
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists, or Equal (the default) to match value."
+    )
+    value: str | None = Field(default=None, max_length=63, description="Taint value to match.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty means all."
+    )
+    toleration_seconds: int | None = Field(
+        default=None,
+        alias="tolerationSeconds",
+        description="With NoExecute: how long the pod stays bound after the taint appears.",
+    )
+
+
 class Batching(_Model):
     """Triton dynamic batching: the tuner's upper bounds and its starting point."""
 
@@ -367,6 +399,21 @@ class Stage(_Model):
         max_length=64,
         description="Extra environment variables for the stage's container.",
         json_schema_extra=_UNIQUE_NAMES,
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None,
+        alias="nodeSelector",
+        max_length=32,
+        description="Labels a node must have to run the stage's pods (e.g. a GPU pool).",
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, max_length=32, description="Taints the stage's pods tolerate."
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="core/v1 Affinity for the stage's pods, passed on as written; the "
+        "apiserver validates it when the stage's Deployment is applied.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
 
 
