@@ -87,6 +87,10 @@ services-down: ## stop the local data plane
 bench-serving: $(VENV)/.stamp ## each service's added latency over direct Triton calls; variant table
 	$(PY) -m modelpilot_services.bench_serving
 
+.PHONY: bench-node
+bench-node: $(VENV)/.stamp tools ## the real node: cluster-up time, node memory, embedding pod apply -> Ready
+	$(PY) hack/bench_node.py
+
 .PHONY: images images-smoke
 IMAGE_REPOSITORY ?= ghcr.io/modelpilot
 IMAGE_TAG ?= 0.1.0
