@@ -40,6 +40,13 @@ def test_helm_lint_is_clean() -> None:
     assert "0 chart(s) failed" in result.stdout
 
 
+def test_helm_is_stamped_as_a_release_and_renders_without_a_kube_version() -> None:
+    """An unstamped helm assumes Kubernetes v1.20.0, which fails the chart's kubeVersion."""
+    assert helm("version", "--short").stdout.startswith("v3.21.4")
+    rendered = helm("template", "t", str(CHART)).stdout
+    assert "kind: Deployment" in rendered
+
+
 @pytest.mark.parametrize(
     ("setting", "field"), [("imagee.tag=x", "imagee"), ("logLevel=loud", "logLevel")]
 )

@@ -9,6 +9,7 @@ import re
 import subprocess
 import textwrap
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -127,12 +128,36 @@ def test_a_pod_lists_pods_through_the_apiserver_service_and_reads_prometheus(
     assert "up 1" in logs, logs
 
 
-def test_kwok_pod_addresses_route_to_a_blackhole(real_node: str, namespace: str) -> None:
+def targets(prometheus_url: str, namespace: str, pod: str) -> dict[str, list[dict[str, Any]]]:
+    """Prometheus's active and dropped targets discovered for one pod."""
+    url = f"{prometheus_url}/api/v1/targets?state=any"
+    data = json.load(urllib.request.urlopen(url, timeout=10))["data"]
+    return {
+        state: [
+            t
+            for t in data[f"{state}Targets"]
+            if t["discoveredLabels"].get("__meta_kubernetes_namespace") == namespace
+            and t["discoveredLabels"].get("__meta_kubernetes_pod_name") == pod
+        ]
+        for state in ("active", "dropped")
+    }
+
+
+SCRAPE = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": "8082",
+    "prometheus.io/path": "/metrics",
+}
+
+
+def test_kwok_pods_route_to_a_blackhole_and_prometheus_drops_them(
+    real_node: str, namespace: str, prometheus_url: str
+) -> None:
     apply(
         {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "fake", "namespace": namespace},
+            "metadata": {"name": "fake", "namespace": namespace, "annotations": SCRAPE},
             "spec": {"containers": [{"name": "c", "image": "registry.invalid/fake:1"}]},
         }
     )
@@ -153,45 +178,46 @@ def test_kwok_pod_addresses_route_to_a_blackhole(real_node: str, namespace: str)
 
 # Cold, the node_images fixture builds and loads the images first (minutes).
 @pytest.mark.timeout(40 * 60)
-def test_the_embedding_image_serves_with_a_passing_probe_logs_exec_and_port_forward(
-    node_images: str, namespace: str
+def test_the_embedding_image_serves_and_prometheus_discovers_and_scrapes_it(
+    node_images: str, namespace: str, prometheus_url: str
 ) -> None:
     """The project's own images as a pod: Triton (the triton image) beside the embedding
-    service, whose readiness probe asks Triton whether its model is ready."""
-    apply(
-        pod(
-            "embed",
-            namespace,
-            [
-                {
-                    "name": "triton",
-                    "image": f"{node_images}/triton:test",
-                    "args": [
-                        "--model-repository=/tmp/models",
-                        "--model-control-mode=explicit",
-                        "--load-model=minilm_int8",
-                        "--http-port=8000",
-                        "--grpc-port=8001",
-                        "--metrics-port=8002",
-                    ],
+    service, whose readiness probe asks Triton whether its model is ready; kubectl logs,
+    exec and port-forward reach it, and Prometheus finds it by its annotations."""
+    manifest = pod(
+        "embed",
+        namespace,
+        [
+            {
+                "name": "triton",
+                "image": f"{node_images}/triton:test",
+                "args": [
+                    "--model-repository=/tmp/models",
+                    "--model-control-mode=explicit",
+                    "--load-model=minilm_int8",
+                    "--http-port=8000",
+                    "--grpc-port=8001",
+                    "--metrics-port=8002",
+                ],
+            },
+            {
+                "name": "embedding",
+                "image": f"{node_images}/embedding:test",
+                "env": [
+                    {"name": "PORT", "value": "8082"},
+                    {"name": "MODELPILOT_BIND", "value": "0.0.0.0"},
+                    {"name": "MODELPILOT_TRITON_URL", "value": "127.0.0.1:8000"},
+                    {"name": "MODELPILOT_MODEL", "value": "minilm_int8"},
+                ],
+                "readinessProbe": {
+                    "httpGet": {"path": "/readyz", "port": 8082},
+                    "periodSeconds": 2,
                 },
-                {
-                    "name": "embedding",
-                    "image": f"{node_images}/embedding:test",
-                    "env": [
-                        {"name": "PORT", "value": "8082"},
-                        {"name": "MODELPILOT_BIND", "value": "0.0.0.0"},
-                        {"name": "MODELPILOT_TRITON_URL", "value": "127.0.0.1:8000"},
-                        {"name": "MODELPILOT_MODEL", "value": "minilm_int8"},
-                    ],
-                    "readinessProbe": {
-                        "httpGet": {"path": "/readyz", "port": 8082},
-                        "periodSeconds": 2,
-                    },
-                },
-            ],
-        )
+            },
+        ],
     )
+    manifest["metadata"].update(labels={"app": "embed-test"}, annotations=SCRAPE)
+    apply(manifest)
     wait_for(lambda: container_ready("embed", namespace), 300, what="the embedding pod Ready")
 
     assert "minilm_int8" in kubectl("logs", "embed", "-c", "triton", "-n", namespace).stdout
@@ -227,6 +253,16 @@ def test_the_embedding_image_serves_with_a_passing_probe_logs_exec_and_port_forw
     finally:
         forward.terminate()
         forward.wait(timeout=30)
+
+    # Scraped at its pod IP, with the pod's namespace, name, node and labels as labels.
+    query = f'up{{namespace="{namespace}",pod="embed",node="node-1",app="embed-test"}}'
+    url = f"{prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+
+    def scraped() -> bool:
+        result = json.load(urllib.request.urlopen(url, timeout=10))["data"]["result"]
+        return bool(result) and result[0]["value"][1] == "1"
+
+    wait_for(scraped, 60, what="Prometheus to scrape the pod")
 
 
 def test_a_service_spreads_over_three_pods_by_cluster_ip_and_dns_name(
@@ -452,9 +488,10 @@ def test_memory_limits_oom_kill_and_cpu_limits_throttle(real_node: str, namespac
             restartPolicy="Never",
         )
     )
-    out = finished("spinner", namespace).split()
-    assert out[:2] == ["20000", "100000"], out
-    assert int(out[-1]) > 0, f"never throttled: {out}"
+    out = finished("spinner", namespace)
+    assert out.split()[:2] == ["20000", "100000"], out
+    throttled = re.search(r"nr_throttled (\d+)", out)
+    assert throttled and int(throttled.group(1)) > 0, f"never throttled: {out}"
 
 
 def crictl(*args: str) -> Any:
