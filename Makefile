@@ -89,7 +89,7 @@ bench-serving: $(VENV)/.stamp ## each service's added latency over direct Triton
 
 .PHONY: bench-node
 bench-node: $(VENV)/.stamp tools ## the real node: cluster-up time, node memory, embedding pod apply -> Ready
-	$(PY) hack/bench_node.py
+	PYTHONPATH=. $(PY) hack/bench_node.py
 
 .PHONY: images images-smoke
 IMAGE_REPOSITORY ?= ghcr.io/modelpilot

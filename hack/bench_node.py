@@ -5,6 +5,7 @@ again when it is up; the resident memory of the node's processes; and the time f
 `kubectl apply` to Ready for a pod of the embedding image beside Triton, with the images
 already in the node (warm) and right after loading them into it (cold load).
 Needs the images: `make images IMAGE_REPOSITORY=localhost/modelpilot IMAGE_TAG=test`.
+Run from the repository root with PYTHONPATH=. (as `make bench-node` does).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+from tests.helpers import embedding_pod
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / ".cache/cluster/run"
@@ -49,47 +52,6 @@ def rss_mib(name: str) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for {name}")
-
-
-def embedding_pod(name: str, namespace: str, repository: str, tag: str) -> dict[str, object]:
-    placement = {
-        "nodeSelector": {"kubernetes.io/hostname": "node-1"},
-        "tolerations": [{"key": "modelpilot.io/real-node", "operator": "Exists"}],
-    }
-    triton_args = [
-        "--model-repository=/tmp/models",
-        "--model-control-mode=explicit",
-        "--load-model=minilm_int8",
-        "--http-port=8000",
-        "--grpc-port=8001",
-        "--metrics-port=8002",
-    ]
-    env = {
-        "PORT": "8082",
-        "MODELPILOT_BIND": "0.0.0.0",
-        "MODELPILOT_TRITON_URL": "127.0.0.1:8000",
-        "MODELPILOT_MODEL": "minilm_int8",
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            **placement,
-            "containers": [
-                {"name": "triton", "image": f"{repository}/triton:{tag}", "args": triton_args},
-                {
-                    "name": "embedding",
-                    "image": f"{repository}/embedding:{tag}",
-                    "env": [{"name": k, "value": v} for k, v in env.items()],
-                    "readinessProbe": {
-                        "httpGet": {"path": "/readyz", "port": 8082},
-                        "periodSeconds": 1,
-                    },
-                },
-            ],
-        },
-    }
 
 
 def apply_to_ready(namespace: str, repository: str, tag: str, timeout: float = 600) -> float:

@@ -206,20 +206,10 @@ metadata:
 provisioner: kubernetes.io/host-path
 reclaimPolicy: Delete
 volumeBindingMode: Immediate
----
-# hack/prometheus.sh discovers pods with this identity.
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: "modelpilot:prometheus"}
-rules:
-- {apiGroups: [""], resources: [pods, services, endpoints, nodes], verbs: [get, list, watch]}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: "modelpilot:prometheus"}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "modelpilot:prometheus"}
-subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "modelpilot:prometheus"}]
 EOF
+    # hack/prometheus.sh discovers pods with this identity.
+    user_role modelpilot:prometheus \
+      '{apiGroups: [""], resources: [pods, services, endpoints, nodes], verbs: [get, list, watch]}'
   } | kubectl_ apply -f - >/dev/null
   wait_for 60 "3 Ready kwok nodes" nodes_ready
   wait_for 60 "kwok's node leases" node_leases
@@ -239,10 +229,8 @@ down() {
 }
 
 status() {
-  local c rc=0
-  for c in "${components[@]}"; do
-    if alive "$c"; then echo "$c: running (pid $(cat "$run/$c.pid"))"; else echo "$c: stopped"; rc=1; fi
-  done
+  local rc=0
+  report "${components[@]}" || rc=1
   "$root/hack/node.sh" status || rc=1
   return $rc
 }

@@ -66,3 +66,26 @@ stop() { # stop NAME...: SIGTERM, up to 15 s, then SIGKILL.
 }
 
 kubectl_() { "$bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
+
+# report NAME...: each component's state; fails when one is stopped.
+report() {
+  local c rc=0
+  for c in "$@"; do
+    if alive "$c"; then echo "$c: running (pid $(cat "$run/$c.pid"))"; else echo "$c: stopped"; rc=1; fi
+  done
+  return $rc
+}
+
+# user_role USER RULE...: a ClusterRole of RULEs (flow-style YAML) bound to USER, the CN of
+# a client certificate that hack/cluster.sh made; YAML documents on stdout.
+user_role() {
+  local user=$1 rule
+  shift
+  printf -- '---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\n'
+  printf -- 'metadata: {name: "%s"}\nrules:\n' "$user"
+  for rule in "$@"; do printf -- '- %s\n' "$rule"; done
+  printf -- '---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\n'
+  printf -- 'metadata: {name: "%s"}\n' "$user"
+  printf -- 'roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "%s"}\n' "$user"
+  printf -- 'subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "%s"}]\n' "$user"
+}

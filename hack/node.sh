@@ -255,19 +255,17 @@ EOF
 # The cluster objects the node's add-ons need: RBAC for CoreDNS and the provisioner, the
 # kube-dns Service (its endpoint is CoreDNS on the node IP) and the local-path StorageClass.
 apply_addons() {
-  kubectl_ apply --server-side --force-conflicts --field-manager modelpilot-node -f - >/dev/null <<EOF
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: "modelpilot:coredns"}
-rules:
-- {apiGroups: [""], resources: [endpoints, services, pods, namespaces], verbs: [list, watch]}
-- {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: "modelpilot:coredns"}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "modelpilot:coredns"}
-subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "modelpilot:coredns"}]
+  {
+    user_role modelpilot:coredns \
+      '{apiGroups: [""], resources: [endpoints, services, pods, namespaces], verbs: [list, watch]}' \
+      '{apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}'
+    user_role modelpilot:local-path-provisioner \
+      '{apiGroups: [""], resources: [nodes, persistentvolumeclaims, configmaps, pods, pods/log], verbs: [get, list, watch]}' \
+      '{apiGroups: [""], resources: [persistentvolumes], verbs: [get, list, watch, create, patch, update, delete]}' \
+      '{apiGroups: [""], resources: [persistentvolumeclaims], verbs: [update, patch]}' \
+      '{apiGroups: [""], resources: [events], verbs: [create, patch]}' \
+      '{apiGroups: [storage.k8s.io], resources: [storageclasses], verbs: [get, list, watch]}'
+    cat <<EOF
 ---
 apiVersion: v1
 kind: Service
@@ -300,22 +298,6 @@ metadata: {name: local-path-storage}
 apiVersion: v1
 kind: ServiceAccount
 metadata: {name: local-path-provisioner, namespace: local-path-storage}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: "modelpilot:local-path-provisioner"}
-rules:
-- {apiGroups: [""], resources: [nodes, persistentvolumeclaims, configmaps, pods, pods/log], verbs: [get, list, watch]}
-- {apiGroups: [""], resources: [persistentvolumes], verbs: [get, list, watch, create, patch, update, delete]}
-- {apiGroups: [""], resources: [persistentvolumeclaims], verbs: [update, patch]}
-- {apiGroups: [""], resources: [events], verbs: [create, patch]}
-- {apiGroups: [storage.k8s.io], resources: [storageclasses], verbs: [get, list, watch]}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: "modelpilot:local-path-provisioner"}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "modelpilot:local-path-provisioner"}
-subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "modelpilot:local-path-provisioner"}]
 ---
 # Its helper pods (which create and remove the volume directories) live in its namespace.
 apiVersion: rbac.authorization.k8s.io/v1
@@ -356,6 +338,7 @@ reclaimPolicy: Delete
 # A volume is made on the node its first pod lands on.
 volumeBindingMode: WaitForFirstConsumer
 EOF
+  } | kubectl_ apply --server-side --force-conflicts --field-manager modelpilot-node -f - >/dev/null
 }
 
 node_ready() {
@@ -433,13 +416,7 @@ down() {
   log "$node down"
 }
 
-status() {
-  local c rc=0
-  for c in "${node_components[@]}"; do
-    if alive "$c"; then echo "$c: running (pid $(cat "$run/$c.pid"))"; else echo "$c: stopped"; rc=1; fi
-  done
-  return $rc
-}
+status() { report "${node_components[@]}"; }
 
 case "${1:-}" in
   up) up ;;

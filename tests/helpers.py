@@ -150,3 +150,38 @@ def on_real_node(pod_spec: dict[str, Any]) -> dict[str, Any]:
         "nodeSelector": {"kubernetes.io/hostname": "node-1"},
         "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
     }
+
+
+def embedding_pod(name: str, namespace: str, repository: str, tag: str) -> dict[str, Any]:
+    """A pod on node-1 of the project's own images: Triton (the triton image, loading
+    ``minilm_int8``) beside the embedding service, whose readiness probe asks Triton whether
+    the model is ready."""
+    triton_args = [
+        "--model-repository=/tmp/models",
+        "--model-control-mode=explicit",
+        "--load-model=minilm_int8",
+        "--http-port=8000",
+        "--grpc-port=8001",
+        "--metrics-port=8002",
+    ]
+    env = {
+        "PORT": "8082",
+        "MODELPILOT_BIND": "0.0.0.0",
+        "MODELPILOT_TRITON_URL": "127.0.0.1:8000",
+        "MODELPILOT_MODEL": "minilm_int8",
+    }
+    containers = [
+        {"name": "triton", "image": f"{repository}/triton:{tag}", "args": triton_args},
+        {
+            "name": "embedding",
+            "image": f"{repository}/embedding:{tag}",
+            "env": [{"name": k, "value": v} for k, v in env.items()],
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8082}, "periodSeconds": 1},
+        },
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": on_real_node({"containers": containers}),
+    }

@@ -20,6 +20,7 @@ from tests.helpers import (
     BUSYBOX,
     KUBECONFIG,
     ROOT,
+    embedding_pod,
     free_port,
     kubectl,
     kubectl_json,
@@ -184,38 +185,7 @@ def test_the_embedding_image_serves_and_prometheus_discovers_and_scrapes_it(
     """The project's own images as a pod: Triton (the triton image) beside the embedding
     service, whose readiness probe asks Triton whether its model is ready; kubectl logs,
     exec and port-forward reach it, and Prometheus finds it by its annotations."""
-    manifest = pod(
-        "embed",
-        namespace,
-        [
-            {
-                "name": "triton",
-                "image": f"{node_images}/triton:test",
-                "args": [
-                    "--model-repository=/tmp/models",
-                    "--model-control-mode=explicit",
-                    "--load-model=minilm_int8",
-                    "--http-port=8000",
-                    "--grpc-port=8001",
-                    "--metrics-port=8002",
-                ],
-            },
-            {
-                "name": "embedding",
-                "image": f"{node_images}/embedding:test",
-                "env": [
-                    {"name": "PORT", "value": "8082"},
-                    {"name": "MODELPILOT_BIND", "value": "0.0.0.0"},
-                    {"name": "MODELPILOT_TRITON_URL", "value": "127.0.0.1:8000"},
-                    {"name": "MODELPILOT_MODEL", "value": "minilm_int8"},
-                ],
-                "readinessProbe": {
-                    "httpGet": {"path": "/readyz", "port": 8082},
-                    "periodSeconds": 2,
-                },
-            },
-        ],
-    )
+    manifest = embedding_pod("embed", namespace, node_images, "test")
     manifest["metadata"].update(labels={"app": "embed-test"}, annotations=SCRAPE)
     apply(manifest)
     wait_for(lambda: container_ready("embed", namespace), 300, what="the embedding pod Ready")
