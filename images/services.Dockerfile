@@ -31,8 +31,10 @@ RUN apt-get update \
  && useradd --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin modelpilot
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/modelpilot /opt/modelpilot
+# In a pod the services answer on the pod IP (kubelet probes, the stage's Service); run as
+# local processes (make services-up) they stay on loopback, web.run's default.
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    MODELPILOT_CACHE=/opt/modelpilot
+    MODELPILOT_CACHE=/opt/modelpilot MODELPILOT_BIND=0.0.0.0
 USER 65532:65532
 
 FROM runtime AS ingestion

@@ -166,7 +166,6 @@ def embedding_pod(name: str, namespace: str, repository: str, tag: str) -> dict[
     ]
     env = {
         "PORT": "8082",
-        "MODELPILOT_BIND": "0.0.0.0",
         "MODELPILOT_TRITON_URL": "127.0.0.1:8000",
         "MODELPILOT_MODEL": "minilm_int8",
     }
