@@ -8,20 +8,22 @@
 # Usage: hack/node.sh up|down|status          (hack/cluster.sh calls up and down)
 #        hack/node.sh load IMAGE...           podman image -> node-1's containerd, if changed
 #        hack/node.sh crictl ARGS...          crictl against node-1's containerd
-# Env: MODELPILOT_KUBELET_PORT (20250), MODELPILOT_NODE_DIR (/var/lib/modelpilot-node: images
+# Env: MODELPILOT_NODE_PORTS (20250-20256), MODELPILOT_NODE_DIR (/var/lib/modelpilot-node: images
 #      and volumes; the images survive `down`, like a node's image store)
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 node="node-1"
-kubelet_port=${MODELPILOT_KUBELET_PORT:-20250}
-kubelet_healthz_port=$((kubelet_port - 2))
-proxy_metrics_port=$((kubelet_port - 1))
-proxy_healthz_port=$((kubelet_port + 6))
-dns_health_port=$((kubelet_port - 70))
-dns_ready_port=$((kubelet_port - 69))
-dns_metrics_port=$((kubelet_port - 97))
+# Seven ports in a row from MODELPILOT_NODE_PORTS: the kubelet's, then the loopback-only
+# health and metrics ports of the kubelet, kube-proxy and CoreDNS.
+kubelet_port=${MODELPILOT_NODE_PORTS:-20250}
+kubelet_healthz_port=$((kubelet_port + 1))
+proxy_metrics_port=$((kubelet_port + 2))
+proxy_healthz_port=$((kubelet_port + 3))
+dns_health_port=$((kubelet_port + 4))
+dns_ready_port=$((kubelet_port + 5))
+dns_metrics_port=$((kubelet_port + 6))
 node_dir=${MODELPILOT_NODE_DIR:-/var/lib/modelpilot-node}
 node_run=/run/modelpilot-node
 conf="$state/node"
