@@ -2,9 +2,10 @@
 # Build the pinned Go tools once per pin and link them into .cache/bin: the control plane and
 # the real node's kubelet and kube-proxy (controlplane), etcd, kwok, helm, and the node's
 # runtime: containerd, the CNI plugins, crictl, CoreDNS and local-path-provisioner; and
-# Prometheus (Debian's lacks Kubernetes service discovery). Each hack/<module>/ is a wrapper Go module whose `tool` directives name what to
-# build; its binaries are cached under $MODELPILOT_CACHE/<module>-<hash of go.mod, go.sum and
-# the Go version>/, outside the clone, so fresh clones on the same machine (CI) reuse them and
+# Prometheus (Debian's lacks Kubernetes service discovery). Each hack/<module>/ is a
+# wrapper Go module whose `tool` directives name what to build; its binaries are cached
+# under $MODELPILOT_CACHE/<module>-<hash of go.mod, go.sum and the Go version>/, outside the
+# clone, so fresh clones on the same machine (CI) reuse them and
 # a pin change rebuilds only that module (this script is part of the key too).
 # Usage: hack/build-tools.sh [module ...]   (default: all)
 set -euo pipefail

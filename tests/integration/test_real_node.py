@@ -302,6 +302,17 @@ def test_a_service_spreads_over_three_pods_by_cluster_ip_and_dns_name(
     assert set(finished("client", namespace).split()) == pods
 
 
+def crictl(command: str, *args: str) -> Any:
+    """``crictl COMMAND -o json ARGS`` against node-1, parsed (flags go before arguments)."""
+    out = subprocess.run(
+        [str(ROOT / "hack/node.sh"), "crictl", command, "-o", "json", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out)
+
+
 def test_the_kubelet_restarts_a_killed_container_and_one_failing_its_liveness_probe(
     real_node: str, namespace: str
 ) -> None:
@@ -310,14 +321,7 @@ def test_the_kubelet_restarts_a_killed_container_and_one_failing_its_liveness_pr
     cid = kubectl_json("get", "pod", "victim", "-n", namespace)["status"]["containerStatuses"][0][
         "containerID"
     ].removeprefix("containerd://")
-    info = json.loads(
-        subprocess.run(
-            [str(ROOT / "hack/node.sh"), "crictl", "inspect", cid],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    info = crictl("inspect", cid)
     subprocess.run(["kill", "-9", str(info["info"]["pid"])], check=True)
 
     def restarts(name: str) -> int:
@@ -462,16 +466,6 @@ def test_memory_limits_oom_kill_and_cpu_limits_throttle(real_node: str, namespac
     assert out.split()[:2] == ["20000", "100000"], out
     throttled = re.search(r"nr_throttled (\d+)", out)
     assert throttled and int(throttled.group(1)) > 0, f"never throttled: {out}"
-
-
-def crictl(*args: str) -> Any:
-    out = subprocess.run(
-        [str(ROOT / "hack/node.sh"), "crictl", *args, "-o", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return json.loads(out)
 
 
 def test_a_deleted_pod_leaves_no_container_or_sandbox(real_node: str, namespace: str) -> None:
