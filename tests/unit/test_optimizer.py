@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,13 +17,15 @@ from modelpilot.optimizer import queueing
 from modelpilot.optimizer.policy import (
     Decision,
     History,
+    StageHistory,
     Tunables,
+    calibrated,
     decide,
     forecast,
     max_utilisation,
     predict,
 )
-from modelpilot.optimizer.profiles import parse
+from modelpilot.optimizer.profiles import Profiles, parse
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
 
 pytestmark = pytest.mark.unit
@@ -111,7 +115,10 @@ def snap(now: float, rate: float | None, **extra: Any) -> Snapshot:
 
 
 def run(
-    spec: ModelDeploymentSpec, rates: list[float], start: plans.Plan | None = None, step: int = 15
+    spec: ModelDeploymentSpec,
+    rates: Sequence[float],
+    start: plans.Plan | None = None,
+    step: int = 15,
 ) -> list[Decision]:
     """Feed a rate per tick through decide(), carrying plan and history like the operator."""
     plan, history, out = start or plans.initial(spec), History(), []
@@ -334,3 +341,169 @@ def test_decide_is_deterministic() -> None:
     a = run(make_spec(), [100, 400, 900, 50, 50])
     b = run(make_spec(), [100, 400, 900, 50, 50])
     assert [(x.plan, x.reasons) for x in a] == [(x.plan, x.reasons) for x in b]
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, "no change: every stage fits its budget"),
+        ({"changed": ("embedding",)}, "changed embedding"),
+        (
+            {"short": ("embedding",), "slo_met": False},
+            "no change: embedding predicted over its latency budget",
+        ),
+        (
+            {"short": ("embedding", "inference"), "slo_met": False},
+            "no change: embedding, inference predicted over their latency budget",
+        ),
+        (
+            {"short": ("ingestion", "inference"), "slo_met": False},
+            "no change: inference predicted over its latency budget; "
+            "ingestion capped at max replicas",
+        ),
+        (
+            {"changed": ("embedding",), "short": ("inference",), "slo_met": False},
+            "changed embedding: inference predicted over its latency budget",
+        ),
+        (
+            {"budget_limited": "cost/h 9.00 would exceed", "slo_met": False},
+            "no change: limited by maxCostPerHour",
+        ),
+        ({"slo_met": False}, "no change: measured p95 over the SLO"),
+        ({"held": ("embedding",)}, "no change: embedding on hold, the others fit their budget"),
+        ({"hold": "no telemetry snapshot", "short": ("embedding",)}, "hold: no telemetry snapshot"),
+    ],
+)
+def test_the_summary_agrees_with_the_reasons(fields: dict[str, Any], expected: str) -> None:
+    d = Decision(plans.initial(make_spec()), ("reasons",), History(), **fields)
+    assert d.summary == expected
+
+
+def test_a_stage_over_its_budget_is_not_summarized_as_fitting() -> None:
+    """The demo's contradiction: reasons "even 1 replicas ... predict p95 100 ms over its
+    12 ms" under the summary "no change: every stage fits its budget"."""
+    decisions = run(make_spec(latencyP95Ms=10), [200] * 3)
+    last = decisions[-1]
+    assert last.changed == () and last.slo_met is False
+    assert any("even" in r and "predict p95" in r for r in last.reasons)
+    assert last.summary.startswith("no change: ") and "every stage fits" not in last.summary
+    assert "predicted over" in last.summary and "latency budget" in last.summary
+    fits = run(make_spec(), [200] * 3)[-1]
+    assert fits.summary == "no change: every stage fits its budget" and fits.slo_met
+
+
+# ------------------------------------------------------------------------- calibration
+
+
+def scaled(factor: float) -> Profiles:
+    """PROFILES as measured on a machine ``factor`` times slower (every batch time)."""
+    doc = copy.deepcopy(PROFILE_DOC)
+    for model in doc["models"].values():
+        for row in model["batches"]:
+            row["p50_ms"] *= factor
+            row["p95_ms"] *= factor
+    return parse(doc)
+
+
+def measured(spec: ModelDeploymentSpec, plan: plans.Plan, rate: float) -> Snapshot:
+    """What this machine (the true PROFILES) measures at ``rate`` under ``plan``: the
+    model's p95 without a queue, or, saturated, a backlog: p95 and queue time far over the
+    SLO."""
+    slo = spec.slo.latency_p95_ms
+    stages = {}
+    for name, p in plan.items():
+        tele = StageTelemetry(rate_rps=rate)
+        if p.variant is not None:
+            model = spec.stage(name).variant(p.variant).model  # type: ignore[attr-defined]
+            batch, delay = p.max_batch_size or 1, p.max_queue_delay_us or 0
+            p95, _ = predict(PROFILES.models[model], rate, p.replicas, batch, delay)
+            backlog = not math.isfinite(p95)
+            tele = replace(
+                tele, p95_ms=10.0 * slo if backlog else p95, queue_ms=5.0 * slo if backlog else 0.0
+            )
+        stages[name] = tele
+    return Snapshot(time=0, newest_sample=0, stages=stages)
+
+
+def predicted_vs_measured(
+    spec: ModelDeploymentSpec, d: Decision, profiles: Profiles, rate: float
+) -> list[float]:
+    """Per model stage, the decision's calibrated prediction for its own plan over what the
+    true profile gives for that plan."""
+    out = []
+    for name in ("embedding", "inference"):
+        p = d.plan[name]
+        model = spec.stage(name).variant(p.variant or "").model  # type: ignore[attr-defined]
+        calib = d.history.stage(name).calibration_permille / 1000
+        prof, factor = calibrated(profiles.models[model], calib, Tunables())
+        setting = (p.replicas, p.max_batch_size or 1, p.max_queue_delay_us or 0)
+        mine, _ = predict(prof, rate, *setting, 1.0, factor)
+        true, _ = predict(PROFILES.models[model], rate, *setting)
+        out.append(mine / true)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("factor", "slo_ms"),
+    [
+        (10.0, 60),  # 10x pessimistic, infeasible at first: "even 1 replicas ... over"
+        (10.0, 200),  # 10x pessimistic: feasible, at ten times the replicas
+        (0.1, 200),  # 10x optimistic: a tenth of the replicas, saturated
+    ],
+)
+def test_calibration_corrects_a_profile_ten_times_off(factor: float, slo_ms: int) -> None:
+    spec, profiles, rate = make_spec(latencyP95Ms=slo_ms), scaled(factor), 200.0
+    plan, history = plans.initial(spec), History()
+    decisions = []
+    for i in range(80):
+        now = 1_000_000 + 15 * i
+        snapshot = replace(measured(spec, plan, rate), time=now, newest_sample=now)
+        d = decide(spec, plan, snapshot, history, profiles, now)
+        plan, history = d.plan, d.history
+        decisions.append(d)
+    # Within 30 decisions (7.5 min at 15 s), and from then on: predictions within 2x of
+    # what the machine measures, and a plan that meets the SLO.
+    for i, d in enumerate(decisions[30:], 30):
+        ratios = predicted_vs_measured(spec, d, profiles, rate)
+        assert all(0.5 <= r <= 2.0 for r in ratios), (i, ratios, d.reasons)
+        assert d.slo_met and d.short == (), (i, d.reasons)
+    # Stable: once corrected, nothing changes (no oscillation between settings).
+    assert all(d.changed == () for d in decisions[-20:]), [d.reasons for d in decisions[-20:]]
+
+
+# A stage of "big" embeddings with 1 replica: at 3000 requests/s the model predicts it
+# saturated (utilisation > 1); at 5 requests/s, far from it. Its budget is 56.7 ms.
+ONE_BIG = {"embedding": plans.StagePlan(1, "big", 64, 5000)}
+
+
+@pytest.mark.parametrize(
+    ("rate", "p95_ms", "queue_ms", "expected"),
+    [
+        # Measured saturated (over budget with a queue, or over it with no queue time): a
+        # backlog's p95, never taken for a model that is too pessimistic.
+        (3000.0, 400.0, 300.0, (1000, 1000)),
+        (3000.0, 400.0, None, (1000, 1000)),
+        # Waiting in the queue but within budget: cannot tell, nothing learnt.
+        (3000.0, 40.0, 30.0, (1000, 1000)),
+        # Measured with headroom while the model predicts saturation: the model is too
+        # pessimistic, lowered at once by the largest step (3x).
+        (3000.0, 8.0, 0.5, (333, 333)),
+        (3000.0, 8.0, None, (333, 333)),
+        # The model predicts headroom and the stage measures slower: raised, by 3x at most.
+        (5.0, 400.0, 300.0, (1001, 3000)),
+    ],
+)
+def test_a_saturated_stage_does_not_learn_an_optimistic_factor(
+    rate: float, p95_ms: float, queue_ms: float | None, expected: tuple[int, int]
+) -> None:
+    spec, now = make_spec(), 1_000_000
+    plan = {**plans.initial(spec), **ONE_BIG}
+    stages = dict(snap(now, rate).stages)
+    stages["embedding"] = StageTelemetry(rate_rps=rate, p95_ms=p95_ms, queue_ms=queue_ms)
+    history = History({"embedding": StageHistory(calibration_permille=1000)})
+    d = decide(spec, plan, Snapshot(now, now, stages), history, PROFILES, now)
+    lo, hi = expected
+    assert lo <= d.history.stage("embedding").calibration_permille <= hi

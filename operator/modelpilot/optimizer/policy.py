@@ -10,9 +10,11 @@ to embed, query-passage pairs to re-rank), and one request may carry several: a 
 re-ranked as one request of all its candidates. At an item rate lambda (request rate x
 measured items per request) over ``c`` replicas, the batch a replica forms is about the items
 that arrive while it waits (queue delay) or executes the previous batch; batch execution time
-comes from the measured profile; waiting for a free replica follows M/M/c on batches. The
-prediction is scaled by a calibration factor learnt online (measured p95 / predicted p95), so
-the model corrects itself from live telemetry. Replicas are the fewest that keep the predicted
+comes from the measured profile; waiting for a free replica follows M/M/c on batches. A
+calibration factor learnt online (measured p95 / predicted p95) corrects the model from live
+telemetry: near 1 it scales the predicted latency (the model's tail), far from it the
+profile's batch times too, so a machine much faster or slower than the profiled one is
+sized for its own capacity. Replicas are the fewest that keep the predicted
 p95 inside the stage's share of the SLO and utilisation under a safety margin, which shrinks
 for large pools (square-root staffing). The rate sized for is the measured one, or, while the
 short window shows a clear climb, the rate forecast for when new replicas will serve.
@@ -36,8 +38,9 @@ from modelpilot.api.v1alpha1 import (
     ModelStage,
     OptimizerMode,
     Variant,
+    Verification,
 )
-from modelpilot.optimizer.gate import judge
+from modelpilot.optimizer.gate import Verdict, judge, unverifiable
 from modelpilot.optimizer.profiles import ModelProfile, Profiles
 from modelpilot.optimizer.queueing import wait_quantile
 from modelpilot.optimizer.snapshot import (
@@ -61,8 +64,16 @@ class Tunables:
     slo_headroom: float = 0.85  # share of the SLO the stages may use (rest: network, gateway)
     min_stage_share: float = 0.10  # no query-path stage gets less of the budget than this
     switch_saving: float = 0.15  # a variant switch must save at least this share of cost
-    calibration_smoothing: float = 0.3  # EWMA weight of the newest measured/predicted ratio
-    calibration_bounds: tuple[float, float] = (0.5, 4.0)
+    calibration_smoothing: float = 0.3  # EWMA weight (log scale) of the newest ratio
+    calibration_bounds: tuple[float, float] = (0.04, 25.0)  # a profile 20x off still fits
+    calibration_max_step: float = 3.0  # one update moves the factor at most this many times
+    # Factors from this up to 1 scale the predicted latency only (the model's tail is
+    # pessimistic); outside, the profile's batch times too (see calibrated()).
+    calibration_latency_floor: float = 0.5
+    # The measured stage clearly has headroom when requests wait in Triton's queue (beyond
+    # the batching delay) less than this share of its p95 ...
+    headroom_queue_share: float = 0.25
+    headroom_p95_share: float = 0.5  # ... or, with no queue time, its p95 under this x budget
     min_metric_age_s: float = 60.0  # metrics older than max(this, 3 intervals) are stale
     forecast_lead_s: float = 30.0  # a new replica serves about this long after the decision
     forecast_deadband: float = 0.10  # short/long rate rises below this are noise, not trend
@@ -138,14 +149,32 @@ class Decision:
     cost_per_hour: float = 0.0
     # (stage, "started" | "promoted" | "rejected", message): verification steps taken now
     verifications: tuple[tuple[str, str, str], ...] = ()
+    short: tuple[str, ...] = ()  # stages that cannot meet their budget within their bounds
+    held: tuple[str, ...] = ()  # stages not sized (no request rate, no profile)
 
     @property
     def summary(self) -> str:
+        """One short line that agrees with the reasons (a status field, an Event's prefix)."""
         if self.hold:
             return f"hold: {self.hold}"
-        if not self.changed:
-            return "no change: every stage fits its budget"
-        return "changed " + ", ".join(self.changed)
+        head = "changed " + ", ".join(self.changed) if self.changed else "no change"
+        if self.short:
+            over = [s for s in self.short if s in MODEL_STAGES]
+            capped = [s for s in self.short if s not in MODEL_STAGES]
+            their = "its" if len(over) == 1 else "their"
+            parts = [f"{', '.join(over)} predicted over {their} latency budget"] if over else []
+            parts += [f"{', '.join(capped)} capped at max replicas"] if capped else []
+            return f"{head}: {'; '.join(parts)}"
+        if self.budget_limited:
+            return f"{head}: limited by maxCostPerHour"
+        if self.slo_met is False:
+            return f"{head}: measured p95 over the SLO"
+        if self.changed:
+            return head
+        if self.held:
+            rest = "" if len(self.held) == len(STAGES) else ", the others fit their budget"
+            return f"no change: {', '.join(self.held)} on hold{rest}"
+        return "no change: every stage fits its budget"
 
 
 @dataclass(frozen=True)
@@ -179,11 +208,13 @@ def predict(
     max_batch: int,
     delay_us: int,
     items: float = 1.0,
+    latency_factor: float = 1.0,
 ) -> tuple[float, float]:
     """(p95 latency ms, utilisation) of a model stage under the batching model above.
 
     ``rate`` is in requests/s, each of ``items`` items; ``max_batch`` counts items, so a
-    request larger than it cannot be served (Triton rejects it).
+    request larger than it cannot be served (Triton rejects it). ``latency_factor`` scales
+    the modelled waits and batch times, not the configured queue delay.
     """
     items = max(items, 1.0)
     if replicas <= 0 or max_batch < items:
@@ -207,7 +238,8 @@ def predict(
     # few coinciding requests double the p95.
     extra = _poisson_quantile(rate / replicas * (delay_ms + exec_ms) / 1000.0, 0.95)
     tail_batch = min(float(max_batch), max(batch, items * (1 + extra)))
-    return wait_ms + profile.latency_ms(tail_batch, "p95") + max(fill_ms, 0.0), utilisation
+    modelled = wait_ms + profile.latency_ms(tail_batch, "p95")
+    return modelled * latency_factor + max(fill_ms, 0.0), utilisation
 
 
 def _poisson_quantile(mean: float, q: float) -> int:
@@ -221,6 +253,28 @@ def _poisson_quantile(mean: float, q: float) -> int:
         term *= mean / k
         total += term
     return k
+
+
+def calibrated(
+    profile: ModelProfile, calibration: float, tun: Tunables
+) -> tuple[ModelProfile, float]:
+    """The profile to predict from and the factor on its predicted p95, for ``calibration``.
+
+    A factor near 1 is the model's own error, in the tail it predicts: down to
+    ``calibration_latency_floor`` it scales the latency alone. Beyond that, or above 1, the
+    stage's batches themselves take longer or shorter than profiled (another machine), so
+    capacity changes with latency: the profile's batch times are scaled by what the latency
+    factor leaves. Above 1 all of it goes to the batch times, the cautious side: a stage
+    slower than profiled is short of replicas, not only of latency."""
+    floor = tun.calibration_latency_floor
+    if floor <= calibration <= 1.0:
+        return profile, calibration
+    latency = floor if calibration < floor else 1.0
+    time = calibration / latency
+    points = tuple(
+        replace(p, p50_ms=p.p50_ms * time, p95_ms=p.p95_ms * time) for p in profile.points
+    )
+    return replace(profile, points=points), latency
 
 
 def max_utilisation(offered: float, tun: Tunables) -> float:
@@ -251,9 +305,11 @@ def size_model_stage(
 
     ``prefer`` is the current (max batch, delay): kept whenever it is as good in replicas,
     so batching does not churn when several settings fit. ``items`` is the mean number of
-    items per request; batch sizes below it are never proposed.
+    items per request; batch sizes below it are never proposed. ``calibration`` applies as
+    :func:`calibrated` says.
     """
     lo, hi = bounds
+    profile, factor = calibrated(profile, calibration, tun)
     best: Sizing | None = None
     batches = [b for b in _powers_of_two(max_batch) if b >= items] or [max_batch]
     configs = [(b, d) for b in batches for d in _delays(max_delay_us)]
@@ -263,8 +319,8 @@ def size_model_stage(
     for b, d in configs:
         # However many replicas, a request still takes its own batch's time plus the queue
         # delay when the batch has room: skip settings that cannot fit at any count.
-        floor = profile.latency_ms(items, "p95") + (d / 1000.0 if b > items else 0.0)
-        if floor * calibration > budget_ms:
+        floor = profile.latency_ms(items, "p95") * factor + (d / 1000.0 if b > items else 0.0)
+        if floor > budget_ms:
             continue
         start = max(lo, 1 if rate > 0 else lo)
         offered = rate * max(items, 1.0) / profile.throughput_rps(b)  # busy replicas
@@ -274,8 +330,7 @@ def size_model_stage(
         top = hi if best is None else min(hi, best.replicas)
 
         def fits(c: int, b: int = b, d: int = d, limit: float = limit) -> Sizing:
-            p95, util = predict(profile, rate, c, b, d, items)
-            p95 *= calibration
+            p95, util = predict(profile, rate, c, b, d, items, factor)
             ok = util <= limit and p95 <= budget_ms
             return Sizing(c, b, d, p95, util, ok)
 
@@ -305,8 +360,8 @@ def size_model_stage(
     b = batches[0]
     need = math.ceil(rate * max(items, 1.0) / (profile.throughput_rps(b) * tun.target_utilisation))
     c = min(hi, max(lo, need, 1 if rate > 0 else lo))
-    p95, util = predict(profile, rate, c, b, 0, items)
-    return Sizing(c, b, 0, p95 * calibration, util, False)
+    p95, util = predict(profile, rate, c, b, 0, items, factor)
+    return Sizing(c, b, 0, p95, util, False)
 
 
 def stage_sizer(
@@ -371,16 +426,60 @@ def stage_budgets(spec: ModelDeploymentSpec, snapshot: Snapshot, tun: Tunables) 
     return {s: total * shares[s] / norm for s in QUERY_PATH}
 
 
+def measured_headroom(
+    tele: StageTelemetry, delay_ms: float, budget_ms: float, tun: Tunables
+) -> bool | None:
+    """From the measurements alone, whatever the model predicts: True when the stage clearly
+    is not saturated, False when it clearly is (over its budget with a queue), None when
+    they cannot tell.
+
+    Triton's queue time includes the batching delay (``delay_ms``); only the wait beyond it
+    is a wait for a busy replica. Without a queue time, a p95 far inside the budget is
+    taken as headroom and one over it as saturation."""
+    p95 = tele.p95_ms
+    if p95 is None:
+        return None
+    if tele.queue_ms is not None:
+        queued = tele.queue_ms - delay_ms > tun.headroom_queue_share * p95
+        if p95 > budget_ms:
+            return False if queued else None
+        return None if queued else True
+    if p95 > budget_ms:
+        return False
+    return True if p95 <= tun.headroom_p95_share * budget_ms else None
+
+
 def _calibrate(
-    hist: StageHistory, tele: StageTelemetry, predicted_ms: float | None, tun: Tunables
+    permille: int,
+    measured_ms: float | None,
+    predicted: tuple[float, float],
+    headroom: bool | None,
+    tun: Tunables,
 ) -> int:
-    """New calibration: EWMA of measured p95 / predicted p95 at the current setting."""
-    if tele.p95_ms is None or not predicted_ms or not math.isfinite(predicted_ms):
-        return hist.calibration_permille
-    ratio = tele.p95_ms / predicted_ms
+    """The calibration moved toward measured / ``predicted`` (p95 ms, utilisation, both at
+    the current calibration and setting): an EWMA of the ratio on a log scale, so a profile
+    10x off is corrected as fast as one 10x under, and at most ``calibration_max_step`` per
+    update.
+
+    Learnt where the model predicts headroom (utilisation under target), as near saturation
+    a small error in the load moves the predicted p95 a lot; there, never lowered while the
+    stage is measured saturated (a backlog's p95 is no model error, and an optimistic factor
+    would keep the stage short of replicas). A model that predicts saturation for a stage
+    measured with headroom is too pessimistic: it is lowered (at once when it predicts
+    an unbounded p95)."""
+    predicted_ms, utilisation = predicted
+    if measured_ms is None or measured_ms <= 0 or predicted_ms <= 0:
+        return permille
+    ratio = measured_ms / predicted_ms  # 0 when the model predicts saturation (inf)
+    if utilisation <= tun.target_utilisation:
+        if ratio < 1 and headroom is False:
+            return permille
+    elif ratio >= 1 or headroom is not True:
+        return permille
+    most = math.log(tun.calibration_max_step)
+    step = tun.calibration_smoothing * math.log(ratio) if ratio > 0 else -most
     lo, hi = tun.calibration_bounds
-    old = hist.calibration_permille / 1000
-    new = (1 - tun.calibration_smoothing) * old + tun.calibration_smoothing * ratio
+    new = permille / 1000 * math.exp(min(max(step, -most), most))
     return round(1000 * min(max(new, lo), hi))
 
 
@@ -477,14 +576,39 @@ def decide(
     gated = spec.optimizer.mode == OptimizerMode.AUTO and rules.enabled
     verifications: list[tuple[str, str, str]] = []
     excluded: dict[str, set[str]] = {}
+    short: list[str] = []
+    held: list[str] = []
 
     for name in STAGES:
         stage = spec.stage(name)
         cur = plan[name]
         tele = snapshot.stages.get(name) or StageTelemetry()
         hist = history.stage(name)
+        hist = replace(hist, rejected=tuple(r for r in hist.rejected if r[1] > t))
+        # What one mirrored request gives the gate: the embedding stage records a cosine per
+        # text (Triton item), the re-ranker one top-k overlap per query (request).
+        per_sample = (tele.items_per_request or 1.0) if name == "embedding" else 1.0
         if tele.rate_rps is None:
             reasons.append(f"{name}: hold, no request rate")
+            held.append(name)
+            if gated and isinstance(stage, ModelStage) and cur.shadow_variant is not None:
+                # Sizing holds, but a verification still ends once it cannot finish.
+                still, _, hist = _verify(
+                    name,
+                    stage,
+                    cur,
+                    hist,
+                    snapshot,
+                    budgets[name],
+                    None,
+                    per_sample,
+                    t,
+                    rules,
+                    reasons,
+                    verifications,
+                )
+                new_plan[name] = replace(cur, shadow_variant=still)
+                new_hist[name] = hist
             continue
         rate, trend = forecast(tele.rate_rps, tele.rate_short_rps, tun)
         if trend:
@@ -497,42 +621,45 @@ def decide(
             cur_prof = profiles.model(cur_var.model) if cur_var else None
             if cur_var is None or cur_prof is None:
                 reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
+                held.append(name)
                 continue
             items = tele.items_per_request or 1.0
-            predicted, predicted_util = predict(
-                cur_prof,
-                rate,
-                max(cur.replicas, 1),
-                cur.max_batch_size or 1,
-                cur.max_queue_delay_us or 0,
-                items,
-            )
-            # Learn only from a settled stage: near saturation, or with a window that mixes
-            # settings, the measured p95 is a transient backlog, not a model error.
-            settled = hist.last_change is None or t - hist.last_change >= 60
-            calib_pm = (
-                _calibrate(hist, tele, predicted, tun)
-                if settled and predicted_util <= tun.target_utilisation
-                else hist.calibration_permille
-            )
+            calib_pm = hist.calibration_permille
+            # Learn only from a settled stage: with a window that mixes settings, the
+            # measured p95 is a transient, not a model error. (At the rate sized for: while
+            # it climbs, the measured p95 already holds some of the climb's queueing.)
+            if hist.last_change is None or t - hist.last_change >= 60:
+                delay_us = cur.max_queue_delay_us or 0
+                model, factor = calibrated(cur_prof, calib_pm / 1000, tun)
+                p95, util = predict(
+                    model,
+                    rate,
+                    max(cur.replicas, 1),
+                    cur.max_batch_size or 1,
+                    delay_us,
+                    items,
+                    factor,
+                )
+                headroom = measured_headroom(tele, delay_us / 1000, budget, tun)
+                calib_pm = _calibrate(calib_pm, tele.p95_ms, (p95, util), headroom, tun)
             calib = calib_pm / 1000
-            hist = replace(hist, rejected=tuple(r for r in hist.rejected if r[1] > t))
-            shadow, verdict = cur.shadow_variant if gated else None, None
-            if shadow is not None and (cand := stage.variant(shadow)) is not None:
-                started = hist.trial_started if hist.trial_started is not None else t
-                stats = snapshot.shadow.get((name, cand.model))
-                verdict = judge(rules, stats, budget, started, t)
-                if verdict.action == "reject":
-                    why = f"{name}: {shadow} rejected after verification: {verdict.reason}"
-                    hist = replace(
-                        hist,
-                        rejected=(*hist.rejected, (shadow, t + rules.retry_after_seconds, why)),
-                    )
-                    verifications.append((name, "rejected", why))
-                    reasons.append(why)
-                if verdict.action != "wait":
-                    shadow = None
-                    hist = replace(hist, trial_started=None)
+            shadow: str | None = None
+            verdict: Verdict | None = None
+            if gated:
+                shadow, verdict, hist = _verify(
+                    name,
+                    stage,
+                    cur,
+                    hist,
+                    snapshot,
+                    budget,
+                    tele.rate_rps,
+                    per_sample,
+                    t,
+                    rules,
+                    reasons,
+                    verifications,
+                )
             excluded[name] = hist.rejected_at(t) - {cur.variant or ""}
             size = stage_sizer(stage, budget, calib, tun, items)
             batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
@@ -567,11 +694,19 @@ def decide(
                     verifications.append((name, "promoted", why + verdict.reason))
                     reasons.append(why + verdict.reason)
             elif verdict is not None and verdict.action == "wait" and current is not None:
-                pick = current
+                pick = current  # sized as usual: replicas and batching do not wait for it
+            elif (
+                gated
+                and shadow is None
+                and current is not None
+                and pick is not current
+                and (blocked := unverifiable(rules, tele.rate_rps, per_sample))
+            ):
                 reasons.append(
-                    f"{name}: verifying {shadow} on shadow traffic before switching from "
-                    f"{cur.variant}: {verdict.reason}"
+                    f"{name}: staying on {cur.variant}: {pick[1].name} would cost/h "
+                    f"{pick[0]:.2f} vs {current[0]:.2f} but cannot be verified now: {blocked}"
                 )
+                pick = current
             elif gated and shadow is None and current is not None and pick is not current:
                 # A better variant: verify it on mirrored traffic before it serves anyone.
                 shadow = pick[1].name
@@ -588,6 +723,7 @@ def decide(
             cost, variant, sizing = pick
             if not sizing.feasible:
                 slo_ok = False
+                short.append(name)
                 reasons.append(
                     f"{name}: even {sizing.replicas} replicas of {variant.name} "
                     f"predict p95 {sizing.p95_ms:.0f} ms over its {budget:.0f} ms"
@@ -635,6 +771,7 @@ def decide(
             desired = min(max(need, bounds[0]), bounds[1])
             if need > bounds[1]:
                 slo_ok = False
+                short.append(name)
                 reasons.append(f"{name}: needs {need} replicas, capped at max {bounds[1]}")
             remember = min(max(replicas_for(measured), bounds[0]), bounds[1]) if trend else None
             replicas, hist = _stabilize(
@@ -665,7 +802,13 @@ def decide(
     changed = tuple(s for s in STAGES if new_plan[s] != plan[s])
     for name in changed:
         new_hist[name] = replace(new_hist.get(name, StageHistory()), last_change=t)
-    measured_ok = snapshot.e2e_p95_ms is None or snapshot.e2e_p95_ms <= spec.slo.latency_p95_ms
+    e2e, slo = snapshot.e2e_p95_ms, spec.slo.latency_p95_ms
+    measured_ok = e2e is None or e2e <= slo
+    if not measured_ok and slo_ok:
+        reasons.append(
+            f"measured p95 {e2e:.0f} ms is over the {slo} ms SLO although every stage is "
+            f"predicted within its budget"
+        )
     if not reasons:
         reasons.append("every stage fits its latency budget at the current settings")
     return Decision(
@@ -677,7 +820,51 @@ def decide(
         slo_met=slo_ok and measured_ok,
         cost_per_hour=cost,
         verifications=tuple(verifications),
+        short=tuple(short),
+        held=tuple(held),
     )
+
+
+def _verify(
+    name: str,
+    stage: ModelStage,
+    cur: StagePlan,
+    hist: StageHistory,
+    snapshot: Snapshot,
+    budget: float,
+    rate: float | None,
+    per_sample: float,
+    t: int,
+    rules: Verification,
+    reasons: list[str],
+    verifications: list[tuple[str, str, str]],
+) -> tuple[str | None, Verdict | None, StageHistory]:
+    """Judge the stage's running verification, if any: (the candidate still in shadow, the
+    verdict, the history). A rejection is recorded, not retried for ``retryAfterSeconds``;
+    a wait says how far it got and why."""
+    shadow = cur.shadow_variant
+    if shadow is None or (cand := stage.variant(shadow)) is None:
+        return shadow, None, hist
+    started = hist.trial_started if hist.trial_started is not None else t
+    stats = snapshot.shadow.get((name, cand.model))
+    verdict = judge(rules, stats, budget, started, t, rate, per_sample)
+    if verdict.action == "wait":
+        reasons.append(
+            f"{name}: verifying {shadow} on shadow traffic before switching from "
+            f"{cur.variant}: {verdict.reason}"
+        )
+        # A trial restored without its start time starts counting now, so it still ends.
+        return shadow, verdict, replace(hist, trial_started=started)
+    if verdict.action == "reject":
+        why = (
+            f"{name}: {shadow} rejected after verification: {verdict.reason}; "
+            f"not tried again for {rules.retry_after_seconds} s"
+        )
+        until = t + rules.retry_after_seconds
+        hist = replace(hist, rejected=(*hist.rejected, (shadow, until, why)))
+        verifications.append((name, "rejected", why))
+        reasons.append(why)
+    return None, verdict, replace(hist, trial_started=None)
 
 
 def _enforce_budget(
