@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
-from tests.helpers import KUBECONFIG, ROOT, wait_for
+from tests.helpers import KUBECONFIG, PRIVATE_PROMETHEUS_URL, ROOT, wait_for
 
 
 def _running(script: str) -> bool:
@@ -151,7 +151,9 @@ class Operator:
                 [
                     str(ROOT / ".venv/bin/kopf"),
                     "run",
-                    "--all-namespaces",
+                    # Every namespace but those of the chart's in-cluster operator (the
+                    # closed-loop tests): two operators on one object would race.
+                    "--namespace=!e2e-*",
                     "--standalone",
                     f"--liveness={health}",
                     "-m",
@@ -162,7 +164,9 @@ class Operator:
                     "KUBECONFIG": str(KUBECONFIG),
                     "MODELPILOT_PROFILES": str(ROOT / "tests/fixtures/slow-profile.json"),
                     "MODELPILOT_PROMETHEUS_URL": self.prometheus_url,
+                    "MODELPILOT_PROMETHEUS_ALLOWED_URLS": PRIVATE_PROMETHEUS_URL,
                     "MODELPILOT_LIVE_UPDATES": "false",
+                    "MODELPILOT_ADMIN_KEY": "test-operator-key",
                 },
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".cache" / "bin"
 KUBECONFIG = ROOT / ".cache" / "kubeconfig"
+# A second Prometheus a test may start (and a spec name: the test operator allows it).
+PRIVATE_PROMETHEUS_PORT = "19091"
+PRIVATE_PROMETHEUS_URL = f"http://127.0.0.1:{PRIVATE_PROMETHEUS_PORT}"
 
 T = TypeVar("T")
 

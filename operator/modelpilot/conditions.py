@@ -69,3 +69,17 @@ def rollout(
     if waiting:
         return False, True, "waiting for " + ", ".join(waiting)
     return True, False, "all stages ready: " + ", ".join(f"{s} {want[s]}" for s in want)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """``target`` after a JSON merge patch (RFC 7386), as the apiserver applies status
+    patches: ``None`` deletes a key. Comparing with it tells a no-op patch from a write."""
+    if not isinstance(patch, Mapping):
+        return patch
+    out = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out

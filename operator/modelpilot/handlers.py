@@ -10,22 +10,25 @@ import asyncio
 import functools
 import os
 import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 
-from modelpilot.api.v1alpha1 import GROUP, PLURAL, VERSION
+from modelpilot import plan as plans
+from modelpilot.actuate import Actuator
+from modelpilot.api.v1alpha1 import GROUP, PLURAL, VERSION, ModelDeploymentSpec
+from modelpilot.conditions import merge_patch
+from modelpilot.contract import MODEL_STAGES
 from modelpilot.kube import Kube, new_api_client, owner_of
 from modelpilot.optimize import Optimizer
 from modelpilot.optimizer import profiles
-from modelpilot.optimizer.snapshot import Snapshot
 from modelpilot.reconcile import Reconciler, TransientError
-from modelpilot.render import Defaults
-from modelpilot.shadow import push_shadow
-from modelpilot.telemetry import Telemetry
-from modelpilot.triton import push_batching
+from modelpilot.render import MANAGED_BY, Defaults
+from modelpilot.telemetry import NotAllowed, PrometheusConfig, Telemetry
 
-MANAGED = {"app.kubernetes.io/managed-by": "modelpilot"}
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
 
 @kopf.on.startup()
@@ -39,41 +42,70 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
     kube = Kube(new_api_client(os.environ.get("KUBECONFIG")))
+    env = os.environ
     defaults = Defaults(
-        image_repository=os.environ.get("MODELPILOT_IMAGE_REPOSITORY", Defaults.image_repository),
-        image_tag=os.environ.get("MODELPILOT_IMAGE_TAG", Defaults.image_tag),
-        triton_image=os.environ.get("MODELPILOT_TRITON_IMAGE", Defaults.triton_image),
+        image_repository=env.get("MODELPILOT_IMAGE_REPOSITORY", Defaults.image_repository),
+        image_tag=env.get("MODELPILOT_IMAGE_TAG", Defaults.image_tag),
+        triton_image=env.get("MODELPILOT_TRITON_IMAGE", Defaults.triton_image),
+        operator_namespace=env.get("MODELPILOT_OPERATOR_NAMESPACE", ""),
+        operator_labels=_labels(env.get("MODELPILOT_OPERATOR_LABELS", "")),
     )
-    memo.reconciler = Reconciler(kube, defaults)
+    prometheus = PrometheusConfig.from_env(env)
+    memo.prometheus = prometheus
+    memo.actuator = Actuator(kube, defaults, admin_key=_admin_key(env))
+    memo.reconciler = Reconciler(kube, memo.actuator, check_spec=_prometheus_check(prometheus))
     memo.locks = {}
     memo.queued = set()
+    memo.ready_pods = set()
+    memo.live_pool = ThreadPoolExecutor(4, thread_name_prefix="pod-sync")
     memo.locks_guard = threading.Lock()
     # Handlers are short, blocking API calls: more threads than kopf's default (CPUs + 4).
-    settings.execution.max_workers = int(os.environ.get("MODELPILOT_WORKERS", "16"))
-    profile_path = os.environ.get("MODELPILOT_PROFILES")
-    # Live updates go to pod IPs: off where the operator cannot reach pods (tests on kwok).
-    live = os.environ.get("MODELPILOT_LIVE_UPDATES", "true") == "true"
+    settings.execution.max_workers = int(env.get("MODELPILOT_WORKERS", "16"))
+    profile_path = env.get("MODELPILOT_PROFILES")
+    # Live settings go to pod IPs: off where the operator cannot reach pods (kwok nodes).
+    memo.live = env.get("MODELPILOT_LIVE_UPDATES", "true") == "true"
     memo.optimizer = Optimizer(
         kube=kube,
         reconciler=memo.reconciler,
         profiles=profiles.load(profile_path) if profile_path else profiles.Profiles({}),
-        snapshot_source=_snapshot,
-        default_prometheus_url=os.environ.get(
-            "MODELPILOT_PROMETHEUS_URL", "http://prometheus-server.monitoring.svc"
+        snapshot_source=lambda url, ns, name, now: _telemetry(prometheus, url).snapshot(
+            ns, name, now
         ),
-        push_batching=push_batching(kube) if live else None,
-        push_shadow=push_shadow(kube) if live else None,
+        prometheus_url=prometheus.resolve,
     )
 
 
+def _admin_key(env: Mapping[str, str]) -> bytes | None:
+    """The key the ModelDeployments' admin tokens derive from (the chart mounts a Secret)."""
+    if path := env.get("MODELPILOT_ADMIN_KEY_FILE"):
+        with open(path, "rb") as f:
+            return f.read().strip()
+    raw = env.get("MODELPILOT_ADMIN_KEY")
+    return raw.encode() if raw else None
+
+
+def _labels(raw: str) -> dict[str, str]:
+    """``a=b,c=d`` -> {"a": "b", "c": "d"}."""
+    return dict(p.split("=", 1) for p in raw.split(",") if "=" in p)
+
+
+def _prometheus_check(
+    prometheus: PrometheusConfig,
+) -> Any:
+    def check(spec: ModelDeploymentSpec) -> tuple[str, str] | None:
+        try:
+            prometheus.resolve(spec.prometheus.url)
+        except NotAllowed as exc:
+            return "PrometheusNotAllowed", str(exc)
+        return None
+
+    return check
+
+
 @functools.lru_cache(maxsize=64)
-def _telemetry(url: str) -> Telemetry:
+def _telemetry(prometheus: PrometheusConfig, url: str) -> Telemetry:
     """One Prometheus client (and its HTTP connection pool) per URL, not one per tick."""
-    return Telemetry(url)
-
-
-def _snapshot(url: str, namespace: str, name: str, now: float) -> Snapshot:
-    return _telemetry(url).snapshot(namespace, name, now)
+    return prometheus.telemetry(url)
 
 
 def _lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
@@ -126,6 +158,7 @@ def _ours(body: kopf.Body, **_: Any) -> bool:
 @kopf.on.event("v1", "services", labels=MANAGED, when=_ours)
 @kopf.on.event("v1", "configmaps", labels=MANAGED, when=_ours)
 @kopf.on.event("v1", "persistentvolumeclaims", labels=MANAGED, when=_ours)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED, when=_ours)
 def child_changed(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
@@ -167,9 +200,67 @@ async def optimize(
 
 
 def _tick(memo: kopf.Memo, namespace: str, name: str, logger: Any) -> int:
-    """One optimizer decision; returns the seconds until the next."""
+    """One optimizer decision, then the live sync (outside the object's lock: it waits on
+    pods, not on the apiserver); returns the seconds until the next."""
     with _lock(memo, namespace, name):
         decision = memo.optimizer.tick(namespace, name)
     if decision is not None and decision.changed:
         logger.info(f"optimizer: {decision.summary}: {'; '.join(decision.reasons)}")
+    _sync_live(memo, namespace, name)
     return int(memo.optimizer.intervals.get((namespace, name), 30))
+
+
+def _sync_live(memo: kopf.Memo, namespace: str, name: str) -> None:
+    """Bring every ready model pod to the plan's live settings; record per stage how many
+    run it. Coalesced per object: a sync asked for while one runs is folded into one more."""
+    if not memo.live:
+        return
+    key = ("live", namespace, name)
+    with memo.locks_guard:
+        if key in memo.queued:
+            return
+        memo.queued.add(key)
+    with _lock(memo, "live/" + namespace, name):
+        with memo.locks_guard:
+            memo.queued.discard(key)
+        md = memo.reconciler.kube.get_model_deployment(namespace, name)
+        if md is None or md["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+        except ValueError:
+            return
+        status = md.get("status") or {}
+        plan = plans.resume(spec, status.get("stages") or {})
+        synced = memo.actuator.sync_live(md, spec, plan)
+        stages = {
+            stage: {"podsOnPlan": result.on_plan, "liveMessage": result.message}
+            for stage, result in synced.items()
+        }
+        if merge_patch(status, {"stages": stages}) != status:
+            memo.reconciler.kube.patch_status(namespace, name, {"stages": stages})
+
+
+def _model_pod(labels: kopf.Labels, **_: Any) -> bool:
+    return labels.get("app.kubernetes.io/component") in MODEL_STAGES
+
+
+@kopf.on.event("v1", "pods", labels=MANAGED, when=_model_pod)
+def pod_changed(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    """A model pod became Ready: check it runs the plan's live settings now, not at the
+    next tick (it normally does already: it read them from its mounted config). The sync
+    runs in a pool of its own, so slow pods never hold kopf's handler threads."""
+    uid = body.get("metadata", {}).get("uid")
+    owner = (body.get("metadata", {}).get("labels") or {}).get("app.kubernetes.io/instance")
+    if namespace is None or owner is None or event.get("type") == "DELETED":
+        memo.ready_pods.discard(uid)
+        return
+    conditions = body.get("status", {}).get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    if not ready:
+        memo.ready_pods.discard(uid)
+    elif uid not in memo.ready_pods:  # the transition to Ready, not every later event
+        memo.ready_pods.add(uid)
+        memo.live_pool.submit(_sync_live, memo, namespace, owner)

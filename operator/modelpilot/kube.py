@@ -28,6 +28,7 @@ CHILD_KINDS = (
     ("v1", "Service"),
     ("v1", "ConfigMap"),
     ("v1", "PersistentVolumeClaim"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 
 
@@ -147,16 +148,19 @@ class Kube:
             action = "unchanged"
         return Applied(obj["kind"], meta["name"], action)
 
-    def ready_pod_ips(self, namespace: str, label_selector: str) -> list[str]:
+    def ready_pods(
+        self, namespace: str, labels: Mapping[str, str]
+    ) -> list[tuple[str, str, dict[str, str]]]:
+        """(name, IP, annotations) of every Ready, not terminating pod matching ``labels``."""
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
         pods = (
-            client.CoreV1Api(self.api)
-            .list_namespaced_pod(namespace, label_selector=label_selector)
-            .items
+            client.CoreV1Api(self.api).list_namespaced_pod(namespace, label_selector=selector).items
         )
         return [
-            p.status.pod_ip
+            (p.metadata.name, p.status.pod_ip, dict(p.metadata.annotations or {}))
             for p in pods
             if p.status.pod_ip
+            and p.metadata.deletion_timestamp is None
             and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
         ]
 

@@ -1,8 +1,9 @@
 """One optimizer tick for one ModelDeployment: telemetry -> decide() -> act and explain.
 
-``Auto`` writes the new plan into ``status.stages`` (where the reconciler reads it) and
-reconciles, so replicas and variants change through the Deployments and batching through
-the ConfigMap and, live, through Triton's repository API. ``Recommend`` writes
+``Auto`` converges to the new plan through the reconciler (the actuator applies the
+children; the plan lands in ``status.stages`` in the same status write), so replicas and
+variants change through the Deployments and batching and shadowing through the ConfigMap;
+the live sync that follows each tick brings running pods to it. ``Recommend`` writes
 ``status.recommendations`` only. ``Off`` does nothing. Every applied change gets an Event
 and ``status.lastDecision``; status is written only when something changed.
 """
@@ -30,8 +31,6 @@ from modelpilot.reconcile import Reconciler
 log = logging.getLogger(__name__)
 
 SnapshotSource = Callable[[str, str, str, float], Snapshot]  # (url, namespace, name, now)
-# (namespace, owner, stage, plan): live updates to running pods (Triton batching, shadowing)
-Pusher = Callable[[str, str, str, plans.StagePlan], None]
 VERIFICATION_EVENTS = {
     "started": ("Normal", "VerificationStarted"),
     "promoted": ("Normal", "VariantPromoted"),
@@ -41,13 +40,6 @@ VERIFICATION_EVENTS = {
 
 def _rfc3339(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _stages_status(plan: plans.Plan, current: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for stage in STAGES:
-        out[stage] = {**(current.get(stage) or {}), **plans.status_fields(plan[stage])}
-    return out
 
 
 def recommendations(
@@ -76,9 +68,9 @@ class Optimizer:
     reconciler: Reconciler
     profiles: Profiles
     snapshot_source: SnapshotSource
-    default_prometheus_url: str
-    push_batching: Pusher | None = None
-    push_shadow: Pusher | None = None
+    # The Prometheus URL for a spec's choice (None: the default); raises, with a message
+    # for status, when the operator does not allow it.
+    prometheus_url: Callable[[str | None], str]
     clock: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
     # In-memory history between ticks; status holds the copy a restart resumes from.
@@ -98,13 +90,17 @@ class Optimizer:
         status = md.get("status") or {}
         plan = plans.resume(spec, status.get("stages") or {})
         history = self.memory.get((namespace, name)) or self._restored(status)
-        url = spec.prometheus.url or self.default_prometheus_url
         snapshot: Snapshot | None
         problem = None
         try:
-            snapshot = self.snapshot_source(url, namespace, name, now)
-        except Exception as exc:  # any failure to read telemetry means: hold
-            snapshot, problem = None, f"Prometheus at {url} unreachable: {exc}"[:500]
+            url = self.prometheus_url(spec.prometheus.url)
+        except Exception as exc:  # not allowed here: the reconciler reports it as Degraded
+            snapshot, problem = None, str(exc)[:500]
+        else:
+            try:
+                snapshot = self.snapshot_source(url, namespace, name, now)
+            except Exception as exc:  # any failure to read telemetry means: hold
+                snapshot, problem = None, f"Prometheus at {url} unreachable: {exc}"[:500]
         decision = decide(spec, plan, snapshot, history, self.profiles, now)
         self.memory[(namespace, name)] = decision.history
         self._record(md, spec, plan, decision, snapshot, problem, now)
@@ -206,7 +202,6 @@ class Optimizer:
         mode = spec.optimizer.mode
         acted = False
         if mode == OptimizerMode.AUTO and decision.changed:
-            new_status["stages"] = _stages_status(decision.plan, status.get("stages") or {})
             new_status["optimizerState"] = decision.history.to_status()
             new_status["recommendations"] = []
             acted = True
@@ -217,9 +212,6 @@ class Optimizer:
                 news = True
         if news or acted:
             new_status["lastDecision"] = explained
-        merged = {**status, **new_status}
-        if merged != status:
-            self.kube.patch_status(meta["namespace"], meta["name"], new_status)
         if acted:
             self.kube.event(
                 md, "Normal", "Optimized", f"{decision.summary}: " + "; ".join(decision.reasons)
@@ -227,31 +219,10 @@ class Optimizer:
             for _stage, step, message in decision.verifications:
                 type_, reason = VERIFICATION_EVENTS[step]
                 self.kube.event(md, type_, reason, message)
-            self.reconciler.reconcile(meta["namespace"], meta["name"])
-            for stage in decision.changed:
-                old, new = plan[stage], decision.plan[stage]
-                if new.variant == old.variant and (
-                    new.max_batch_size,
-                    new.max_queue_delay_us,
-                ) != (old.max_batch_size, old.max_queue_delay_us):
-                    self._push(self.push_batching, meta, stage, new)
-                if new.shadow_variant != old.shadow_variant:
-                    self._push(self.push_shadow, meta, stage, new)
-        elif news and mode == OptimizerMode.RECOMMEND and decision.changed:
-            self.kube.event(md, "Normal", "Recommended", "; ".join(decision.reasons)[:1000])
-
-    def _push(
-        self, push: Pusher | None, meta: Mapping[str, Any], stage: str, plan: plans.StagePlan
-    ) -> None:
-        if push is None:
+            # The new plan goes straight to the actuator; status records it in the same write.
+            self.reconciler.converge(md, spec, decision.plan, new_status)
             return
-        try:
-            push(meta["namespace"], meta["name"], stage, plan)
-        except Exception as exc:  # the ConfigMap still carries it for the next restart
-            log.warning(
-                "live update for %s/%s %s failed: %s",
-                meta["namespace"],
-                meta["name"],
-                stage,
-                exc,
-            )
+        if cond.merge_patch(status, new_status) != status:
+            self.kube.patch_status(meta["namespace"], meta["name"], new_status)
+        if news and mode == OptimizerMode.RECOMMEND and decision.changed:
+            self.kube.event(md, "Normal", "Recommended", "; ".join(decision.reasons)[:1000])

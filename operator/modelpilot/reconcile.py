@@ -1,15 +1,16 @@
 """Reconcile one ModelDeployment: level-triggered and idempotent.
 
-Reads the object fresh, renders the desired children from its spec and current plan,
-server-side applies them, prunes what is no longer desired, and writes status only when it
-differs from what is stored. Invalid specs become ``Degraded`` rather than exceptions.
+Reads the object fresh, has the actuator apply the children of its spec and current plan,
+and writes status only when it differs from what is stored. The optimizer converges to a
+new plan through the same :meth:`Reconciler.converge`, with its own status fields, in one
+status write. Invalid specs become ``Degraded`` rather than exceptions.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +18,10 @@ from pydantic import ValidationError
 
 from modelpilot import conditions as cond
 from modelpilot import plan as plans
+from modelpilot.actuate import Actuator, ApplyRejected
 from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec
-from modelpilot.kube import Kube, is_client_error
-from modelpilot.render import Defaults, Owner, child_name, render
+from modelpilot.kube import Kube
+from modelpilot.render import child_name
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ def _observed(
 def _stage_status(
     plan: plans.Plan, observed: Mapping[str, cond.Observed | None]
 ) -> dict[str, dict[str, Any]]:
+    """The plan and readiness per stage. A merge patch leaves the keys it does not name, so
+    what the live sync records there (podsOnPlan, liveMessage) stays its own."""
     out = {}
     for stage in STAGES:
         obs = observed.get(stage)
@@ -80,9 +84,16 @@ def _stage_status(
 class Reconciler:
     """Drives one ModelDeployment's children and status towards its spec."""
 
-    def __init__(self, kube: Kube, defaults: Defaults | None = None) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        actuator: Actuator,
+        check_spec: Callable[[ModelDeploymentSpec], tuple[str, str] | None] | None = None,
+    ) -> None:
         self.kube = kube
-        self.defaults = defaults or Defaults()
+        self.actuator = actuator
+        # Operator-level rules a valid spec may still break: (reason, message) or None.
+        self.check_spec = check_spec or (lambda spec: None)
 
     def reconcile(self, namespace: str, name: str, attempt: int = 0) -> Outcome | None:
         """Reconcile once. ``attempt`` counts consecutive failures: from the third on, the
@@ -103,8 +114,7 @@ class Reconciler:
 
     def _write_status(self, md: Mapping[str, Any], status: dict[str, Any]) -> bool:
         current = md.get("status") or {}
-        merged = {**current, **status}
-        if merged == current:
+        if cond.merge_patch(current, status) == current:
             return False
         self.kube.patch_status(md["metadata"]["namespace"], md["metadata"]["name"], status)
         return True
@@ -135,53 +145,36 @@ class Reconciler:
         md = self.kube.get_model_deployment(namespace, name)
         if md is None or md["metadata"].get("deletionTimestamp"):
             return None  # children go with it through their ownerReferences
-        meta = md["metadata"]
         try:
             spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
         except ValidationError as exc:
             return self._degrade(md, "InvalidSpec", _validation_message(exc))
+        plan = plans.resume(spec, (md.get("status") or {}).get("stages") or {})
+        return self.converge(md, spec, plan)
 
+    def converge(
+        self,
+        md: Mapping[str, Any],
+        spec: ModelDeploymentSpec,
+        plan: plans.Plan,
+        extra_status: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        """Apply ``plan`` and write status (with ``extra_status``) in one write."""
+        if (problem := self.check_spec(spec)) is not None:
+            return self._degrade(md, *problem)
+        meta = md["metadata"]
         status = md.get("status") or {}
-        plan = plans.resume(spec, status.get("stages") or {})
-        owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
-        desired = render(owner, spec, plan, self.defaults)
-        children = self.kube.get_children(desired)
+        try:
+            applied = self.actuator.apply(
+                md, spec, plan, prune=status.get("observedGeneration") != meta.get("generation")
+            )
+        except ApplyRejected as exc:
+            return self._degrade(md, "ApplyRejected", str(exc))
 
-        applied = 0
-        for obj in desired:
-            key = (obj["kind"], obj["metadata"]["name"])
-            try:
-                result = self.kube.apply(obj, children.get(key))
-            except Exception as exc:
-                if is_client_error(exc):
-                    body = getattr(exc, "body", "") or str(exc)
-                    return self._degrade(
-                        md, "ApplyRejected", f"{obj['kind']} {key[1]} was rejected: {body}"[:1000]
-                    )
-                raise
-            if result.action != "unchanged":
-                applied += 1
-                self.kube.event(
-                    md,
-                    "Normal",
-                    result.action.capitalize(),
-                    f"{result.action} {result.kind} {result.name}",
-                )
-        if status.get("observedGeneration") != meta.get("generation"):
-            # A spec change is the only thing that can make a child unwanted: prune then.
-            wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
-            for (kind, child), obj in self.kube.list_children(namespace, name).items():
-                if (kind, child) not in wanted and obj["metadata"].get("ownerReferences"):
-                    self.kube.delete(obj["apiVersion"], kind, namespace, child)
-                    self.kube.event(md, "Normal", "Pruned", f"deleted {kind} {child}")
-        if applied:
-            deployments = [o for o in desired if o["kind"] == "Deployment"]
-            children.update(self.kube.get_children(deployments))
-
-        observed = _observed(children, name)
+        observed = _observed(applied.children, meta["name"])
         ready, progressing, message = cond.rollout(observed, {s: plan[s].replicas for s in STAGES})
         now, gen = now_rfc3339(), meta.get("generation")
-        conditions = status.get("conditions") or []
+        conditions = (extra_status or {}).get("conditions") or status.get("conditions") or []
         conditions = cond.set_condition(
             conditions,
             "Ready",
@@ -223,9 +216,10 @@ class Reconciler:
         written = self._write_status(
             md,
             {
+                **(extra_status or {}),
                 "observedGeneration": gen,
                 "conditions": conditions,
                 "stages": _stage_status(plan, observed),
             },
         )
-        return Outcome(applied=applied, status_written=written)
+        return Outcome(applied=len(applied.changes), status_written=written)

@@ -2,7 +2,12 @@
 
 No I/O. Every child carries the ``app.kubernetes.io/*`` labels, an ownerReference to the
 ModelDeployment (so deleting it garbage-collects them) and, for pods, a hardened security
-context that passes the "restricted" Pod Security Standard.
+context that passes the "restricted" Pod Security Standard. Ports, files and environment
+come from :mod:`modelpilot.contract`, which the services read too.
+
+A stage's Service exposes only its API port. The admin API and Triton listen on ports no
+Service names, guarded by the per-ModelDeployment admin token (a Secret the reconciler
+creates), and a NetworkPolicy admits only the operator to them where the CNI enforces it.
 """
 
 from __future__ import annotations
@@ -12,22 +17,24 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelpilot import contract
 from modelpilot.api.v1alpha1 import (
     GROUP,
     KIND,
-    STAGES,
     VERSION,
+    InferenceStage,
     ModelDeploymentSpec,
     ModelStage,
     ResourceRequirements,
     RetrievalStage,
     Stage,
 )
+from modelpilot.contract import ADMIN_PORT, SERVICE_PORTS, STAGES, TRITON_PORTS
 from modelpilot.plan import Plan, StagePlan
 
 MANAGED_BY = "modelpilot"
-SERVICE_PORTS = {"ingestion": 8081, "embedding": 8082, "retrieval": 8083, "inference": 8084}
-TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+CONFIG_HASH = "modelpilot.io/config-hash"
+ADMIN_FINGERPRINT = "modelpilot.io/admin-token"
 NON_ROOT_UID = 65532
 
 
@@ -50,6 +57,10 @@ class Defaults:
     # and starts Triton (modelpilot_services.tritonserve); args are tritonserver's.
     triton_image: str = ""
     extra_labels: dict[str, str] = field(default_factory=dict)
+    # Where the operator's pods run: the NetworkPolicy admits them to the admin ports.
+    # Unknown (an operator outside the cluster): no pod is admitted there.
+    operator_namespace: str = ""
+    operator_labels: dict[str, str] = field(default_factory=dict)
 
     def image(self, stage: str) -> str:
         return f"{self.image_repository}/{stage}:{self.image_tag}"
@@ -60,6 +71,11 @@ class Defaults:
 
 def child_name(owner: str, stage: str) -> str:
     return f"{owner}-{stage}"
+
+
+def admin_secret_name(owner: str) -> str:
+    """The Secret holding the ModelDeployment's admin token (created by the reconciler)."""
+    return f"{owner}-admin"
 
 
 def labels(owner: str, stage: str) -> dict[str, str]:
@@ -76,21 +92,26 @@ def selector(owner: str, stage: str) -> dict[str, str]:
     return {"app.kubernetes.io/instance": owner, "app.kubernetes.io/component": stage}
 
 
+def owner_references(owner: Owner) -> list[dict[str, Any]]:
+    """The ModelDeployment as controller: deleting it garbage-collects the object."""
+    return [
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": owner.name,
+            "uid": owner.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+
+
 def _meta(owner: Owner, stage: str, defaults: Defaults, name: str | None = None) -> dict[str, Any]:
     return {
         "name": name or child_name(owner.name, stage),
         "namespace": owner.namespace,
         "labels": {**defaults.extra_labels, **labels(owner.name, stage)},
-        "ownerReferences": [
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": KIND,
-                "name": owner.name,
-                "uid": owner.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ],
+        "ownerReferences": owner_references(owner),
     }
 
 
@@ -121,10 +142,15 @@ def _probe(path: str, port: str) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": port}, "periodSeconds": 10, "failureThreshold": 3}
 
 
+def _admin_token_env(owner: Owner) -> dict[str, Any]:
+    ref = {"name": admin_secret_name(owner.name), "key": contract.ADMIN_TOKEN_SECRET_KEY}
+    return {"name": contract.ENV_ADMIN_TOKEN, "valueFrom": {"secretKeyRef": ref}}
+
+
 def _env(owner: Owner, stage: Stage) -> list[dict[str, Any]]:
     urls = [
         {
-            "name": f"MODELPILOT_{s.upper()}_URL",
+            "name": contract.stage_url_env(s),
             "value": f"http://{child_name(owner.name, s)}:{SERVICE_PORTS[s]}",
         }
         for s in STAGES
@@ -133,36 +159,70 @@ def _env(owner: Owner, stage: Stage) -> list[dict[str, Any]]:
     return urls + user
 
 
-def _service_container(
-    owner: Owner, name: str, stage: Stage, defaults: Defaults, plan: StagePlan
-) -> dict[str, Any]:
+CONFIG_MOUNT = {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True}
+
+
+def _service_container(owner: Owner, name: str, stage: Stage, defaults: Defaults) -> dict[str, Any]:
     env = _env(owner, stage)
-    if plan.variant is not None:
-        # The serving variant is part of the pod template: switching it is a rollout.
-        env.append({"name": "MODELPILOT_VARIANT", "value": plan.variant})
+    ports = [{"name": "http", "containerPort": SERVICE_PORTS[name]}]
+    if isinstance(stage, ModelStage):
+        env += [
+            {"name": contract.ENV_ADMIN_PORT, "value": str(ADMIN_PORT)},
+            _admin_token_env(owner),
+        ]
+        ports.append({"name": "admin", "containerPort": ADMIN_PORT})
     return {
         "name": name,
         "image": stage.image or defaults.image(name),
-        "ports": [{"name": "http", "containerPort": SERVICE_PORTS[name]}],
+        "ports": ports,
         "env": env,
         "resources": _resources(stage.resources),
         "readinessProbe": _probe("/readyz", "http"),
         "livenessProbe": _probe("/healthz", "http"),
         "securityContext": CONTAINER_SECURITY,
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, CONFIG_MOUNT],
     }
 
 
-def _triton_container(stage: ModelStage, plan: StagePlan, defaults: Defaults) -> dict[str, Any]:
+def served_models(spec: ModelDeploymentSpec, name: str, plan: StagePlan) -> list[str]:
+    """The Triton models a model stage serves under ``plan`` (its sidecar loads them at
+    start): the planned variant's, and with routing on the gateway's small and large."""
+    stage = spec.stage(name)
+    if not isinstance(stage, ModelStage):
+        return []
     variant = stage.variant(plan.variant or "") or stage.variants[0]
+    models = [variant.model]
+    if isinstance(stage, InferenceStage) and stage.routing.mode == "Auto":
+        for routed in (stage.routing.small_variant, stage.routing.large_variant):
+            if (v := stage.variant(routed or "")) is not None and v.model not in models:
+                models.append(v.model)
+    return models
+
+
+def _triton_container(
+    owner: Owner, stage: ModelStage, plan: StagePlan, models: list[str], defaults: Defaults
+) -> dict[str, Any]:
+    variant = stage.variant(plan.variant or "") or stage.variants[0]
+    restricted = ",".join(contract.TRITON_RESTRICTED_APIS)
+    header = f"{contract.TRITON_ADMIN_HEADER}=$({contract.ENV_ADMIN_TOKEN})"
     return {
         "name": "triton",
         "image": defaults.triton(),
         "args": [
             "--model-repository=/models",
             "--model-control-mode=explicit",
-            f"--load-model={variant.model}",
+            *(f"--load-model={m}" for m in models),
             "--allow-metrics=true",
+            # Model control only with the admin token, on both protocols.
+            f"--http-restricted-api={restricted}:{header}",
+            f"--grpc-restricted-protocol={restricted}:{header}",
+        ],
+        "env": [
+            _admin_token_env(owner),
+            {
+                "name": contract.ENV_SERVICE_CONFIG,
+                "value": f"{contract.CONFIG_DIR}/{contract.SERVICE_CONFIG_FILE}",
+            },
         ],
         "ports": [{"name": f"triton-{k}", "containerPort": v} for k, v in TRITON_PORTS.items()],
         "resources": _resources(variant.resources or stage.resources),
@@ -172,100 +232,96 @@ def _triton_container(stage: ModelStage, plan: StagePlan, defaults: Defaults) ->
         "volumeMounts": [
             {"name": "models", "mountPath": "/models"},
             {"name": "tmp", "mountPath": "/tmp"},
+            CONFIG_MOUNT,
         ],
     }
 
 
-def triton_config(model: str, plan: StagePlan) -> str:
-    """The Triton model configuration (config.pbtxt) for the plan's batching."""
-    return (
-        f'name: "{model}"\n'
-        f"max_batch_size: {plan.max_batch_size}\n"
-        "dynamic_batching {\n"
-        f"  max_queue_delay_microseconds: {plan.max_queue_delay_us}\n"
-        "}\n"
-    )
+def service_config(spec: ModelDeploymentSpec, name: str, plan: StagePlan) -> contract.ServiceConfig:
+    """What the stage's containers read from ``service.json``."""
+    stage = spec.stage(name)
+    config = contract.ServiceConfig(stage=name)
+    if isinstance(stage, ModelStage):
+        variant = stage.variant(plan.variant or "") or stage.variants[0]
+        shadow = stage.variant(plan.shadow_variant or "")
+        models = served_models(spec, name, plan)
+        config = config.model_copy(
+            update={
+                "variant": variant.name,
+                "model": variant.model,
+                # only the served ones: a variant added to the spec rolls no pods
+                "variants": {v.name: v.model for v in stage.variants if v.model in models},
+                "models": models,
+                "maxBatchSize": plan.max_batch_size,
+                "maxQueueDelayMicroseconds": plan.max_queue_delay_us,
+                # restored by a pod that starts mid-verification
+                "shadow": None
+                if shadow is None
+                else contract.Shadow(
+                    model=shadow.model,
+                    sampleRatio=spec.optimizer.verification.sample_ratio_value,
+                ),
+            }
+        )
+    if isinstance(stage, RetrievalStage):
+        config = config.model_copy(
+            update={
+                "dimensions": stage.index.dimensions,
+                "metric": stage.index.metric,
+                "topK": stage.top_k,
+                "dataDir": "/data",
+            }
+        )
+    if isinstance(stage, InferenceStage):
+        config = config.model_copy(
+            update={
+                "routing": stage.routing.model_dump(by_alias=True, exclude_none=True),
+                "semanticCache": stage.semantic_cache.model_dump(by_alias=True),
+            }
+        )
+    return config
+
+
+def config_hash(config: contract.ServiceConfig) -> str:
+    """Hash of what rolls the pods: service.json without the fields applied live."""
+    rolled = config.model_dump(mode="json", exclude=set(contract.LIVE_FIELDS))
+    return hashlib.sha256(json.dumps(rolled, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _config_map(
-    owner: Owner,
-    name: str,
-    stage: Stage,
-    plan: StagePlan,
-    defaults: Defaults,
-    spec: ModelDeploymentSpec,
+    owner: Owner, name: str, config: contract.ServiceConfig, defaults: Defaults
 ) -> dict[str, Any]:
-    data: dict[str, str] = {}
-    service: dict[str, Any] = {"stage": name}
-    if isinstance(stage, ModelStage):
-        variant = stage.variant(plan.variant or "") or stage.variants[0]
-        data["config.pbtxt"] = triton_config(variant.model, plan)
-        service.update(
-            variant=variant.name,
-            model=variant.model,
-            # Every variant's Triton model: the gateway routes small/large by variant name.
-            variants={v.name: v.model for v in stage.variants},
-            maxBatchSize=plan.max_batch_size,
-            maxQueueDelayMicroseconds=plan.max_queue_delay_us,
-        )
-        shadow = stage.variant(plan.shadow_variant or "")
-        if shadow is not None:  # restored by a pod that restarts mid-verification
-            service["shadow"] = {
-                "model": shadow.model,
-                "sampleRatio": spec.optimizer.verification.sample_ratio_value,
-            }
-    if isinstance(stage, RetrievalStage):
-        service.update(
-            dimensions=stage.index.dimensions,
-            metric=stage.index.metric,
-            topK=stage.top_k,
-            dataDir="/data",
-        )
-    if name == "inference":
-        inf = spec.inference
-        service.update(
-            routing=inf.routing.model_dump(by_alias=True, exclude_none=True),
-            semanticCache=inf.semantic_cache.model_dump(by_alias=True),
-        )
-    data["service.json"] = json.dumps(service, sort_keys=True, indent=2)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(owner, name, defaults),
-        "data": data,
+        "data": {contract.SERVICE_CONFIG_FILE: config.json_text()},
     }
 
 
 def _deployment(
     owner: Owner,
     name: str,
-    stage: Stage,
+    spec: ModelDeploymentSpec,
     plan: StagePlan,
     defaults: Defaults,
-    config: dict[str, Any],
+    config: contract.ServiceConfig,
+    admin_fingerprint: str,
 ) -> dict[str, Any]:
-    containers = [_service_container(owner, name, stage, defaults, plan)]
+    stage = spec.stage(name)
+    containers = [_service_container(owner, name, stage, defaults)]
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {}},
         {"name": "config", "configMap": {"name": child_name(owner.name, name)}},
     ]
-    containers[0]["volumeMounts"].append(
-        {"name": "config", "mountPath": "/etc/modelpilot", "readOnly": True}
-    )
     if isinstance(stage, ModelStage):
-        containers.append(_triton_container(stage, plan, defaults))
+        containers.append(_triton_container(owner, stage, plan, config.models, defaults))
         volumes.append({"name": "models", "emptyDir": {}})
     if isinstance(stage, RetrievalStage):
         volumes.append(
             {"name": "data", "persistentVolumeClaim": {"claimName": child_name(owner.name, name)}}
         )
         containers[0]["volumeMounts"].append({"name": "data", "mountPath": "/data"})
-    # Restart pods when the service config changes; batching and shadowing are excluded
-    # because the operator applies them live (to Triton, to the service) without a restart.
-    service = json.loads(config["data"]["service.json"])
-    for key in ("maxBatchSize", "maxQueueDelayMicroseconds", "shadow"):
-        service.pop(key, None)
-    config_hash = hashlib.sha256(json.dumps(service, sort_keys=True).encode()).hexdigest()[:16]
     port = SERVICE_PORTS[name]
     return {
         "apiVersion": "apps/v1",
@@ -285,7 +341,9 @@ def _deployment(
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(port),
                         "prometheus.io/path": "/metrics",
-                        "modelpilot.io/config-hash": config_hash,
+                        CONFIG_HASH: config_hash(config),
+                        # Pods roll when the admin token changes (the key was rotated).
+                        **({ADMIN_FINGERPRINT: admin_fingerprint} if admin_fingerprint else {}),
                     },
                 },
                 "spec": {
@@ -316,18 +374,53 @@ def _placement(stage: Stage) -> dict[str, Any]:
     return placement
 
 
-def _service(owner: Owner, name: str, stage: Stage, defaults: Defaults) -> dict[str, Any]:
+def _service(owner: Owner, name: str, defaults: Defaults) -> dict[str, Any]:
+    """The stage's API only: admin and Triton ports are never behind a Service."""
     ports = [{"name": "http", "port": SERVICE_PORTS[name], "targetPort": "http"}]
-    if isinstance(stage, ModelStage):
-        ports += [
-            {"name": f"triton-{k}", "port": v, "targetPort": f"triton-{k}"}
-            for k, v in TRITON_PORTS.items()
-        ]
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(owner, name, defaults),
         "spec": {"type": "ClusterIP", "selector": selector(owner.name, name), "ports": ports},
+    }
+
+
+def _network_policy(owner: Owner, defaults: Defaults) -> dict[str, Any]:
+    """Defence in depth where the CNI enforces policies: anyone may call a stage's API port
+    (the Services); only the operator's pods reach the admin and Triton ports."""
+    api = [{"protocol": "TCP", "port": p} for p in sorted(set(SERVICE_PORTS.values()))]
+    rules: list[dict[str, Any]] = [{"ports": api}]
+    if defaults.operator_namespace and defaults.operator_labels:
+        admin = [ADMIN_PORT, *TRITON_PORTS.values()]
+        rules.append(
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {
+                                "kubernetes.io/metadata.name": defaults.operator_namespace
+                            }
+                        },
+                        "podSelector": {"matchLabels": dict(defaults.operator_labels)},
+                    }
+                ],
+                "ports": [{"protocol": "TCP", "port": p} for p in admin],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(owner, "pipeline", defaults, name=f"{owner.name}-modelpilot"),
+        "spec": {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/instance": owner.name,
+                    "app.kubernetes.io/managed-by": MANAGED_BY,
+                }
+            },
+            "policyTypes": ["Ingress"],
+            "ingress": rules,
+        },
     }
 
 
@@ -347,17 +440,24 @@ def _pvc(owner: Owner, stage: RetrievalStage, defaults: Defaults) -> dict[str, A
 
 
 def render(
-    owner: Owner, spec: ModelDeploymentSpec, plan: Plan, defaults: Defaults | None = None
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    plan: Plan,
+    defaults: Defaults | None = None,
+    admin_fingerprint: str = "",
 ) -> list[dict[str, Any]]:
-    """Every desired child object, in the order they should be applied."""
+    """Every desired child object, in the order they should be applied. ``admin_fingerprint``
+    identifies the admin token (not the token itself) in the pod templates."""
     defaults = defaults or Defaults()
-    objects: list[dict[str, Any]] = [_pvc(owner, spec.retrieval, defaults)]
+    objects: list[dict[str, Any]] = [
+        _network_policy(owner, defaults),
+        _pvc(owner, spec.retrieval, defaults),
+    ]
     for name in STAGES:
-        stage = spec.stage(name)
-        config = _config_map(owner, name, stage, plan[name], defaults, spec)
+        config = service_config(spec, name, plan[name])
         objects += [
-            config,
-            _service(owner, name, stage, defaults),
-            _deployment(owner, name, stage, plan[name], defaults, config),
+            _config_map(owner, name, config, defaults),
+            _service(owner, name, defaults),
+            _deployment(owner, name, spec, plan[name], defaults, config, admin_fingerprint),
         ]
     return objects

@@ -1,36 +1,40 @@
 """Prometheus adapter: the only module that speaks PromQL.
 
-Reads the services' metrics (names below, Prometheus conventions, seconds) for one
-pipeline, selected by the ``namespace`` and ``pipeline`` target labels, and returns a
-frozen :class:`~modelpilot.optimizer.snapshot.Snapshot`. Empty results, NaN and +-Inf are
-``None`` ("unknown"), never 0. Each query groups ``by (stage)`` so one request serves every
-stage.
+Reads the services' metrics (the ``METRIC_*`` names of :mod:`modelpilot.contract`, which
+the services export by the same constants) for one
+pipeline, selected by the ``namespace`` and ``app_kubernetes_io_instance`` target labels
+(:data:`INSTANCE_LABEL`), and returns a frozen :class:`~modelpilot.optimizer.snapshot.Snapshot`.
+Empty results, NaN and +-Inf are ``None`` ("unknown"), never 0. Each query groups
+``by (stage)`` so one request serves every stage.
 
-Metrics read (all labelled ``stage``):
-  modelpilot_requests_total{code}              counter
-  modelpilot_request_duration_seconds          histogram
-  modelpilot_queue_duration_seconds            histogram
-  modelpilot_batch_size                        histogram (achieved batch sizes)
-  modelpilot_in_flight_requests                gauge
-  modelpilot_cache_requests_total{result}      counter (inference: hit|miss)
-  modelpilot_routed_requests_total{route}      counter (inference: small|large)
-  modelpilot_query_duration_seconds            histogram (end to end, at the gateway)
-  modelpilot_shadow_agreement{model}           histogram (shadow candidate vs serving, 0..1)
-  modelpilot_shadow_duration_seconds{model}    histogram (shadow candidate latency)
-  modelpilot_shadow_errors_total{model}        counter
+Both scrape paths give those labels: annotation-based scraping (``prometheus.io/scrape`` with
+the usual ``labelmap`` of ``__meta_kubernetes_pod_label_(.+)``, as the prometheus-community
+chart's ``kubernetes-pods`` job and ``hack/prometheus.sh`` do) and the chart's PodMonitor. The
+stage pods carry ``app.kubernetes.io/instance=<ModelDeployment name>``.
 
 Shadow statistics cover ``shadow_window`` (10 minutes by default): a verification needs its
 samples within that window.
+
+Which Prometheus is read is operator configuration (:class:`PrometheusConfig`, from the
+``MODELPILOT_PROMETHEUS_*`` environment the chart sets): a ModelDeployment's
+``spec.prometheus.url`` may only name one of the endpoints it allows, TLS is verified (against
+a CA bundle when one is configured) and credentials come from mounted files.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import requests
 from prometheus_api_client import PrometheusConnect
+from requests.auth import AuthBase, HTTPBasicAuth
 
+from modelpilot import contract as C  # the metric names
 from modelpilot.optimizer.snapshot import (
     RATE_WINDOW_S,
     SHORT_RATE_WINDOW_S,
@@ -38,6 +42,183 @@ from modelpilot.optimizer.snapshot import (
     Snapshot,
     StageTelemetry,
 )
+
+#: The target label naming the ModelDeployment: the pod label ``app.kubernetes.io/instance``
+#: as Prometheus's ``labelmap`` (and the chart's PodMonitor) writes it.
+INSTANCE_LABEL = "app_kubernetes_io_instance"
+
+#: Prometheus when neither the environment nor a spec names one.
+DEFAULT_URL = "http://prometheus-server.monitoring.svc"
+
+# The operator's environment (set by the chart's deployment.yaml).
+ENV_URL = "MODELPILOT_PROMETHEUS_URL"
+ENV_ALLOWED_URLS = "MODELPILOT_PROMETHEUS_ALLOWED_URLS"
+ENV_CA_FILE = "MODELPILOT_PROMETHEUS_CA_FILE"
+ENV_TOKEN_FILE = "MODELPILOT_PROMETHEUS_TOKEN_FILE"
+ENV_USERNAME_FILE = "MODELPILOT_PROMETHEUS_USERNAME_FILE"
+ENV_PASSWORD_FILE = "MODELPILOT_PROMETHEUS_PASSWORD_FILE"
+ENV_INSECURE_SKIP_VERIFY = "MODELPILOT_PROMETHEUS_INSECURE_SKIP_VERIFY"
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def selector(namespace: str, name: str) -> str:
+    """The PromQL label matchers selecting one ModelDeployment's series."""
+    return f"namespace={_quote(namespace)},{INSTANCE_LABEL}={_quote(name)}"
+
+
+def target_labels(namespace: str, name: str) -> dict[str, str]:
+    """The target labels a scrape of one ModelDeployment's pods gives (for file-based
+    targets of processes outside the cluster: the same labels the queries select)."""
+    return {"namespace": namespace, INSTANCE_LABEL: name}
+
+
+def normalize_url(url: str) -> str:
+    """A URL as compared and used: scheme and host lower-cased, no trailing slash."""
+    parts = urlsplit(url.strip())
+    userinfo, at, host = parts.netloc.rpartition("@")
+    netloc = userinfo + at + host.lower()
+    path = parts.path.rstrip("/")
+    return urlunsplit((parts.scheme.lower(), netloc, path, parts.query, parts.fragment))
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+class NotAllowed(Exception):
+    """A spec names a Prometheus the operator's installation does not allow; ``str()`` is a
+    message for a status condition."""
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "false", "0", "no"):
+        return False
+    if raw in ("true", "1", "yes"):
+        return True
+    raise ValueError(f"{name}={environ[name]!r}: expected true or false")
+
+
+def _http_url(name: str, url: str) -> str:
+    if urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).netloc:
+        raise ValueError(f"{name}: {url!r} is not an http(s) URL")
+    return normalize_url(url)
+
+
+class _FileAuth(AuthBase):
+    """Bearer token or basic auth read from mounted Secret files on every request, so a
+    rotated Secret is picked up without a restart."""
+
+    def __init__(
+        self,
+        token_file: str | None = None,
+        username_file: str | None = None,
+        password_file: str | None = None,
+    ) -> None:
+        self.token_file = token_file
+        self.username_file = username_file
+        self.password_file = password_file
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        if self.token_file:
+            r.headers["Authorization"] = "Bearer " + Path(self.token_file).read_text().strip()
+            return r
+        assert self.username_file and self.password_file
+        basic = HTTPBasicAuth(
+            Path(self.username_file).read_text().strip(),
+            Path(self.password_file).read_text().strip(),
+        )
+        signed: requests.PreparedRequest = basic(r)
+        return signed
+
+
+@dataclass(frozen=True)
+class PrometheusConfig:
+    """Which Prometheus the operator reads, and how: the installation's choice, not a spec's.
+
+    ``url`` is the default endpoint, ``allowed_urls`` the others a spec may name. ``verify``
+    is ``False`` only with ``insecure_skip_verify``; otherwise TLS is verified against
+    ``ca_file`` when set, else the system's CAs. Credentials are file paths (mounted
+    Secrets): a bearer token, or a username and password for basic auth.
+    """
+
+    url: str = DEFAULT_URL
+    allowed_urls: tuple[str, ...] = ()
+    ca_file: str | None = None
+    token_file: str | None = None
+    username_file: str | None = None
+    password_file: str | None = None
+    insecure_skip_verify: bool = False
+    timeout_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> PrometheusConfig:
+        """Reads the ``MODELPILOT_PROMETHEUS_*`` variables; raises ``ValueError`` on a
+        malformed one (an operator that cannot know its Prometheus should not start)."""
+        url = _http_url(ENV_URL, environ.get(ENV_URL) or DEFAULT_URL)
+        raw = environ.get(ENV_ALLOWED_URLS, "").replace(",", " ").split()
+        allowed = tuple(dict.fromkeys(_http_url(ENV_ALLOWED_URLS, u) for u in raw))
+        username = environ.get(ENV_USERNAME_FILE) or None
+        password = environ.get(ENV_PASSWORD_FILE) or None
+        if bool(username) != bool(password):
+            raise ValueError(f"basic auth needs both {ENV_USERNAME_FILE} and {ENV_PASSWORD_FILE}")
+        token = environ.get(ENV_TOKEN_FILE) or None
+        if token and username:
+            raise ValueError(f"{ENV_TOKEN_FILE} and basic auth are exclusive")
+        return cls(
+            url=url,
+            allowed_urls=allowed,
+            ca_file=environ.get(ENV_CA_FILE) or None,
+            token_file=token,
+            username_file=username,
+            password_file=password,
+            insecure_skip_verify=_flag(environ, ENV_INSECURE_SKIP_VERIFY),
+        )
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        """Every endpoint a spec may name, normalised, the default first."""
+        return tuple(dict.fromkeys(normalize_url(u) for u in (self.url, *self.allowed_urls)))
+
+    def resolve(self, spec_url: str | None) -> str:
+        """The (normalised) URL to read for a spec's ``spec.prometheus.url``: the default
+        when it is unset, itself when allowed; raises :class:`NotAllowed` otherwise."""
+        if spec_url is None or not spec_url.strip():
+            return normalize_url(self.url)
+        wanted = normalize_url(spec_url)
+        if wanted in self.allowed:
+            return wanted
+        raise NotAllowed(
+            f"spec.prometheus.url {spec_url} is not among the endpoints this operator allows "
+            "(prometheus.url and prometheus.allowedUrls in the chart's values): "
+            + ", ".join(_without_userinfo(u) for u in self.allowed)
+        )
+
+    @property
+    def verify(self) -> bool | str:
+        """What ``requests`` verifies TLS with: the CA bundle's path, True, or False."""
+        if self.insecure_skip_verify:
+            return False
+        return self.ca_file or True
+
+    def session(self) -> requests.Session:
+        """A ``requests`` session with this configuration's TLS and credentials."""
+        session = requests.Session()
+        session.verify = self.verify
+        if self.token_file or self.username_file:
+            session.auth = _FileAuth(self.token_file, self.username_file, self.password_file)
+        return session
+
+    def telemetry(self, spec_url: str | None, **kwargs: Any) -> Telemetry:
+        """A :class:`Telemetry` for ``resolve(spec_url)`` (so :class:`NotAllowed` too) with
+        this configuration's TLS, credentials and timeout; ``kwargs`` go to Telemetry."""
+        kwargs.setdefault("timeout_s", self.timeout_s)
+        return Telemetry(self.resolve(spec_url), session=self.session(), **kwargs)
 
 
 def _finite(value: Any) -> float | None:
@@ -59,13 +240,20 @@ class Telemetry:
         shadow_window: str = "10m",
         timeout_s: float = 5.0,
         query: Callable[[str], list[dict[str, Any]]] | None = None,
+        session: requests.Session | None = None,
     ) -> None:
+        """``query`` replaces Prometheus (tests); ``session`` carries TLS and credentials
+        (:meth:`PrometheusConfig.session`); without one, TLS is verified against the
+        system's CAs."""
         self.window = window
         self.short_window = short_window
         self.shadow_window = shadow_window
         if query is None:
-            prom = PrometheusConnect(url=url, disable_ssl=True)
-            prom._session.request = _with_timeout(prom._session.request, timeout_s)
+            session = session if session is not None else requests.Session()
+            session.request = _with_timeout(session.request, timeout_s)  # type: ignore[method-assign]
+            prom = PrometheusConnect(url=normalize_url(url), session=session)
+            if hasattr(prom, "ssl_verification"):  # prometheus-api-client < 0.6 passes this
+                prom.ssl_verification = session.verify
             query = prom.custom_query
         self._query = query
 
@@ -90,20 +278,21 @@ class Telemetry:
         return out
 
     def shadow(self, sel: str) -> dict[tuple[str, str], ShadowStats]:
-        """Per (stage, candidate model): samples, mean agreement, p95 and errors."""
+        """Per (stage, candidate model): samples, mean agreement, p95 and errors; ``sel``
+        are label matchers, e.g. :func:`selector`."""
         w, by = self.shadow_window, "stage, model"
         count = self._by_candidate(
-            f"sum by ({by}) (increase(modelpilot_shadow_agreement_count{{{sel}}}[{w}]))"
+            f"sum by ({by}) (increase({C.METRIC_SHADOW_AGREEMENT}_count{{{sel}}}[{w}]))"
         )
         total = self._by_candidate(
-            f"sum by ({by}) (increase(modelpilot_shadow_agreement_sum{{{sel}}}[{w}]))"
+            f"sum by ({by}) (increase({C.METRIC_SHADOW_AGREEMENT}_sum{{{sel}}}[{w}]))"
         )
         p95 = self._by_candidate(
             f"histogram_quantile(0.95, sum by ({by}, le) "
-            f"(increase(modelpilot_shadow_duration_seconds_bucket{{{sel}}}[{w}])))"
+            f"(increase({C.METRIC_SHADOW_DURATION}_bucket{{{sel}}}[{w}])))"
         )
         errors = self._by_candidate(
-            f"sum by ({by}) (increase(modelpilot_shadow_errors_total{{{sel}}}[{w}]))"
+            f"sum by ({by}) (increase({C.METRIC_SHADOW_ERRORS}_total{{{sel}}}[{w}]))"
         )
         out = {}
         for key in set(count) | set(errors):
@@ -118,9 +307,10 @@ class Telemetry:
             )
         return out
 
-    def snapshot(self, namespace: str, pipeline: str, now: float) -> Snapshot:
-        """Query Prometheus once per metric family; missing data stays ``None``."""
-        sel = f'namespace="{namespace}",pipeline="{pipeline}"'
+    def snapshot(self, namespace: str, name: str, now: float) -> Snapshot:
+        """Query Prometheus once per metric family for the ModelDeployment ``name`` in
+        ``namespace`` (:func:`selector`); missing data stays ``None``."""
+        sel = selector(namespace, name)
         w = self.window
 
         def quantile(metric: str, q: float, by: str = "stage") -> str:
@@ -134,37 +324,37 @@ class Telemetry:
                 f"sum by (stage) (rate({metric}_count{{{sel}}}[{w}]))"
             )
 
-        rate = self._by_stage(f"sum by (stage) (rate(modelpilot_requests_total{{{sel}}}[{w}]))")
+        rate = self._by_stage(f"sum by (stage) (rate({C.METRIC_REQUESTS}_total{{{sel}}}[{w}]))")
         short = self._by_stage(
-            f"sum by (stage) (rate(modelpilot_requests_total{{{sel}}}[{self.short_window}]))"
+            f"sum by (stage) (rate({C.METRIC_REQUESTS}_total{{{sel}}}[{self.short_window}]))"
         )
         errors = self._by_stage(
-            f'sum by (stage) (rate(modelpilot_requests_total{{{sel},code=~"5.."}}[{w}])) / '
-            f"sum by (stage) (rate(modelpilot_requests_total{{{sel}}}[{w}]))"
+            f'sum by (stage) (rate({C.METRIC_REQUESTS}_total{{{sel},code=~"5.."}}[{w}])) / '
+            f"sum by (stage) (rate({C.METRIC_REQUESTS}_total{{{sel}}}[{w}]))"
         )
-        p50 = self._by_stage(quantile("modelpilot_request_duration_seconds", 0.5))
-        p95 = self._by_stage(quantile("modelpilot_request_duration_seconds", 0.95))
-        p99 = self._by_stage(quantile("modelpilot_request_duration_seconds", 0.99))
-        queue = self._by_stage(mean("modelpilot_queue_duration_seconds"))
-        batch = self._by_stage(mean("modelpilot_batch_size"))
+        p50 = self._by_stage(quantile(C.METRIC_REQUEST_DURATION, 0.5))
+        p95 = self._by_stage(quantile(C.METRIC_REQUEST_DURATION, 0.95))
+        p99 = self._by_stage(quantile(C.METRIC_REQUEST_DURATION, 0.99))
+        queue = self._by_stage(mean(C.METRIC_QUEUE_DURATION))
+        batch = self._by_stage(mean(C.METRIC_BATCH_SIZE))
         items = self._by_stage(
-            f"sum by (stage) (rate(modelpilot_model_inferences_total{{{sel}}}[{w}])) / "
-            f"sum by (stage) (rate(modelpilot_model_requests_total{{{sel}}}[{w}]))"
+            f"sum by (stage) (rate({C.METRIC_MODEL_INFERENCES}_total{{{sel}}}[{w}])) / "
+            f"sum by (stage) (rate({C.METRIC_MODEL_REQUESTS}_total{{{sel}}}[{w}]))"
         )
-        in_flight = self._by_stage(f"sum by (stage) (modelpilot_in_flight_requests{{{sel}}})")
+        in_flight = self._by_stage(f"sum by (stage) ({C.METRIC_IN_FLIGHT}{{{sel}}})")
         hits = self._by_stage(
-            f'sum by (stage) (rate(modelpilot_cache_requests_total{{{sel},result="hit"}}[{w}]))'
-            f" / sum by (stage) (rate(modelpilot_cache_requests_total{{{sel}}}[{w}]))"
+            f'sum by (stage) (rate({C.METRIC_CACHE_REQUESTS}_total{{{sel},result="hit"}}[{w}]))'
+            f" / sum by (stage) (rate({C.METRIC_CACHE_REQUESTS}_total{{{sel}}}[{w}]))"
         )
         small = self._by_stage(
-            f'sum by (stage) (rate(modelpilot_routed_requests_total{{{sel},route="small"}}[{w}]))'
-            f" / sum by (stage) (rate(modelpilot_routed_requests_total{{{sel}}}[{w}]))"
+            f'sum by (stage) (rate({C.METRIC_ROUTED_REQUESTS}_total{{{sel},route="small"}}[{w}]))'
+            f" / sum by (stage) (rate({C.METRIC_ROUTED_REQUESTS}_total{{{sel}}}[{w}]))"
         )
         e2e = self._scalar(
             f"histogram_quantile(0.95, sum by (le) "
-            f"(rate(modelpilot_query_duration_seconds_bucket{{{sel}}}[{w}])))"
+            f"(rate({C.METRIC_QUERY_DURATION}_bucket{{{sel}}}[{w}])))"
         )
-        newest = self._scalar(f"max(timestamp(modelpilot_requests_total{{{sel}}}))")
+        newest = self._scalar(f"max(timestamp({C.METRIC_REQUESTS}_total{{{sel}}}))")
 
         def ms(v: float | None) -> float | None:
             return None if v is None else v * 1000.0
@@ -198,7 +388,8 @@ def _with_timeout(request: Callable[..., Any], timeout_s: float) -> Callable[...
     """requests has no session-wide timeout: a hung Prometheus must not hang the operator."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("timeout", timeout_s)
+        if kwargs.get("timeout") is None:  # prometheus-api-client passes timeout=None
+            kwargs["timeout"] = timeout_s
         return request(*args, **kwargs)
 
     return call

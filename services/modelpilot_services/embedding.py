@@ -1,14 +1,13 @@
-"""embedding: texts -> vectors through the active variant's Triton model.
+"""embedding: texts -> vectors through the serving variant's Triton model.
 
 ``POST /v1/embed`` ``{"texts": [...]}`` -> ``{"embeddings", "model", "dims"}``.
-``GET|PUT /v1/admin/model``: read or switch the serving variant live; the new model is loaded
-in Triton *before* traffic moves, so no request fails during the switch.
-``GET|PUT|DELETE /v1/admin/shadow``: mirror a sample of requests to a candidate variant and
-record the cosine of its vectors with the served ones (see ``shadow``).
+Admin port: ``GET|PUT|DELETE /v1/admin/shadow`` mirrors a sample of requests to a candidate
+variant and records the cosine of its vectors with the served ones (see ``shadow``).
 
-Env: ``PORT`` (8082), ``MODELPILOT_TRITON_URL`` (localhost:8000), ``MODELPILOT_MODEL``
-(else ``model`` from the operator's service.json, else ``minilm_fp32``),
-``MODELPILOT_MODELS`` (the variants this pod may serve, comma-separated).
+The serving model is ``model`` from the operator's service.json (a variant switch rolls the
+pods); local processes take ``MODELPILOT_MODEL`` (``minilm_fp32``). Env: ``PORT`` (8082),
+``MODELPILOT_TRITON_URL`` (localhost:8000), ``MODELPILOT_MODELS`` (the models a shadow may
+name, comma-separated; default every embedding model).
 """
 
 from __future__ import annotations
@@ -19,11 +18,11 @@ import numpy as np
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from modelpilot import contract
 from modelpilot_services import models
 from modelpilot_services.shadow import Shadow
 from modelpilot_services.triton import Triton
 from modelpilot_services.web import (
-    ApiError,
     Service,
     TritonStats,
     env,
@@ -43,11 +42,6 @@ class EmbedRequest(BaseModel):
     texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS)
 
 
-class ModelSwitch(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: str
-
-
 class Embedding(Service):
     stage = "embedding"
 
@@ -58,15 +52,13 @@ class Embedding(Service):
         self.triton_url, self.model, self.allowed = triton_url, model, allowed
         self.registry.register(TritonStats(self.stage, triton_url, lambda: [self.model]))
         self.app.router.add_post("/v1/embed", self.embed)
-        self.app.router.add_get("/v1/admin/model", self.get_model)
-        self.app.router.add_put("/v1/admin/model", self.put_model)
         self.shadow = Shadow(
             self.stage, self.registry, allowed, lambda m: self.triton.ensure_loaded(m)
         )
-        self.shadow.routes(self.app)
+        self.shadow.routes(self.admin)
 
     async def start(self) -> None:
-        self.triton = Triton(self.triton_url)
+        self.triton = Triton(self.triton_url, admin_token=self.admin_token)
         self._publish()
         await self.shadow.load()
 
@@ -94,29 +86,14 @@ class Embedding(Service):
         self.shadow.mirror(model, cosine)
         return json_response({"embeddings": vectors, "model": model, "dims": int(vectors.shape[1])})
 
-    async def get_model(self, request: web.Request) -> web.Response:
-        return json_response({"model": self.model, "available": list(self.allowed)})
-
-    async def put_model(self, request: web.Request) -> web.Response:
-        body = await parse(request, ModelSwitch)
-        if body.model not in self.allowed:
-            raise ApiError(
-                400, "unknown_variant", f"{body.model!r} is not one of {list(self.allowed)}"
-            )
-        await self.triton.ensure_loaded(body.model)
-        self.model = body.model
-        self._publish()
-        return json_response({"model": self.model})
-
 
 def main() -> None:
-    config = service_config()
+    config = service_config(Embedding.stage)
     allowed = tuple(env("MODELPILOT_MODELS", ",".join(models.VARIANTS)).split(","))
-    model = env("MODELPILOT_MODEL", str(config.get("model", "minilm_fp32")))
-    triton_url = env("MODELPILOT_TRITON_URL", "localhost:8000")
-    service = Embedding(triton_url, model, allowed)
-    service.shadow.configure(config.get("shadow"))
-    run(service, int(env("PORT", "8082")))
+    model = config.model or env("MODELPILOT_MODEL", "minilm_fp32")
+    service = Embedding(env(contract.ENV_TRITON_URL, "localhost:8000"), model, allowed)
+    service.shadow.configure(config.shadow)
+    run(service, int(env(contract.ENV_PORT, str(contract.SERVICE_PORTS[Embedding.stage]))))
 
 
 if __name__ == "__main__":

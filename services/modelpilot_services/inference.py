@@ -3,16 +3,18 @@
 ``POST /v1/query`` ``{"query", "top_k", "filter", "route"}`` ->
 ``{"results": [{"document_id", "chunk", "score"}], "variant", "route", "cached"}``.
 
-Routing: a cheap difficulty score, ``1 - best retrieval similarity`` (a query far from
-everything indexed is hard), sends a query to the large re-ranker when it is >= the threshold,
-else to the small one. ``route`` in the request forces ``small`` or ``large``.
-``GET|PATCH /v1/admin/config`` reads or changes the live knobs: ``routingThreshold``,
-``cacheThreshold``, ``smallModel``, ``largeModel``.
+Routing: with the spec's ``routing.mode: Auto`` a cheap difficulty score, ``1 - best
+retrieval similarity`` (a query far from everything indexed is hard), sends a query to the
+large re-ranker when it is >= the threshold, else to the small one; with routing ``Off``
+both routes are the planned variant's model. ``route`` in the request forces one.
+Admin port: ``GET|PATCH /v1/admin/config`` reads or changes the live thresholds
+(``routingThreshold``, ``cacheThreshold``; ``GET`` also shows the routed models) and
+``/v1/admin/shadow`` mirrors to a verification candidate.
 
 Env: ``PORT`` (8084), ``MODELPILOT_EMBEDDING_URL``, ``MODELPILOT_RETRIEVAL_URL``,
-``MODELPILOT_TRITON_URL``, ``MODELPILOT_SMALL_MODEL`` / ``MODELPILOT_LARGE_MODEL``,
-``MODELPILOT_ROUTING_THRESHOLD`` (0.5), ``MODELPILOT_CACHE_*``; the operator's service.json
-supplies the same.
+``MODELPILOT_TRITON_URL``; without service.json (local processes)
+``MODELPILOT_SMALL_MODEL`` / ``MODELPILOT_LARGE_MODEL``, ``MODELPILOT_ROUTING_THRESHOLD``
+(0.5) and ``MODELPILOT_CACHE_*``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from modelpilot import contract
 from modelpilot_services import models
 from modelpilot_services.cache import SemanticCache
 from modelpilot_services.schemas import Filter
@@ -34,7 +37,6 @@ from modelpilot_services.triton import Triton
 from modelpilot_services.upstream import Upstream
 from modelpilot_services.web import (
     LATENCY_BUCKETS,
-    ApiError,
     Service,
     TritonStats,
     call_downstream,
@@ -61,8 +63,6 @@ class Knobs(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     routingThreshold: float | None = Field(default=None, ge=0, le=1)
     cacheThreshold: float | None = Field(default=None, ge=0, le=1)
-    smallModel: str | None = None
-    largeModel: str | None = None
 
 
 class Inference(Service):
@@ -88,30 +88,30 @@ class Inference(Service):
         self.threshold = routing_threshold
         self.cache = cache
         self.query_duration = Histogram(
-            "modelpilot_query_duration_seconds", "End-to-end query latency at the gateway.",
+            contract.METRIC_QUERY_DURATION, "End-to-end query latency at the gateway.",
             ["stage"], registry=self.registry, buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.cache_requests = Counter(
-            "modelpilot_cache_requests", "Semantic cache lookups.", ["stage", "result"],
+            contract.METRIC_CACHE_REQUESTS, "Semantic cache lookups.", ["stage", "result"],
             registry=self.registry,
         )  # fmt: skip
         self.routed = Counter(
-            "modelpilot_routed_requests", "Queries by re-ranker route.", ["stage", "route"],
+            contract.METRIC_ROUTED_REQUESTS, "Queries by re-ranker route.", ["stage", "route"],
             registry=self.registry,
         )  # fmt: skip
         self.registry.register(
             TritonStats(self.stage, triton_url, lambda: sorted(set(self.models.values())))
         )
         self.app.router.add_post("/v1/query", self.query)
-        self.app.router.add_get("/v1/admin/config", self.get_config)
-        self.app.router.add_patch("/v1/admin/config", self.patch_config)
+        self.admin.router.add_get(contract.ADMIN_CONFIG_PATH, self.get_config)
+        self.admin.router.add_patch(contract.ADMIN_CONFIG_PATH, self.patch_config)
         self.shadow = Shadow(
             self.stage, self.registry, models.RERANKERS, lambda m: self.triton.ensure_loaded(m)
         )
-        self.shadow.routes(self.app)
+        self.shadow.routes(self.admin)
 
     async def start(self) -> None:
-        self.triton = Triton(self.triton_url, self.timeout_s)
+        self.triton = Triton(self.triton_url, self.timeout_s, admin_token=self.admin_token)
         self._publish()
         await self.shadow.load()
 
@@ -197,31 +197,31 @@ class Inference(Service):
         return json_response(self._knobs())
 
     async def patch_config(self, request: web.Request) -> web.Response:
+        """The thresholds only: which models serve is the pod template's (a variant switch
+        rolls the pods), never a live knob."""
         body = await parse(request, Knobs)
-        for model in (body.smallModel, body.largeModel):
-            if model is None:
-                continue
-            if model not in models.RERANKERS:
-                raise ApiError(
-                    400, "unknown_variant", f"{model!r} is not one of {list(models.RERANKERS)}"
-                )
-            await self.triton.ensure_loaded(model)  # loaded before any query is sent to it
-        if body.smallModel:
-            self.models["small"] = body.smallModel
-        if body.largeModel:
-            self.models["large"] = body.largeModel
         if body.routingThreshold is not None:
             self.threshold = body.routingThreshold
         if body.cacheThreshold is not None:
             self.cache.threshold = body.cacheThreshold
-        self._publish()
         return json_response(self._knobs())
 
 
+def routed_models(config: contract.ServiceConfig) -> tuple[str, str] | None:
+    """(small, large) Triton models from the operator's config; None without one."""
+    if config.model is None:
+        return None
+    routing = config.routing or {}
+    if routing.get("mode") != "Auto":
+        return config.model, config.model  # routing off: every query to the planned variant
+    small = config.variants.get(str(routing.get("smallVariant")), config.model)
+    large = config.variants.get(str(routing.get("largeVariant")), config.model)
+    return small, large
+
+
 def main() -> None:
-    config = service_config()
-    cache_cfg = config.get("semanticCache", {})
-    routing = config.get("routing", {})
+    config = service_config(Inference.stage)
+    cache_cfg = config.semanticCache or {}
     enabled = env("MODELPILOT_CACHE_ENABLED", str(cache_cfg.get("enabled", True))).lower()
     cache = SemanticCache(
         threshold=float(
@@ -235,23 +235,22 @@ def main() -> None:
         ttl_s=float(env("MODELPILOT_CACHE_TTL_SECONDS", str(cache_cfg.get("ttlSeconds", 600)))),
         dims=int(env("MODELPILOT_DIMENSIONS", "384")),
     )
-    variants = config.get("variants", {})
+    small, large = routed_models(config) or (
+        env("MODELPILOT_SMALL_MODEL", "reranker_small"),
+        env("MODELPILOT_LARGE_MODEL", "reranker_large"),
+    )
     service = Inference(
-        env("MODELPILOT_EMBEDDING_URL", "http://127.0.0.1:8082"),
-        env("MODELPILOT_RETRIEVAL_URL", "http://127.0.0.1:8083"),
-        env("MODELPILOT_TRITON_URL", "localhost:8000"),
-        small_model=env(
-            "MODELPILOT_SMALL_MODEL", variants.get(routing.get("smallVariant"), "reranker_small")
-        ),
-        large_model=env(
-            "MODELPILOT_LARGE_MODEL", variants.get(routing.get("largeVariant"), "reranker_large")
-        ),
+        env(contract.stage_url_env("embedding"), "http://127.0.0.1:8082"),
+        env(contract.stage_url_env("retrieval"), "http://127.0.0.1:8083"),
+        env(contract.ENV_TRITON_URL, "localhost:8000"),
+        small_model=small,
+        large_model=large,
         routing_threshold=float(env("MODELPILOT_ROUTING_THRESHOLD", "0.5")),
         cache=cache,
         timeout_s=float(env("MODELPILOT_DOWNSTREAM_TIMEOUT", "30")),
     )
-    service.shadow.configure(config.get("shadow"))
-    run(service, int(env("PORT", "8084")))
+    service.shadow.configure(config.shadow)
+    run(service, int(env(contract.ENV_PORT, str(contract.SERVICE_PORTS[Inference.stage]))))
 
 
 if __name__ == "__main__":

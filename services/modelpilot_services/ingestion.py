@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from modelpilot import contract
 from modelpilot_services.schemas import DocumentId, Metadata, document_id
 from modelpilot_services.upstream import Upstream
 from modelpilot_services.web import (
@@ -150,15 +151,15 @@ class Ingestion(Service):
 
 def main() -> None:
     service = Ingestion(
-        env("MODELPILOT_EMBEDDING_URL", "http://127.0.0.1:8082"),
-        env("MODELPILOT_RETRIEVAL_URL", "http://127.0.0.1:8083"),
+        env(contract.stage_url_env("embedding"), "http://127.0.0.1:8082"),
+        env(contract.stage_url_env("retrieval"), "http://127.0.0.1:8083"),
         chunk_size=int(env("CHUNK_SIZE", "200")),
         overlap=int(env("CHUNK_OVERLAP", "40")),
         max_concurrent=int(env("MODELPILOT_MAX_CONCURRENT", "4")),
         max_queue=int(env("MODELPILOT_MAX_QUEUE", "32")),
         timeout_s=float(env("MODELPILOT_DOWNSTREAM_TIMEOUT", "30")),
     )
-    run(service, int(env("PORT", "8081")))
+    run(service, int(env(contract.ENV_PORT, str(contract.SERVICE_PORTS[Ingestion.stage]))))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from aiohttp import web
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from modelpilot import contract
 from modelpilot_services.schemas import Filter, Metadata, Vector, document_id
 from modelpilot_services.store import Store
 from modelpilot_services.web import (
@@ -145,11 +146,12 @@ class Retrieval(Service):
 
 
 def main() -> None:
-    config = service_config()
-    data_dir = Path(env("MODELPILOT_DATA_DIR", str(config.get("dataDir", "/data"))))
-    dims = int(env("MODELPILOT_DIMENSIONS", str(config.get("dimensions", 384))))
+    config = service_config(Retrieval.stage)
+    data_dir = Path(env("MODELPILOT_DATA_DIR", config.dataDir or "/data"))
+    dims = int(env("MODELPILOT_DIMENSIONS", str(config.dimensions or 384)))
     every = int(env("MODELPILOT_SNAPSHOT_EVERY", "2000"))
-    run(Retrieval(data_dir, dims, every), int(env("PORT", "8083")))
+    port = int(env(contract.ENV_PORT, str(contract.SERVICE_PORTS[Retrieval.stage])))
+    run(Retrieval(data_dir, dims, every), port)
 
 
 if __name__ == "__main__":

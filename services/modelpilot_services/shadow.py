@@ -21,13 +21,13 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field
 
+from modelpilot import contract
 from modelpilot_services.web import ApiError, json_response, parse
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,6 @@ AGREEMENT_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1
 MAX_IN_FLIGHT = 4  # shadow work never queues up behind itself: past this, skip the sample
 
 Compare = Callable[[str], Awaitable[Sequence[float]]]
-
-
-class ShadowConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: str
-    sampleRatio: float = Field(default=0.1, gt=0, le=1)
 
 
 class Shadow:
@@ -58,34 +52,34 @@ class Shadow:
         self.ratio = 0.0
         self.tasks: set[asyncio.Task[None]] = set()
         self.agreement = Histogram(
-            "modelpilot_shadow_agreement",
+            contract.METRIC_SHADOW_AGREEMENT,
             "Agreement of the shadow candidate's output with the serving model's (0..1)",
             ["stage", "model"],
             buckets=AGREEMENT_BUCKETS,
             registry=registry,
         )
         self.duration = Histogram(
-            "modelpilot_shadow_duration_seconds",
+            contract.METRIC_SHADOW_DURATION,
             "Time the shadow candidate took for a mirrored request",
             ["stage", "model"],
             registry=registry,
         )
         self.errors = Counter(
-            "modelpilot_shadow_errors",
+            contract.METRIC_SHADOW_ERRORS,
             "Mirrored requests the shadow candidate failed",
             ["stage", "model"],
             registry=registry,
         )
 
-    def routes(self, app: web.Application) -> None:
-        app.router.add_get("/v1/admin/shadow", self.get)
-        app.router.add_put("/v1/admin/shadow", self.put)
-        app.router.add_delete("/v1/admin/shadow", self.delete)
+    def routes(self, admin: web.Application) -> None:
+        admin.router.add_get(contract.ADMIN_SHADOW_PATH, self.get)
+        admin.router.add_put(contract.ADMIN_SHADOW_PATH, self.put)
+        admin.router.add_delete(contract.ADMIN_SHADOW_PATH, self.delete)
 
-    def configure(self, raw: Mapping[str, Any] | None) -> None:
+    def configure(self, config: contract.Shadow | None) -> None:
         """Restore from service.json before start; :meth:`load` then loads the model."""
-        if raw and raw.get("model") in self.allowed:
-            self.model, self.ratio = str(raw["model"]), float(raw.get("sampleRatio", 0.1))
+        if config is not None and config.model in self.allowed:
+            self.model, self.ratio = config.model, config.sampleRatio
 
     async def load(self) -> None:
         """Load the restored candidate in Triton (explicit model control loads nothing by
@@ -106,7 +100,7 @@ class Shadow:
         return json_response(self._state())
 
     async def put(self, request: web.Request) -> web.Response:
-        body = await parse(request, ShadowConfig)
+        body = await parse(request, contract.Shadow)
         if body.model not in self.allowed:
             raise ApiError(
                 400, "unknown_variant", f"{body.model!r} is not one of {list(self.allowed)}"

@@ -8,7 +8,8 @@ repository API.
 State lives under ``--dir`` (default ``.cache/services``): ``models/`` (the repository),
 ``backends/``, ``data/`` (retrieval), ``logs/`` and ``pids/``. Ports come from
 ``MODELPILOT_<NAME>_PORT`` (ingestion 8081, embedding 8082, retrieval 8083, inference 8084,
-triton 8000 with gRPC 8001 and metrics 8002).
+triton 8000 with gRPC 8001 and metrics 8002, the embedding and inference admin APIs 9082 and
+9084).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ DEFAULT_PORTS = {
     "triton": 8000,
     "triton_grpc": 8001,
     "triton_metrics": 8002,
+    # the admin APIs (loopback only: no token locally)
+    "embedding_admin": 9082,
+    "inference_admin": 9084,
 }
 STARTUP_MODELS = ("minilm_fp32", "reranker_small", "reranker_large")
 
@@ -75,6 +79,10 @@ class Stack:
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
+    def admin_url(self, name: str) -> str:
+        """The base URL of a service's admin API."""
+        return self.url(f"{name}_admin")
+
     @property
     def triton_url(self) -> str:
         return self.url("triton")
@@ -108,6 +116,7 @@ class Stack:
         env = {
             **os.environ,
             "PORT": str(p[name]),
+            "MODELPILOT_ADMIN_PORT": str(p.get(f"{name}_admin", 0)),
             "MODELPILOT_EMBEDDING_URL": self.url("embedding"),
             "MODELPILOT_RETRIEVAL_URL": self.url("retrieval"),
             "MODELPILOT_TRITON_URL": f"127.0.0.1:{p['triton']}",
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "up":
         stack.up()
         if args.prometheus_targets:
-            labels = {"namespace": "local", "pipeline": "local"}
+            labels = {"namespace": "local", "app_kubernetes_io_instance": "local"}
             stack.prometheus_targets(args.prometheus_targets, labels)
         for name in (*SERVICES, "triton"):
             print(f"{name:<10} {stack.url(name)}  pid {stack.pid(name)}  log {stack.log(name)}")

@@ -21,6 +21,7 @@ import tritonclient.http.aio as triton
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
+from modelpilot import contract
 from modelpilot_services.upstream import Upstream
 from modelpilot_services.web import ApiError
 
@@ -72,9 +73,11 @@ def decode_response(body: bytes, header_length: int | None, output: str) -> NDAr
 class Triton:
     """One Triton server, e.g. the pod's sidecar or the local ``tritonserver``."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0):
+    def __init__(self, url: str, timeout_s: float = 30.0, admin_token: str | None = None):
         self.url = url.removeprefix("http://").rstrip("/")
         self.timeout_s = timeout_s
+        # Triton's model-control API is restricted to this header (see modelpilot.contract).
+        self.admin_headers = {contract.TRITON_ADMIN_HEADER: admin_token} if admin_token else None
         self.client = triton.InferenceServerClient(self.url, conn_limit=256)
         self.http = Upstream(self.url, limit=256, timeout_s=timeout_s)
         self.max_batch: dict[str, int] = {}
@@ -94,7 +97,7 @@ class Triton:
         if await self.ready(model):
             return
         try:
-            await self.client.load_model(model)
+            await self.client.load_model(model, headers=self.admin_headers)
         except InferenceServerException as e:
             raise ApiError(422, "model_unavailable", f"Triton cannot load {model!r}: {e}") from None
 

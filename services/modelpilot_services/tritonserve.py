@@ -8,6 +8,9 @@ sidecar's entrypoint (``images/services.Dockerfile``, target ``triton``):
 
     python -m modelpilot_services.tritonserve --model-repository=/models \\
         --model-control-mode=explicit --load-model=minilm_int8 --allow-metrics=true
+
+The batching of the models the stage serves comes from the operator's service.json (mounted
+from the stage's ConfigMap), so a new or restarted pod starts with the planned settings.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import os
 import shutil
 import sys
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from modelpilot import contract
 from modelpilot_services import models
+from modelpilot_services.web import service_config
 
-# (max_batch_size, max_queue_delay_microseconds) each model starts with.
+# (max_batch_size, max_queue_delay_microseconds) each model starts with, unless planned.
 BATCHING = {name: (64, 2000) for name in models.VARIANTS} | {
     name: (64, 1000) for name in models.RERANKERS
 }
@@ -36,10 +41,25 @@ def model_config(name: str, max_batch_size: int, max_queue_delay_us: int) -> str
     )
 
 
-def write_repository(root: Path) -> Path:
+def planned_batching(config: contract.ServiceConfig) -> dict[str, tuple[int, int]]:
+    """Each model's (max_batch_size, max_queue_delay_us): the image's defaults, with the
+    operator's plan (service.json) for the models the stage serves and its shadow candidate.
+    A pod that starts or restarts so runs the plan without waiting for a live update."""
+    batching = dict(BATCHING)
+    if config.maxBatchSize is not None and config.maxQueueDelayMicroseconds is not None:
+        models = config.models or ([config.model] if config.model else [])
+        if config.shadow is not None:
+            models = [*models, config.shadow.model]  # measured under the same batching
+        for model in models:
+            if model in batching:
+                batching[model] = (config.maxBatchSize, config.maxQueueDelayMicroseconds)
+    return batching
+
+
+def write_repository(root: Path, batching: Mapping[str, tuple[int, int]] = BATCHING) -> Path:
     """The Triton model repository for every ModelPilot model (idempotent)."""
     source = Path(__file__).with_name("triton_model.py")
-    for name, (batch, delay) in BATCHING.items():
+    for name, (batch, delay) in batching.items():
         version = root / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, version / "model.py")
@@ -80,7 +100,7 @@ def command(args: Sequence[str], workdir: Path) -> tuple[list[str], dict[str, st
     repo = next((a.split("=", 1)[1] for a in args if a.startswith("--model-repository=")), None)
     if repo is None:
         raise SystemExit("--model-repository=DIR is required")
-    write_repository(Path(repo))
+    write_repository(Path(repo), planned_batching(service_config("triton")))
     backends = prepare_backends(workdir / "backends")
     binary, libs, _ = tritonserver()
     paths = sysconfig.get_paths()

@@ -1,6 +1,11 @@
 """What every ModelPilot service shares: the aiohttp app, health and readiness, Prometheus
 metrics by our naming conventions, JSON errors, request validation, size limits, structured
-logs and graceful shutdown.
+logs, graceful shutdown, and the admin API on a port of its own.
+
+The admin API (``/v1/admin/*``: live settings the operator pushes) listens on
+``MODELPILOT_ADMIN_PORT``, which no Service exposes, and requires
+``Authorization: Bearer $MODELPILOT_ADMIN_TOKEN`` (the operator's per-ModelDeployment
+Secret). Without a token, as in ``make services-up``, it listens on loopback only.
 
 Errors always answer ``{"error": {"code": ..., "message": ...}}`` with a 4xx for bad input;
 a 5xx means *we* failed (or a dependency did, then with ``Retry-After``).
@@ -9,6 +14,7 @@ a 5xx means *we* failed (or a dependency did, then with ``Retry-After``).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -32,6 +38,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 from threadpoolctl import threadpool_limits
 
+from modelpilot import contract
 from modelpilot_services.upstream import Upstream
 
 log = logging.getLogger("modelpilot")
@@ -128,18 +135,18 @@ class Metrics:
     def __init__(self, stage: str, registry: CollectorRegistry):
         self.stage = stage
         self.requests = Counter(
-            "modelpilot_requests", "Requests by response code.", ["stage", "code"],
+            contract.METRIC_REQUESTS, "Requests by response code.", [contract.STAGE_LABEL, "code"],
             registry=registry,
         )  # fmt: skip
         self.duration = Histogram(
-            "modelpilot_request_duration_seconds", "Request latency.", ["stage"],
+            contract.METRIC_REQUEST_DURATION, "Request latency.", ["stage"],
             registry=registry, buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.in_flight = Gauge(
-            "modelpilot_in_flight_requests", "Requests being served.", ["stage"], registry=registry
+            contract.METRIC_IN_FLIGHT, "Requests being served.", ["stage"], registry=registry
         )
         self.info = Gauge(
-            "modelpilot_serving_info", "The model each route serves now (value 1).",
+            contract.METRIC_SERVING_INFO, "The model each route serves now (value 1).",
             ["stage", "route", "model"], registry=registry,
         )  # fmt: skip
         # Bound once: a labels() lookup takes a lock and a dict probe on every request.
@@ -168,21 +175,21 @@ class TritonStats(Collector):
 
     def collect(self) -> Iterable[Any]:
         batch = HistogramMetricFamily(
-            "modelpilot_batch_size", "Achieved Triton batch sizes.", labels=["stage", "model"]
+            contract.METRIC_BATCH_SIZE, "Achieved Triton batch sizes.", labels=["stage", "model"]
         )
         queue = SummaryMetricFamily(
-            "modelpilot_queue_duration_seconds",
+            contract.METRIC_QUEUE_DURATION,
             "Time in Triton's queue.",
             labels=["stage", "model"],
         )
         # Items (texts, query-passage pairs) per request: what the optimizer sizes batches in.
         inferences = CounterMetricFamily(
-            "modelpilot_model_inferences",
+            contract.METRIC_MODEL_INFERENCES,
             "Items Triton ran (texts embedded, pairs re-ranked).",
             labels=["stage", "model"],
         )
         requests = CounterMetricFamily(
-            "modelpilot_model_requests",
+            contract.METRIC_MODEL_REQUESTS,
             "Requests Triton completed successfully.",
             labels=["stage", "model"],
         )
@@ -238,6 +245,25 @@ def setup_logging(service: str) -> None:
     root.setLevel(os.environ.get("MODELPILOT_LOG_LEVEL", "INFO").upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     log.info("starting", extra={"fields": {"service": service, "pid": os.getpid()}})
+
+
+def _admin_auth(token: str | None) -> Any:
+    """Bearer-token check for the admin app (constant-time compare); JSON errors."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode()
+        if expected is not None and not hmac.compare_digest(given, expected):
+            return error_response(401, "unauthorized", "the admin API needs the admin token")
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return error_response(e.status, e.code, e.message, e.retry_after)
+        except web.HTTPException as e:
+            return error_response(e.status, e.reason.lower().replace(" ", "_"), e.text or "")
+
+    return middleware
 
 
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -305,6 +331,12 @@ class Service:
         self.app.on_startup.append(self._startup)
         self.app.on_shutdown.append(self._on_shutdown)
         self.app.on_cleanup.append(self._cleanup)
+        # The admin API: its own app, so that no route of it is reachable on the stage's port.
+        self.admin_token = os.environ.get(contract.ENV_ADMIN_TOKEN) or None
+        self.admin = web.Application(
+            middlewares=[_admin_auth(self.admin_token)], client_max_size=MAX_BODY_BYTES
+        )
+        self._admin_runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         """Open clients and load state (override)."""
@@ -319,10 +351,21 @@ class Service:
     async def _startup(self, app: web.Application) -> None:
         await self.start()
 
+    async def serve_admin(self, port: int, host: str) -> None:
+        """Listen for the admin API; loopback only when no token guards it."""
+        if not self.admin.router.routes():
+            return
+        self._admin_runner = web.AppRunner(self.admin, access_log=None)
+        await self._admin_runner.setup()
+        bind = host if self.admin_token else "127.0.0.1"
+        await web.TCPSite(self._admin_runner, bind, port).start()
+
     async def _on_shutdown(self, app: web.Application) -> None:
         self.stopping = True
 
     async def _cleanup(self, app: web.Application) -> None:
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         await self.stop()
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -346,15 +389,16 @@ def env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def service_config() -> Mapping[str, Any]:
-    """The operator-rendered ``service.json`` (``MODELPILOT_SERVICE_CONFIG``), if present."""
-    path = os.environ.get("MODELPILOT_SERVICE_CONFIG", "/etc/modelpilot/service.json")
+def service_config(stage: str) -> contract.ServiceConfig:
+    """The operator-rendered ``service.json`` (``MODELPILOT_SERVICE_CONFIG``); defaults for
+    ``stage`` when there is none (a local process)."""
+    default = f"{contract.CONFIG_DIR}/{contract.SERVICE_CONFIG_FILE}"
+    path = os.environ.get(contract.ENV_SERVICE_CONFIG, default)
     try:
         with open(path) as f:
-            data: dict[str, Any] = json.load(f)
-            return data
+            return contract.ServiceConfig.model_validate_json(f.read())
     except FileNotFoundError:
-        return {}
+        return contract.ServiceConfig(stage=stage)
 
 
 def run(service: Service, port: int) -> None:
@@ -365,6 +409,13 @@ def run(service: Service, port: int) -> None:
     libuv's I/O path cut the embedding service's added latency from 2.7 to 1.8 ms (p50,
     interleaved against direct Triton calls, 2-core machine)."""
     setup_logging(service.stage)
+    host = env("MODELPILOT_BIND", "127.0.0.1")
+    admin_port = int(env(contract.ENV_ADMIN_PORT, str(contract.ADMIN_PORT)))
+
+    async def admin(app: web.Application) -> None:
+        await service.serve_admin(admin_port, host)
+
+    service.app.on_startup.append(admin)
     # A replica has one core. A second OpenBLAS thread spins in sched_yield after each
     # product it shares (the semantic cache's lookup past 24 entries): 58-90 ms of CPU a
     # query in the gateway, on the cores Triton needs.
@@ -372,7 +423,7 @@ def run(service: Service, port: int) -> None:
     web.run_app(
         service.app,
         loop=uvloop.new_event_loop(),
-        host=env("MODELPILOT_BIND", "127.0.0.1"),
+        host=host,
         port=port,
         shutdown_timeout=float(env("MODELPILOT_SHUTDOWN_SECONDS", "20")),
         access_log=None,

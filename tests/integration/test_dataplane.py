@@ -20,9 +20,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelpilot.plan import StagePlan
-from modelpilot.triton import load_with_config
-from modelpilot_services import profile
+from modelpilot import contract
+from modelpilot.live import LiveSettings, Pod, sync_pods
+from modelpilot_services import profile, tritonserve
 from modelpilot_services.stack import Stack, http_ok
 from tests.dataplane.client import call, ok
 from tests.helpers import free_port, wait_for
@@ -128,8 +128,9 @@ def _batch_sizes(stack: Stack, model: str) -> dict[int, int]:
 
 
 def _set_batching(stack: Stack, model: str, max_batch: int, delay_us: int) -> None:
-    plan = StagePlan(replicas=1, max_batch_size=max_batch, max_queue_delay_us=delay_us)
-    load_with_config(stack.triton_url, model, plan)  # the operator's own adapter
+    pod = Pod(stack.triton_url, stack.admin_url("embedding"), None)  # the operator's adapter
+    pod.set_batching(model, max_batch, delay_us)
+    assert pod.batching(model) == (max_batch, delay_us)
     config = requests.get(f"{stack.triton_url}/v2/models/{model}/config", timeout=10).json()
     assert config["max_batch_size"] == max_batch
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == delay_us
@@ -195,16 +196,30 @@ def test_a_request_larger_than_a_retuned_max_batch_size_is_split_not_failed(
         _set_batching(data_plane, model, 64, 2000)
 
 
-def test_variant_switch_is_live_and_loads_before_moving_traffic(data_plane: Stack) -> None:
-    admin = f"{data_plane.url('embedding')}/v1/admin/model"
-    before = ok("POST", f"{data_plane.url('embedding')}/v1/embed", {"texts": ["a cat sat"]})
-    try:
-        assert ok("PUT", admin, {"model": "minilm_static"})["model"] == "minilm_static"
-        after = ok("POST", f"{data_plane.url('embedding')}/v1/embed", {"texts": ["a cat sat"]})
-        assert after["model"] == "minilm_static" and after["dims"] == before["dims"]
-        assert after["embeddings"] != before["embeddings"]
-    finally:
-        ok("PUT", admin, {"model": "minilm_fp32"})
+def test_the_admin_api_is_on_its_own_port_and_needs_the_token(data_plane: Stack) -> None:
+    """In a pod the stage's Service exposes only its API port; the admin port needs the
+    token. Neither the shadow nor the gateway's knobs are reachable without both."""
+    admin_port = free_port()
+    env = {contract.ENV_ADMIN_PORT: str(admin_port), contract.ENV_ADMIN_TOKEN: "s3cret"}
+    with _spare_service(data_plane, "inference", env, ready_timeout=120) as url:
+        admin = f"http://127.0.0.1:{admin_port}"
+        for path in (contract.ADMIN_SHADOW_PATH, contract.ADMIN_CONFIG_PATH):
+            assert call("GET", url + path).status_code == 404  # not on the API port
+            refused = call("GET", admin + path)
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["code"] == "unauthorized"
+            wrong = requests.get(admin + path, headers={"Authorization": "Bearer nope"}, timeout=10)
+            assert wrong.status_code == 401
+            right = requests.get(
+                admin + path, headers={"Authorization": "Bearer s3cret"}, timeout=10
+            )
+            assert right.status_code == 200, right.text
+        pod = Pod(data_plane.triton_url, admin, "s3cret")  # the operator's adapter
+        shadow = contract.Shadow(model="reranker_large", sampleRatio=0.25)
+        pod.set_shadow(shadow)
+        assert pod.shadow() == shadow
+        pod.set_shadow(None)
+        assert pod.shadow() is None
 
 
 def test_retrieval_keeps_every_acknowledged_document_across_crash_and_restart(
@@ -334,13 +349,14 @@ BAD_INPUTS: list[tuple[str, str, str, Any, int]] = [
     ("inference", "POST", "/v1/query", {"query": "q", "filter": {"k": {"nested": 1}}}, 422),
     ("inference", "POST", "/v1/query", {"query": ["a", "list"]}, 422),
     ("inference", "POST", "/v1/query", {"query": "q" * 5000}, 422),
-    ("inference", "PATCH", "/v1/admin/config", {"routingThreshold": 2}, 422),
-    ("inference", "PATCH", "/v1/admin/config", {"smallModel": "no_such_variant"}, 400),
+    ("inference_admin", "PATCH", "/v1/admin/config", {"routingThreshold": 2}, 422),
+    ("inference_admin", "PATCH", "/v1/admin/config", {"smallModel": "reranker_large"}, 422),
     ("embedding", "POST", "/v1/embed", {"texts": []}, 422),
     ("embedding", "POST", "/v1/embed", {"texts": ["ok", ""]}, 422),
     ("embedding", "POST", "/v1/embed", {"texts": ["t"] * 257}, 422),
     ("embedding", "POST", "/v1/embed", {"texts": [None]}, 422),
-    ("embedding", "PUT", "/v1/admin/model", {"model": "gpt-17-ultra"}, 400),
+    ("embedding_admin", "PUT", "/v1/admin/shadow", {"model": "gpt-17-ultra"}, 400),
+    ("embedding_admin", "PUT", "/v1/admin/shadow", {"model": "minilm_int8", "sampleRatio": 2}, 422),
     ("retrieval", "POST", "/v1/search", {"embedding": [0.1, 0.2, 0.3]}, 422),
     ("retrieval", "POST", "/v1/search", b'{"embedding": [NaN]}', 422),
     ("retrieval", "POST", "/v1/search", {"embedding": VECTOR, "top_k": 10**9}, 422),
@@ -481,10 +497,12 @@ def test_a_restarted_pod_restores_its_shadow_candidate_loaded(
     assert unload.status_code == 200, unload.text
     wait_for(lambda: not http_ok(f"{triton}/v2/models/minilm_static/ready"), 60, what="unloaded")
     config = tmp_path / "service.json"
-    config.write_text(json.dumps({"shadow": {"model": "minilm_static", "sampleRatio": 1.0}}))
-    env = {"MODELPILOT_SERVICE_CONFIG": str(config)}
+    shadow = {"model": "minilm_static", "sampleRatio": 1.0}
+    config.write_text(json.dumps({"stage": "embedding", "model": "minilm_fp32", "shadow": shadow}))
+    admin_port = free_port()
+    env = {"MODELPILOT_SERVICE_CONFIG": str(config), contract.ENV_ADMIN_PORT: str(admin_port)}
     with _spare_service(data_plane, "embedding", env, ready_timeout=120) as url:
-        assert ok("GET", f"{url}/v1/admin/shadow") == {"model": "minilm_static", "sampleRatio": 1.0}
+        assert ok("GET", f"http://127.0.0.1:{admin_port}/v1/admin/shadow") == shadow
         assert http_ok(f"{triton}/v2/models/minilm_static/ready")
         for i in range(5):
             ok("POST", f"{url}/v1/embed", {"texts": [f"mirrored request {i}"]})
@@ -498,3 +516,46 @@ def test_a_restarted_pod_restores_its_shadow_candidate_loaded(
 
         wait_for(mirrored, 60, what="5 mirrored requests")
         assert "modelpilot_shadow_errors_total{" not in requests.get(f"{url}/metrics").text
+
+
+def test_live_sync_corrects_only_what_differs_and_one_bad_pod_fails_alone(
+    data_plane: Stack,
+) -> None:
+    """Level-triggered: a pod off the plan is corrected once, then left alone; a pod that
+    cannot be reached is that pod's error, never the others'."""
+    good = Pod(data_plane.triton_url, data_plane.admin_url("embedding"), None)
+    gone = Pod(
+        f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}", None, timeout_s=1
+    )
+    config = contract.ServiceConfig(
+        stage="embedding",
+        model="minilm_fp32",
+        models=["minilm_fp32"],
+        maxBatchSize=16,
+        maxQueueDelayMicroseconds=500,
+        shadow=contract.Shadow(model="minilm_int8", sampleRatio=0.2),
+    )
+    want = LiveSettings.of(config)
+    assert want is not None and want.models == ("minilm_fp32", "minilm_int8")
+    try:
+        with cf.ThreadPoolExecutor(4) as pool:
+            first = sync_pods([("good", good), ("gone", gone)], want, pool)
+            assert [p.pod for p in first.corrected] == ["good"]
+            # the shadow candidate, loaded by the shadow's write, runs the plan's batching too
+            assert first.corrected[0].corrected == (
+                "shadow",
+                "batching of minilm_fp32",
+                "batching of minilm_int8",
+            )
+            assert [p.pod for p in first.failed] == ["gone"] and first.on_plan == 1
+            again = sync_pods(
+                [("good", Pod(data_plane.triton_url, data_plane.admin_url("embedding"), None))],
+                want,
+                pool,
+            )
+            assert again.on_plan == 1 and not again.corrected  # nothing differs: no writes
+        assert good.batching("minilm_fp32") == good.batching("minilm_int8") == (16, 500)
+    finally:
+        for model in ("minilm_fp32", "minilm_int8"):
+            _set_batching(data_plane, model, *tritonserve.BATCHING[model])
+        Pod(data_plane.triton_url, data_plane.admin_url("embedding"), None).set_shadow(None)

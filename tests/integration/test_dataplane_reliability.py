@@ -159,10 +159,13 @@ ENDPOINTS: dict[str, tuple[str, str, st.SearchStrategy[Any]]] = {
         "POST /v1/embed",
         body({"texts": st.lists(field(TEXT), min_size=1, max_size=6)}),
     ),
-    "switch": (
-        "embedding",
-        "PUT /v1/admin/model",
-        body({"model": st.sampled_from(["minilm_fp32", "minilm_int8", "nope"]) | TEXT}),
+    "shadow": (
+        "embedding_admin",
+        "PUT /v1/admin/shadow",
+        body(
+            {"model": st.sampled_from(["minilm_int8", "minilm_static", "nope"]) | TEXT},
+            {"sampleRatio": st.floats(-1, 2)},
+        ),
     ),
     "put": (
         "retrieval",
@@ -189,15 +192,13 @@ ENDPOINTS: dict[str, tuple[str, str, st.SearchStrategy[Any]]] = {
         ),
     ),
     "knobs": (
-        "inference",
+        "inference_admin",
         "PATCH /v1/admin/config",
         body(
             {},
             {
                 "routingThreshold": st.floats(-1, 2),
                 "cacheThreshold": st.floats(-1, 2),
-                "smallModel": st.sampled_from(["reranker_small", "reranker_large", "x"]),
-                "largeModel": st.sampled_from(["reranker_small", "reranker_large", "x"]),
             },
         ),
     ),
@@ -244,20 +245,25 @@ def test_fuzzed_requests_get_4xx_or_2xx_never_5xx(fresh_data_plane: Any, endpoin
         _restore_admin_state(plane, before)
     print(f"{endpoint}: status codes {sorted(seen.items())}")
     assert any(code >= 400 for code in seen), seen  # the fuzzer reached the validation
-    service = ENDPOINTS[endpoint][0]
+    service = ENDPOINTS[endpoint][0].removesuffix("_admin")
     assert ok("GET", plane.url(service) + "/healthz")["status"] == "ok"
     assert not _server_errors(plane, service)
 
 
 def _admin_state(plane: Any) -> tuple[Any, Any]:
-    model = ok("GET", plane.url("embedding") + "/v1/admin/model")["model"]
-    return model, ok("GET", plane.url("inference") + "/v1/admin/config")
+    shadow = ok("GET", plane.admin_url("embedding") + "/v1/admin/shadow")
+    return shadow, ok("GET", plane.admin_url("inference") + "/v1/admin/config")
 
 
 def _restore_admin_state(plane: Any, state: tuple[Any, Any]) -> None:
-    model, knobs = state
-    ok("PUT", plane.url("embedding") + "/v1/admin/model", {"model": model})
-    ok("PATCH", plane.url("inference") + "/v1/admin/config", knobs)
+    shadow, knobs = state
+    url = plane.admin_url("embedding") + "/v1/admin/shadow"
+    if shadow["model"] is None:
+        ok("DELETE", url)
+    else:
+        ok("PUT", url, shadow)
+    thresholds = {k: knobs[k] for k in ("routingThreshold", "cacheThreshold")}
+    ok("PATCH", plane.admin_url("inference") + "/v1/admin/config", thresholds)
 
 
 def _server_errors(plane: Any, service: str) -> list[str]:

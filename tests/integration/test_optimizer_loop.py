@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from modelpilot.telemetry import target_labels
 from tests.helpers import ROOT, kubectl, wait_for
 from tests.loadgen import Stage, load
 
@@ -27,7 +28,7 @@ def loaded_stage(prometheus_url: str, namespace: str) -> Iterator[Stage]:
             [
                 {
                     "targets": [f"127.0.0.1:{stage.port}"],
-                    "labels": {"namespace": namespace, "pipeline": "loop"},
+                    "labels": target_labels(namespace, "loop"),
                 }
             ]
         )

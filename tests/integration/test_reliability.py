@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from modelpilot.telemetry import target_labels
 from tests.helpers import (
+    PRIVATE_PROMETHEUS_PORT,
     ROOT,
     children,
-    free_port,
     kubectl,
     kubectl_json,
     md_ready,
@@ -232,7 +233,8 @@ def private_prometheus(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, st
     """A Prometheus of this test's own, so stopping it disturbs nobody else."""
     env = {
         **os.environ,
-        "MODELPILOT_PROMETHEUS_PORT": str(free_port()),
+        # The operator allows this endpoint (conftest's Operator): a spec may name it.
+        "MODELPILOT_PROMETHEUS_PORT": PRIVATE_PROMETHEUS_PORT,
         "MODELPILOT_PROMETHEUS_DIR": str(tmp_path / "prometheus"),
     }
     subprocess.run([str(ROOT / "hack/prometheus.sh"), "up"], env=env, check=True)
@@ -257,7 +259,7 @@ def test_a_prometheus_outage_holds_replicas_and_recovers_by_itself(
             [
                 {
                     "targets": [f"127.0.0.1:{stage.port}"],
-                    "labels": {"namespace": namespace, "pipeline": "outage"},
+                    "labels": target_labels(namespace, "outage"),
                 }
             ]
         )

@@ -19,15 +19,18 @@ from typing import Any
 import pytest
 import yaml
 
+from modelpilot import contract
+from modelpilot.actuate import Actuator
 from modelpilot.api.v1alpha1 import Verification
 from modelpilot.kube import Kube, new_api_client
+from modelpilot.live import Pod
 from modelpilot.optimize import Optimizer
 from modelpilot.optimizer.gate import judge
 from modelpilot.optimizer.profiles import load as load_profiles
 from modelpilot.optimizer.snapshot import ShadowStats, Snapshot, StageTelemetry
 from modelpilot.reconcile import Reconciler
-from modelpilot.shadow import set_shadow
-from modelpilot.telemetry import Telemetry
+from modelpilot.render import Defaults
+from modelpilot.telemetry import Telemetry, selector, target_labels
 from tests.dataplane.client import ok
 from tests.helpers import KUBECONFIG, ROOT, kubectl, kubectl_json, sample, wait_for
 
@@ -43,14 +46,19 @@ SENTENCES = [
 @pytest.fixture
 def scraped_plane(data_plane: Any, prometheus_url: str) -> Iterator[tuple[Any, str]]:
     """The session data plane as a Prometheus target of its own pipeline labels."""
-    labels = {"namespace": "verify", "pipeline": f"gate-{int(time.time())}"}
-    target = ROOT / ".cache/prometheus/targets" / f"{labels['pipeline']}.json"
-    data_plane.prometheus_targets(target, labels)
+    name = f"gate-{int(time.time())}"
+    target = ROOT / ".cache/prometheus/targets" / f"{name}.json"
+    data_plane.prometheus_targets(target, target_labels("verify", name))
     try:
-        yield data_plane, f'namespace="{labels["namespace"]}",pipeline="{labels["pipeline"]}"'
+        yield data_plane, selector("verify", name)
     finally:
         target.unlink()
-        set_shadow(data_plane.url("embedding"), None, 0.0)
+        _pod(data_plane).set_shadow(None)
+
+
+def _pod(plane: Any) -> Pod:
+    """The operator's live-settings adapter on the embedding service."""
+    return Pod(plane.triton_url, plane.admin_url("embedding"), None)
 
 
 def test_shadow_agreement_is_measured_through_prometheus_and_judged(
@@ -58,13 +66,13 @@ def test_shadow_agreement_is_measured_through_prometheus_and_judged(
 ) -> None:
     plane, sel = scraped_plane
     telemetry = Telemetry(prometheus_url)
-    serving = ok("GET", plane.url("embedding") + "/v1/admin/model")["model"]
-    assert serving == "minilm_fp32"
+    serving = ok("POST", plane.url("embedding") + "/v1/embed", {"texts": ["which model?"]})
+    assert serving["model"] == "minilm_fp32"
     rules = Verification.model_validate({"minSamples": 40, "minAgreement": "0.9"})
     verdicts = {}
     for candidate in ("minilm_int8", "minilm_static"):
-        set_shadow(plane.url("embedding"), candidate, 1.0)  # the operator's own adapter
-        assert ok("GET", plane.url("embedding") + "/v1/admin/shadow")["model"] == candidate
+        _pod(plane).set_shadow(contract.Shadow(model=candidate, sampleRatio=1.0))
+        assert ok("GET", plane.admin_url("embedding") + "/v1/admin/shadow")["model"] == candidate
         stop = threading.Event()
 
         def traffic(stop: threading.Event = stop) -> None:
@@ -91,8 +99,8 @@ def test_shadow_agreement_is_measured_through_prometheus_and_judged(
             worker.join(timeout=30)
         assert stats.agreement is not None and stats.p95_ms is not None and stats.errors == 0
         verdicts[candidate] = (stats, judge(rules, stats, 500.0, 0, 10))
-    set_shadow(plane.url("embedding"), None, 0.0)
-    assert ok("GET", plane.url("embedding") + "/v1/admin/shadow")["model"] is None
+    _pod(plane).set_shadow(None)
+    assert ok("GET", plane.admin_url("embedding") + "/v1/admin/shadow")["model"] is None
     int8, static = verdicts["minilm_int8"], verdicts["minilm_static"]
     print(
         f"shadow agreement vs fp32: int8 {int8[0].agreement:.3f} "
@@ -144,7 +152,7 @@ def pipeline(
     md["spec"]["optimizer"]["verification"] = {"minSamples": 50, "retryAfterSeconds": 3600}
     kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(md))
     kube = Kube(new_api_client(str(KUBECONFIG)))
-    reconciler = Reconciler(kube)
+    reconciler = Reconciler(kube, Actuator(kube, Defaults()))
     wait_for(lambda: reconciler.reconcile(namespace, "full"), 60, what="the first reconcile")
     md["spec"]["slo"]["minQuality"] = "0.9"
     kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(md))
@@ -158,7 +166,7 @@ def pipeline(
         reconciler,
         load_profiles(str(ROOT / "profiles/cpu.json")),
         snapshot_source=telemetry,
-        default_prometheus_url="http://unused",
+        prometheus_url=lambda url: "http://unused",
         clock=lambda: now[0],
     )
     try:

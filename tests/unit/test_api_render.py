@@ -10,9 +10,12 @@ import pytest
 from pydantic import ValidationError
 
 from modelpilot import conditions as cond
-from modelpilot import crdgen, plan
+from modelpilot import contract, crdgen, plan
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
-from modelpilot.render import Owner, render
+from modelpilot.render import Defaults, Owner, config_hash, render
+from modelpilot.render import service_config as render_service_config
+from modelpilot_services import tritonserve
+from modelpilot_services.inference import routed_models
 from tests.helpers import sample
 
 pytestmark = pytest.mark.unit
@@ -126,6 +129,7 @@ def test_render_produces_every_child_with_owner_labels_and_restricted_pods() -> 
     objects = render(OWNER, spec, plan.initial(spec))
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
     assert kinds.count(("PersistentVolumeClaim", "full-retrieval")) == 1
+    assert kinds.count(("NetworkPolicy", "full-modelpilot")) == 1
     for stage in ("ingestion", "embedding", "retrieval", "inference"):
         for kind in ("Deployment", "Service", "ConfigMap"):
             assert (kind, f"full-{stage}") in kinds
@@ -159,8 +163,125 @@ def test_render_uses_the_gpu_variant_resources_and_batching_config() -> None:
     triton = dep["spec"]["template"]["spec"]["containers"][1]
     assert triton["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert "--load-model=reranker_large" in triton["args"]
-    config = objects[("ConfigMap", "full-inference")]["data"]["config.pbtxt"]
-    assert "max_batch_size: 8" in config and "max_queue_delay_microseconds: 500" in config
+    raw = objects[("ConfigMap", "full-inference")]["data"]["service.json"]
+    config = contract.ServiceConfig.model_validate_json(raw)
+    assert (config.maxBatchSize, config.maxQueueDelayMicroseconds) == (8, 500)
+    assert config.model == "reranker_large"
+
+
+def _deployment(objects: list[dict[str, Any]], stage: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == stage)
+
+
+def test_services_expose_only_the_stage_api_and_admin_ports_need_the_token() -> None:
+    spec = spec_of("full")
+    objects = render(OWNER, spec, plan.initial(spec))
+    for svc in (o for o in objects if o["kind"] == "Service"):
+        stage = svc["metadata"]["name"].removeprefix("full-")
+        assert [p["port"] for p in svc["spec"]["ports"]] == [contract.SERVICE_PORTS[stage]]
+    for stage in contract.MODEL_STAGES:
+        pod = _deployment(objects, f"full-{stage}")["spec"]["template"]["spec"]
+        service, triton = pod["containers"]
+        token = {
+            "name": contract.ENV_ADMIN_TOKEN,
+            "valueFrom": {
+                "secretKeyRef": {"name": "full-admin", "key": contract.ADMIN_TOKEN_SECRET_KEY}
+            },
+        }
+        assert token in service["env"] and token in triton["env"]
+        assert {"name": "admin", "containerPort": contract.ADMIN_PORT} in service["ports"]
+        restricted = [a for a in triton["args"] if a.startswith("--http-restricted-api=")]
+        assert restricted == [
+            "--http-restricted-api=model-repository,shared-memory,trace,logging:"
+            f"{contract.TRITON_ADMIN_HEADER}=$({contract.ENV_ADMIN_TOKEN})"
+        ]
+
+
+def test_network_policy_admits_only_the_operator_to_admin_and_triton_ports() -> None:
+    spec = spec_of("full")
+    defaults = Defaults(operator_namespace="ops", operator_labels={"app": "op"})
+    policy = next(
+        o for o in render(OWNER, spec, plan.initial(spec), defaults) if o["kind"] == "NetworkPolicy"
+    )
+    api_rule, admin_rule = policy["spec"]["ingress"]
+    assert "from" not in api_rule
+    assert {p["port"] for p in api_rule["ports"]} == set(contract.SERVICE_PORTS.values())
+    assert {p["port"] for p in admin_rule["ports"]} == {
+        contract.ADMIN_PORT,
+        *contract.TRITON_PORTS.values(),
+    }
+    (source,) = admin_rule["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ops"}
+    assert source["podSelector"]["matchLabels"] == {"app": "op"}
+    unknown = next(
+        o for o in render(OWNER, spec, plan.initial(spec)) if o["kind"] == "NetworkPolicy"
+    )
+    assert len(unknown["spec"]["ingress"]) == 1  # no operator identity: nobody on admin ports
+
+
+@pytest.mark.parametrize(
+    ("routing", "models"),
+    [
+        ({"mode": "Auto", "smallVariant": "reranker-small", "largeVariant": "reranker-large-gpu"},
+         ["reranker_small", "reranker_large"]),
+        ({"mode": "Off"}, ["reranker_small"]),
+    ],
+)  # fmt: skip
+def test_the_gateway_sidecar_loads_every_model_it_routes_to(
+    routing: dict[str, str], models: list[str]
+) -> None:
+    raw = sample("full")["spec"]
+    raw["inference"]["routing"] = routing
+    spec = ModelDeploymentSpec.model_validate(raw)
+    p = plan.initial(spec)
+    assert p["inference"].variant == "reranker-small"
+    dep = _deployment(render(OWNER, spec, p), "full-inference")
+    triton = dep["spec"]["template"]["spec"]["containers"][1]
+    assert [
+        a.removeprefix("--load-model=") for a in triton["args"] if "--load-model" in a
+    ] == models
+    config = render_service_config(spec, "inference", p["inference"])
+    assert config.models == models
+    assert routed_models(config) == (
+        (models[0], models[-1]) if routing["mode"] == "Auto" else (models[0], models[0])
+    )
+
+
+def test_a_starting_triton_runs_the_planned_batching_from_the_mounted_config() -> None:
+    """Both sides of service.json: what render writes is what the sidecar starts with."""
+    spec = spec_of("full")
+    p = plan.initial(spec)
+    p["inference"] = plan.StagePlan(1, "reranker-small", 4, 250)
+    config = render_service_config(spec, "inference", p["inference"])
+    batching = tritonserve.planned_batching(
+        contract.ServiceConfig.model_validate_json(config.json_text())
+    )
+    assert batching["reranker_small"] == (4, 250) and batching["reranker_large"] == (4, 250)
+    assert batching["minilm_fp32"] == tritonserve.BATCHING["minilm_fp32"]  # not served here
+    verifying = plan.StagePlan(1, "minilm-fp32", 4, 250, shadow_variant="minilm-int8")
+    config = render_service_config(spec, "embedding", verifying)
+    assert config.models == ["minilm_fp32"]
+    assert tritonserve.planned_batching(config)["minilm_int8"] == (4, 250)  # the candidate
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("maxBatchSize", 3),
+        ("maxQueueDelayMicroseconds", 7),
+        ("shadow", contract.Shadow(model="minilm_static", sampleRatio=0.5)),
+        ("model", "minilm_static"),
+        ("models", ["minilm_static"]),
+        ("routing", {"mode": "Auto"}),
+        ("topK", 99),
+    ],
+)
+def test_only_the_live_fields_leave_the_pods_running(field: str, value: Any) -> None:
+    spec = spec_of("full")
+    base = render_service_config(spec, "embedding", plan.initial(spec)["embedding"])
+    changed = base.model_copy(update={field: value})
+    same = config_hash(changed) == config_hash(base)
+    assert same is (field in contract.LIVE_FIELDS)
 
 
 def test_batching_changes_do_not_restart_pods_but_variant_changes_do() -> None:
@@ -239,3 +360,41 @@ def test_a_stages_node_selector_tolerations_and_affinity_reach_only_its_pods() -
     assert {k: pods["p-inference"][k] for k in gpu_pool} == gpu_pool
     for name in ("p-ingestion", "p-embedding", "p-retrieval"):
         assert not set(gpu_pool) & set(pods[name]), name
+
+
+@pytest.mark.parametrize(
+    ("stored", "patch", "after"),
+    [
+        ({"a": 1}, {"a": 1}, {"a": 1}),
+        ({"a": 1}, {"b": None}, {"a": 1}),  # deleting an absent key: no change
+        ({"s": {"x": 1, "y": 2}}, {"s": {"x": 1, "z": None}}, {"s": {"x": 1, "y": 2}}),
+        ({"s": {"x": 1}}, {"s": {"x": None}}, {"s": {}}),
+        ({"l": [1, 2]}, {"l": [1]}, {"l": [1]}),  # lists are replaced, not merged
+    ],
+)
+def test_status_is_compared_as_the_apiserver_merges_it(
+    stored: dict[str, Any], patch: dict[str, Any], after: dict[str, Any]
+) -> None:
+    """A stage's shadowVariant: None never lands in status; comparing the patch itself with
+    status would then see a change, and write, on every reconcile."""
+    assert cond.merge_patch(stored, patch) == after
+
+
+def test_a_variant_added_to_the_spec_rolls_no_pods_of_a_stage_that_does_not_serve_it() -> None:
+    doc = sample("full")
+    variants = doc["spec"]["embedding"]["variants"]
+    fewer = ModelDeploymentSpec.model_validate({**doc["spec"], "embedding": {
+        **doc["spec"]["embedding"], "variants": variants[:1]}})  # fmt: skip
+    more = ModelDeploymentSpec.model_validate(doc["spec"])
+    p = plan.initial(fewer)
+    assert p["embedding"].variant == variants[0]["name"]
+
+    def template(spec: ModelDeploymentSpec) -> Any:
+        objs = render(OWNER, spec, p)
+        return next(
+            o
+            for o in objs
+            if o["kind"] == "Deployment" and o["metadata"]["name"] == "full-embedding"
+        )["spec"]["template"]
+
+    assert template(more) == template(fewer)

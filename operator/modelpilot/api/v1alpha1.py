@@ -15,13 +15,15 @@ from kubernetes.utils.quantity import parse_quantity
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.config import JsonDict, JsonValue
 
+from modelpilot import contract
+
 GROUP = "modelpilot.io"
 VERSION = "v1alpha1"
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
 SINGULAR = "modeldeployment"
 SHORT_NAMES = ("md",)
-STAGES = ("ingestion", "embedding", "retrieval", "inference")
+STAGES = contract.STAGES
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
@@ -214,8 +216,9 @@ class PrometheusRef(_Model):
         default=None,
         max_length=2048,
         pattern=r"^https?://",
-        description="Prometheus base URL; the operator's --prometheus-url default applies "
-        "when unset.",
+        description="Prometheus base URL. It must be one of the endpoints the operator's "
+        "installation allows (the chart's prometheus.url and prometheus.allowedUrls); any "
+        "other is refused. Unset: the chart's prometheus.url.",
     )
 
 
@@ -616,6 +619,20 @@ class StageStatus(_Model):
         default=None,
         alias="shadowVariant",
         description="Candidate variant under verification (receiving shadow traffic).",
+    )
+    pods_on_plan: int | None = Field(
+        default=None,
+        alias="podsOnPlan",
+        description="Ready pods of the current template whose live settings (batching, "
+        "shadow) the last live sync read back and found on the plan or corrected to it; "
+        "fewer than readyReplicas while pods of an older template roll out or a pod cannot "
+        "be reached (see liveMessage).",
+    )
+    live_message: str | None = Field(
+        default=None,
+        alias="liveMessage",
+        max_length=1024,
+        description="Why pods are off the plan, when some are (the last live sync's errors).",
     )
 
 

@@ -1,0 +1,111 @@
+"""The contract between the operator and the data plane, defined once for both sides.
+
+The operator renders pods, ConfigMaps and Services from these names and reads telemetry and
+live settings through them; the services (``modelpilot_services``) listen, parse their
+config and export metrics by the same constants. A change here changes both sides together,
+and a change to one side alone breaks a test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STAGES = ("ingestion", "embedding", "retrieval", "inference")
+MODEL_STAGES = ("embedding", "inference")  # stages with a Triton sidecar
+
+# --- ports: each stage's API (in its Service), the admin API (never in a Service), Triton's
+SERVICE_PORTS = {"ingestion": 8081, "embedding": 8082, "retrieval": 8083, "inference": 8084}
+ADMIN_PORT = 9081
+TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+# --- environment of the service containers (the operator sets the admin port and token on
+# the model stages' and the config path on Triton; the others have these defaults)
+ENV_PORT = "PORT"
+ENV_ADMIN_PORT = "MODELPILOT_ADMIN_PORT"
+ENV_ADMIN_TOKEN = "MODELPILOT_ADMIN_TOKEN"
+ENV_SERVICE_CONFIG = "MODELPILOT_SERVICE_CONFIG"
+ENV_TRITON_URL = "MODELPILOT_TRITON_URL"
+
+
+def stage_url_env(stage: str) -> str:
+    """The variable that carries a stage's base URL to the services that call it."""
+    return f"MODELPILOT_{stage.upper()}_URL"
+
+
+# --- the admin API: bearer token from a per-ModelDeployment Secret
+ADMIN_TOKEN_SECRET_KEY = "token"
+ADMIN_SHADOW_PATH = "/v1/admin/shadow"
+ADMIN_CONFIG_PATH = "/v1/admin/config"  # the gateway's routing and cache knobs
+# Triton's model-control API (load/unload/index) requires this header with the same token
+# (tritonserver --http-restricted-api); inference, health, config and stats stay open.
+TRITON_ADMIN_HEADER = "modelpilot-admin-token"
+TRITON_RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+
+# --- files: the ConfigMap mounted into every container of a stage's pod
+CONFIG_DIR = "/etc/modelpilot"
+SERVICE_CONFIG_FILE = "service.json"
+
+# --- metrics (Prometheus conventions, seconds); every series carries ``stage``
+METRIC_REQUESTS = "modelpilot_requests"  # counter {code}
+METRIC_REQUEST_DURATION = "modelpilot_request_duration_seconds"  # histogram
+METRIC_IN_FLIGHT = "modelpilot_in_flight_requests"  # gauge
+METRIC_SERVING_INFO = "modelpilot_serving_info"  # gauge {route, model}
+METRIC_QUEUE_DURATION = "modelpilot_queue_duration_seconds"  # summary {model}
+METRIC_BATCH_SIZE = "modelpilot_batch_size"  # histogram {model}
+METRIC_MODEL_INFERENCES = "modelpilot_model_inferences"  # counter {model}
+METRIC_MODEL_REQUESTS = "modelpilot_model_requests"  # counter {model}
+METRIC_QUERY_DURATION = "modelpilot_query_duration_seconds"  # histogram (gateway)
+METRIC_CACHE_REQUESTS = "modelpilot_cache_requests"  # counter {result: hit|miss}
+METRIC_ROUTED_REQUESTS = "modelpilot_routed_requests"  # counter {route: small|large}
+METRIC_SHADOW_AGREEMENT = "modelpilot_shadow_agreement"  # histogram {model} 0..1
+METRIC_SHADOW_DURATION = "modelpilot_shadow_duration_seconds"  # histogram {model}
+METRIC_SHADOW_ERRORS = "modelpilot_shadow_errors"  # counter {model}
+STAGE_LABEL = "stage"
+
+
+class Shadow(BaseModel):
+    """The candidate a model stage mirrors a sample of its traffic to (verification)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    sampleRatio: float = Field(default=0.1, gt=0, le=1)
+
+
+class ServiceConfig(BaseModel):
+    """``service.json``: what the operator tells one stage's containers.
+
+    The fields in :data:`LIVE_FIELDS` are applied to running pods without a restart; every
+    other field is part of the pod template's config hash, so changing it rolls the pods.
+    """
+
+    # Unknown fields are ignored: a newer operator may write fields an older image of the
+    # services does not know yet (the images are versioned apart from the operator).
+    model_config = ConfigDict(extra="ignore")
+    stage: str
+    # model stages: the serving variant and its Triton model, every variant's model by
+    # name, the models the sidecar loads at start, and the batching they run with
+    variant: str | None = None
+    model: str | None = None
+    variants: dict[str, str] = Field(default_factory=dict)
+    models: list[str] = Field(default_factory=list)
+    maxBatchSize: int | None = None
+    maxQueueDelayMicroseconds: int | None = None
+    shadow: Shadow | None = None
+    # retrieval
+    dimensions: int | None = None
+    metric: str | None = None
+    topK: int | None = None
+    dataDir: str | None = None
+    # inference (the gateway)
+    routing: dict[str, Any] | None = None
+    semanticCache: dict[str, Any] | None = None
+
+    def json_text(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True)
+
+
+# Applied live to running pods (Triton's model config, the services' shadow setting); the
+# rest of service.json rolls the pods. render's config hash leaves exactly these out.
+LIVE_FIELDS = frozenset({"maxBatchSize", "maxQueueDelayMicroseconds", "shadow"})
