@@ -103,13 +103,15 @@ images-smoke: ## build the images, then embed a text through Triton + embedding 
 
 .PHONY: demo
 DEMO_ARGS ?=
-demo: apt $(VENV)/.stamp tools ## the whole loop live: control plane, Prometheus, Triton, services, operator, ramped load
+demo: apt $(VENV)/.stamp ## the whole loop live on real pods: tools, cluster, images, chart, ModelDeployment, ramped load
 	$(PY) hack/demo.py $(DEMO_ARGS)
 
 .PHONY: run
 run: $(VENV)/.stamp ## run the operator against $$KUBECONFIG (the local control plane by default)
 	$(BIN)/kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml
-	$(VENV)/bin/kopf run --all-namespaces --standalone -m modelpilot.handlers
+	@# A key kept across runs: the ModelDeployments' admin tokens derive from it.
+	@[ -s .cache/admin-key ] || head -c 32 /dev/urandom | base64 > .cache/admin-key
+	MODELPILOT_ADMIN_KEY_FILE=.cache/admin-key $(VENV)/bin/kopf run --all-namespaces --standalone -m modelpilot.handlers
 
 .PHONY: lint
 lint: $(VENV)/.stamp apt ## ruff, mypy, import contracts, shellcheck, CRD drift
