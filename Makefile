@@ -110,7 +110,7 @@ demo: apt $(VENV)/.stamp ## the whole loop live on real pods: tools, cluster, im
 run: $(VENV)/.stamp ## run the operator against $$KUBECONFIG (the local control plane by default)
 	$(BIN)/kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml
 	@# A key kept across runs: the ModelDeployments' admin tokens derive from it.
-	@[ -s .cache/admin-key ] || head -c 32 /dev/urandom | base64 > .cache/admin-key
+	@mkdir -p .cache; [ -s .cache/admin-key ] || head -c 32 /dev/urandom | base64 > .cache/admin-key
 	MODELPILOT_ADMIN_KEY_FILE=.cache/admin-key $(VENV)/bin/kopf run --all-namespaces --standalone -m modelpilot.handlers
 
 .PHONY: lint

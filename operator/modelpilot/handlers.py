@@ -41,6 +41,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    # Watching named namespaces (the chart's Roles, no cluster scope), kopf would first try
+    # to list every namespace, fail with 403 six times and only then use the named ones.
+    settings.scanning.disabled = os.environ.get("MODELPILOT_NAMESPACED") == "true"
     kube = Kube(new_api_client(os.environ.get("KUBECONFIG")))
     env = os.environ
     defaults = Defaults(

@@ -129,6 +129,10 @@ CONTAINER_SECURITY = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+# A terminating pod stays in its Service's endpoints until the endpoint controller and every
+# node's kube-proxy have caught up; until then new connections still reach it. Each container
+# keeps serving this long before its SIGTERM, so a rollout or scale-down refuses nothing.
+DRAIN = {"preStop": {"sleep": {"seconds": 10}}}
 POD_SECURITY = {
     "runAsNonRoot": True,
     "runAsUser": NON_ROOT_UID,
@@ -180,6 +184,7 @@ def _service_container(owner: Owner, name: str, stage: Stage, defaults: Defaults
         "readinessProbe": _probe("/readyz", "http"),
         "livenessProbe": _probe("/healthz", "http"),
         "securityContext": CONTAINER_SECURITY,
+        "lifecycle": DRAIN,
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, CONFIG_MOUNT],
     }
 
@@ -229,6 +234,7 @@ def _triton_container(
         "readinessProbe": _probe("/v2/health/ready", "triton-http"),
         "livenessProbe": _probe("/v2/health/live", "triton-http"),
         "securityContext": CONTAINER_SECURITY,
+        "lifecycle": DRAIN,
         "volumeMounts": [
             {"name": "models", "mountPath": "/models"},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -350,7 +356,7 @@ def _deployment(
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": POD_SECURITY,
-                    "terminationGracePeriodSeconds": 30,
+                    "terminationGracePeriodSeconds": 40,
                     "containers": containers,
                     "volumes": volumes,
                     **_placement(stage),

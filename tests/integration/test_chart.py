@@ -101,8 +101,16 @@ def test_rendered_chart_passes_server_side_dry_run(mode: str, namespace: str, cr
             "crds.enabled=false",
             *extra,
         ).stdout
-        kinds = [d["kind"] for d in yaml.safe_load_all(rendered) if d]
+        docs = [d for d in yaml.safe_load_all(rendered) if d]
+        kinds = [d["kind"] for d in docs]
         assert kinds.count("Role") == len(watched)
+        (operator,) = [d for d in docs if d["kind"] == "Deployment"]
+        env = {
+            e["name"]: e.get("value")
+            for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        # with Roles only, the operator must not try to list namespaces cluster-wide
+        assert env["MODELPILOT_NAMESPACED"] == ("true" if watched else "false")
         result = kubectl("apply", "--dry-run=server", "-f", "-", stdin=rendered, check=False)
         assert result.returncode == 0, result.stderr
     finally:

@@ -398,3 +398,18 @@ def test_a_variant_added_to_the_spec_rolls_no_pods_of_a_stage_that_does_not_serv
         )["spec"]["template"]
 
     assert template(more) == template(fewer)
+
+
+def test_every_container_drains_before_its_sigterm_within_the_grace_period() -> None:
+    """A terminating pod still gets new connections until kube-proxy drops it from the
+    Service: each container sleeps first, and the grace period covers the sleep plus the
+    services' own shutdown (finishing in-flight requests)."""
+    spec = spec_of("full")
+    deployments = [o for o in render(OWNER, spec, plan.initial(spec)) if o["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {f"full-{s}" for s in contract.STAGES}
+    for dep in deployments:
+        pod = dep["spec"]["template"]["spec"]
+        for c in pod["containers"]:
+            sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+            assert sleep >= 5, (dep["metadata"]["name"], c["name"])
+            assert pod["terminationGracePeriodSeconds"] >= sleep + 20
