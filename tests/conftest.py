@@ -122,12 +122,24 @@ def crd(control_plane: Path) -> str:
     """The ModelDeployment CRD, installed from crds/ and Established."""
     from tests.helpers import kubectl
 
-    kubectl(
-        "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds/modeldeployment.yaml")
-    )
-    kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/modeldeployments.modelpilot.io"
-    )
+    def established() -> bool:
+        # Polled: a control plane that has just come up may refuse the first apply.
+        kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            str(ROOT / "crds/modeldeployment.yaml"),
+        )
+        kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=20s",
+            "crd/modeldeployments.modelpilot.io",
+        )
+        return True
+
+    wait_for(established, 120, interval=2, what="the ModelDeployment CRD Established")
     return "modeldeployments.modelpilot.io"
 
 
