@@ -235,6 +235,9 @@ def install(console: Console, prometheus: str) -> None:
         "services": {"imageRepository": IMAGES, "imageTag": TAG},
         "prometheus": {"url": prometheus},
         "watchNamespaces": [NAMESPACE],
+        # The CRD is applied below, not by Helm: it may be there already (an earlier demo,
+        # `make run`, the tests), and Helm refuses to adopt what it did not install.
+        "crds": {"enabled": False},
         "nodeSelector": {"kubernetes.io/hostname": "node-1"},
         "tolerations": [
             {"key": "modelpilot.io/real-node", "operator": "Exists", "effect": "NoSchedule"}
@@ -242,6 +245,9 @@ def install(console: Console, prometheus: str) -> None:
     }
     path = OUT / "values.yaml"
     path.write_text(yaml.safe_dump(values))
+    kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds/modeldeployment.yaml")
+    )
     if not kubectl("get", "ns", NAMESPACE, check=False):
         kubectl("create", "ns", NAMESPACE)
     helm = [str(BIN / "helm"), "--kubeconfig", str(KUBECONFIG)]

@@ -23,6 +23,7 @@ def _optimized(namespace: str) -> bool:
     return any(e.get("reason") == "Optimized" for e in json.loads(out.stdout)["items"])
 
 
+@pytest.mark.timeout(1800)
 def test_make_demo_acts_live_and_ctrl_c_tears_it_down(node_images: str) -> None:
     (OUT / "summary.json").unlink(missing_ok=True)
     (OUT / "demo.png").unlink(missing_ok=True)
@@ -35,7 +36,13 @@ def test_make_demo_acts_live_and_ctrl_c_tears_it_down(node_images: str) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: _optimized("demo"), 1500, interval=2, what="an Optimized decision")
+
+        def optimized() -> bool:
+            if demo.poll() is not None:  # the demo gave up: its log says why, now
+                pytest.fail("make demo exited: " + (OUT / "test-demo.log").read_text()[-3000:])
+            return _optimized("demo")
+
+        wait_for(optimized, 1500, interval=2, what="an Optimized decision")
         demo.send_signal(signal.SIGINT)  # Ctrl-C
         assert demo.wait(timeout=180) == 0, (OUT / "test-demo.log").read_text()[-3000:]
     finally:
