@@ -9,11 +9,28 @@ import subprocess
 import sys
 
 import pytest
+import requests
 
+from modelpilot import contract
 from tests.helpers import ROOT, kubectl, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 OUT = ROOT / ".cache/demo"
+
+
+def _queries_served(namespace: str) -> float:
+    """Queries the gateway Service has answered with 200, from its own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    svc = json.loads(kubectl("get", "svc", "local-inference", "-n", namespace, "-o", "json").stdout)
+    port = contract.SERVICE_PORTS["inference"]
+    text = requests.get(f"http://{svc['spec']['clusterIP']}:{port}/metrics", timeout=10).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == contract.METRIC_REQUESTS + "_total" and s.labels.get("code") == "200"
+    )
 
 
 def _optimized(namespace: str) -> bool:
@@ -40,7 +57,8 @@ def test_make_demo_acts_live_and_ctrl_c_tears_it_down(node_images: str) -> None:
         def optimized() -> bool:
             if demo.poll() is not None:  # the demo gave up: its log says why, now
                 pytest.fail("make demo exited: " + (OUT / "test-demo.log").read_text()[-3000:])
-            return _optimized("demo")
+            # a decision, and the load under way (the first decision may come from ingesting)
+            return _optimized("demo") and _queries_served("demo") >= 20
 
         wait_for(optimized, 1500, interval=2, what="an Optimized decision")
         demo.send_signal(signal.SIGINT)  # Ctrl-C
