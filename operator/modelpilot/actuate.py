@@ -150,9 +150,9 @@ class Actuator:
             want = live.LiveSettings.of(config)
             if want is None:
                 continue
-            current, rolling = [], 0
+            current, rolling, template = [], 0, config_hash(config)
             for pod, ip, notes in self.kube.ready_pods(namespace, selector(name, stage)):
-                if notes.get(CONFIG_HASH) != config_hash(config):
+                if notes.get(CONFIG_HASH) != template:
                     rolling += 1  # an older template: the rollout replaces it, not a push
                     continue
                 current.append((pod, live.pod_at(ip, token)))

@@ -25,7 +25,7 @@ import requests
 import yaml
 
 from modelpilot import contract
-from modelpilot.live import Pod
+from modelpilot.live import Pod, pod_at
 from modelpilot_services import profile
 from tests.helpers import (
     BIN,
@@ -74,11 +74,9 @@ def stage_status(namespace: str, stage: str) -> dict[str, Any]:
     return dict(((md(namespace).get("status") or {}).get("stages") or {}).get(stage) or {})
 
 
-def pods(namespace: str, stage: str) -> list[dict[str, Any]]:
-    """The stage's pods that are Ready and not terminating."""
-    items = kubectl_json(
-        "get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/component={stage}"
-    )["items"]
+def ready_pods(namespace: str, selector: str) -> list[dict[str, Any]]:
+    """The pods matching ``selector`` that are Ready and not terminating."""
+    items = kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
     return [
         p
         for p in items
@@ -88,6 +86,11 @@ def pods(namespace: str, stage: str) -> list[dict[str, Any]]:
             for c in p["status"].get("conditions") or []
         )
     ]
+
+
+def pods(namespace: str, stage: str) -> list[dict[str, Any]]:
+    """The stage's pods that are Ready and not terminating."""
+    return ready_pods(namespace, f"app.kubernetes.io/component={stage}")
 
 
 def service_url(namespace: str, stage: str) -> str:
@@ -103,12 +106,7 @@ def admin_token(namespace: str) -> str:
 
 
 def pod_client(pod: dict[str, Any], token: str | None) -> Pod:
-    ip = pod["status"]["podIP"]
-    return Pod(
-        f"http://{ip}:{contract.TRITON_PORTS['http']}",
-        f"http://{ip}:{contract.ADMIN_PORT}",
-        token,
-    )
+    return pod_at(pod["status"]["podIP"], token)
 
 
 def events(namespace: str, reason: str) -> list[str]:
@@ -577,14 +575,8 @@ def test_the_operator_killed_mid_rollout_comes_back_and_converges(loop: str) -> 
     wait_for(
         lambda: [
             p
-            for p in kubectl_json(
-                "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/name=modelpilot"
-            )["items"]
+            for p in ready_pods(namespace, "app.kubernetes.io/name=modelpilot")
             if p["metadata"]["name"] != operator["metadata"]["name"]
-            and any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in p["status"].get("conditions") or []
-            )
         ],
         180,
         what="the operator's Deployment to bring it back",
