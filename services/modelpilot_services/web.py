@@ -405,9 +405,8 @@ def run(service: Service, port: int) -> None:
     """Serve until SIGTERM/SIGINT, then stop taking connections, finish in-flight requests
     (up to ``MODELPILOT_SHUTDOWN_SECONDS``) and run the service's ``stop``.
 
-    The event loop is uvloop's: every request crosses two sockets (client, Triton) and
-    libuv's I/O path cut the embedding service's added latency from 2.7 to 1.8 ms (p50,
-    interleaved against direct Triton calls, 2-core machine)."""
+    The event loop is uvloop's: every request crosses two sockets (client, Triton), and
+    libuv's I/O path adds less latency than asyncio's (README, "The data plane")."""
     setup_logging(service.stage)
     host = env("MODELPILOT_BIND", "127.0.0.1")
     admin_port = int(env(contract.ENV_ADMIN_PORT, str(contract.ADMIN_PORT)))
@@ -417,8 +416,7 @@ def run(service: Service, port: int) -> None:
 
     service.app.on_startup.append(admin)
     # A replica has one core. A second OpenBLAS thread spins in sched_yield after each
-    # product it shares (the semantic cache's lookup past 24 entries): 58-90 ms of CPU a
-    # query in the gateway, on the cores Triton needs.
+    # product it shares (the semantic cache's lookup), burning the CPU Triton needs.
     threadpool_limits(limits=1, user_api="blas")
     web.run_app(
         service.app,

@@ -15,7 +15,7 @@ from modelpilot.api.v1alpha1 import ModelDeploymentSpec, Verification
 from modelpilot.optimizer.gate import judge
 from modelpilot.optimizer.policy import Decision, History, decide
 from modelpilot.optimizer.snapshot import ShadowStats, Snapshot, StageTelemetry
-from tests.unit.test_optimizer import PROFILES, SPEC_DOC
+from tests.unit.optimizer_cases import PROFILES, SPEC_DOC
 
 pytestmark = pytest.mark.unit
 RULES = Verification.model_validate({"minAgreement": "0.9", "minSamples": 50})

@@ -63,7 +63,7 @@ def bench_spec(slo_ms: int) -> ModelDeploymentSpec:
                 # Hundreds of re-ranker pods: let one decision add what HPA's +100% would.
                 "maxScaleUpStep": 100,
                 # The simulator has no model outputs to compare in shadow: it switches
-                # variants unverified (the gate's own tests are in test_optimizer.py).
+                # variants unverified (the gate's own tests are in test_verification.py).
                 "verification": {"enabled": False},
             },
             "embedding": {

@@ -1,6 +1,6 @@
 """The policies the simulator compares: ModelPilot's own optimizer (imported, never copied)
-and what users run today, re-implemented from their documented rules
-(``shared/reference/autoscaling-baselines.md``): HPA on CPU, KEDA on a Prometheus rate, the
+and what users run today, re-implemented from their documented rules (the Kubernetes HPA
+algorithm, KEDA's Prometheus scaler, Knative's KPA): HPA on CPU, KEDA on a Prometheus rate, the
 Knative KPA, a static peak provisioning and a perfect-foresight oracle."""
 
 from __future__ import annotations
