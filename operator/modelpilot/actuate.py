@@ -19,6 +19,7 @@ from typing import Any
 
 from modelpilot import contract, live
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
+from modelpilot.kube import Applied as ObjectApplied
 from modelpilot.kube import Kube, is_client_error
 from modelpilot.plan import Plan
 from modelpilot.render import (
@@ -88,14 +89,7 @@ class Actuator:
         children = self.kube.get_children(desired)
         changes = []
         for obj in desired:
-            key = (obj["kind"], obj["metadata"]["name"])
-            try:
-                result = self.kube.apply(obj, children.get(key))
-            except Exception as exc:
-                if is_client_error(exc):
-                    body = getattr(exc, "body", "") or str(exc)
-                    raise ApplyRejected(f"{key[0]} {key[1]} was rejected: {body}"[:1000]) from exc
-                raise
+            result = self._apply(obj, children.get((obj["kind"], obj["metadata"]["name"])))
             if result.action != "unchanged":
                 change = f"{result.action} {result.kind} {result.name}"
                 changes.append(change)
@@ -109,6 +103,17 @@ class Actuator:
         if changes:
             children.update(self.kube.get_children(o for o in desired if o["kind"] == "Deployment"))
         return Applied(desired, children, changes)
+
+    def _apply(self, obj: Mapping[str, Any], before: Mapping[str, Any] | None) -> ObjectApplied:
+        """Server-side apply one object; a 4xx becomes :class:`ApplyRejected`."""
+        try:
+            return self.kube.apply(obj, before)
+        except Exception as exc:
+            if is_client_error(exc):
+                body = getattr(exc, "body", "") or str(exc)
+                what = f"{obj['kind']} {obj['metadata']['name']}"
+                raise ApplyRejected(f"{what} was rejected: {body}"[:1000]) from exc
+            raise
 
     def _apply_secret(self, md: Mapping[str, Any], owner: Owner, token: str) -> None:
         """The admin token's Secret, server-side applied: a token that no longer derives from
@@ -132,7 +137,7 @@ class Actuator:
             "type": "Opaque",
             "stringData": {contract.ADMIN_TOKEN_SECRET_KEY: token},
         }
-        self.kube.apply(secret, None)
+        self._apply(secret, None)
         self._secrets[owner.uid] = token
 
     def sync_live(
