@@ -67,7 +67,7 @@ prometheus-down: ## stop Prometheus
 # -------------------------------------------------------------------------- develop
 .PHONY: crds
 crds: $(VENV)/.stamp ## regenerate crds/ and the chart's CRD from the pydantic models
-	$(PY) -m modelpilot.crdgen
+	$(PY) -m modelpilot.api.crdgen
 
 .PHONY: profile
 profile: $(VENV)/.stamp ## measure each model variant (latency per batch, quality) -> profiles/cpu.json
@@ -111,7 +111,7 @@ run: $(VENV)/.stamp ## run the operator against $$KUBECONFIG (the local control 
 	$(BIN)/kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml
 	@# A key kept across runs: the ModelDeployments' admin tokens derive from it.
 	@mkdir -p .cache; [ -s .cache/admin-key ] || head -c 32 /dev/urandom | base64 > .cache/admin-key
-	MODELPILOT_ADMIN_KEY_FILE=.cache/admin-key $(VENV)/bin/kopf run --all-namespaces --standalone -m modelpilot.handlers
+	MODELPILOT_ADMIN_KEY_FILE=.cache/admin-key $(VENV)/bin/kopf run --all-namespaces --standalone -m modelpilot.controller.handlers
 
 .PHONY: lint
 lint: $(VENV)/.stamp apt ## ruff, mypy, import contracts, shellcheck, CRD drift
@@ -120,7 +120,7 @@ lint: $(VENV)/.stamp apt ## ruff, mypy, import contracts, shellcheck, CRD drift
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	shellcheck -x hack/*.sh hack/tools/*.sh .ci/run
-	$(PY) -m modelpilot.crdgen --check
+	$(PY) -m modelpilot.api.crdgen --check
 
 # ----------------------------------------------------------------------------- test
 PYTEST_ARGS ?=

@@ -74,7 +74,7 @@ def main() -> int:
             "--all-namespaces",
             "--standalone",
             "-m",
-            "modelpilot.handlers",
+            "modelpilot.controller.handlers",
         ],
         env={
             **os.environ,

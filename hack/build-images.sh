@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-REPO=${IMAGE_REPOSITORY:-ghcr.io/modelpilot}  # the operator's defaults (render.py)
+REPO=${IMAGE_REPOSITORY:-ghcr.io/modelpilot}  # the operator's defaults (render/children.py)
 TAG=${IMAGE_TAG:-0.1.0}
 SERVICES=(ingestion embedding retrieval inference triton)
 

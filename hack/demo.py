@@ -35,8 +35,8 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from modelpilot.adapters.prometheus import Telemetry  # noqa: E402
 from modelpilot.contract import SERVICE_PORTS, STAGES  # noqa: E402
-from modelpilot.telemetry import Telemetry  # noqa: E402
 from modelpilot_services import profile  # noqa: E402
 from modelpilot_services.loadgen import paced  # noqa: E402
 

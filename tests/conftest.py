@@ -169,7 +169,7 @@ class Operator:
                     "--standalone",
                     f"--liveness={health}",
                     "-m",
-                    "modelpilot.handlers",
+                    "modelpilot.controller.handlers",
                 ],
                 env={
                     **os.environ,

@@ -13,14 +13,14 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from modelpilot import render
-from modelpilot.actuate import Actuator
-from modelpilot.kube import Kube
-from modelpilot.optimize import Optimizer
+from modelpilot.adapters.kube import Kube
+from modelpilot.adapters.prometheus import NotAllowed, PrometheusConfig, target_labels
+from modelpilot.controller.actuate import Actuator
+from modelpilot.controller.optimizer_loop import OptimizerLoop
+from modelpilot.controller.reconcile import Reconciler
 from modelpilot.optimizer.profiles import Profiles
-from modelpilot.reconcile import Reconciler
-from modelpilot.render import Defaults
-from modelpilot.telemetry import NotAllowed, PrometheusConfig, target_labels
+from modelpilot.render import children
+from modelpilot.render.children import Defaults
 from tests.helpers import BIN, KUBECONFIG, ROOT, kubectl, token_kubeconfig, wait_for
 
 pytestmark = pytest.mark.integration
@@ -171,7 +171,7 @@ def test_install_and_the_operator_works_with_exactly_the_charts_rbac(
         children = kube.list_children(namespace, "rbac")
         # 4 x (Deployment, Service, ConfigMap), the index PVC and the NetworkPolicy
         assert len(children) == 14
-        optimizer = Optimizer(
+        optimizer = OptimizerLoop(
             kube,
             reconciler,
             Profiles({}),
@@ -368,7 +368,7 @@ def test_podmonitor_and_annotation_scraping_give_the_same_target_labels() -> Non
     """The series the optimizer selects (namespace, app_kubernetes_io_instance) exist with
     the chart's PodMonitor and with annotation-based scraping (hack/prometheus.sh's
     kubernetes-pods job: labelmap of the pod's labels, as the prometheus-community chart)."""
-    pod_labels = render.labels("rag", "embedding")
+    pod_labels = children.labels("rag", "embedding")
     meta = {
         "__address__": "10.0.0.7:8000",
         "__meta_kubernetes_namespace": "team-a",

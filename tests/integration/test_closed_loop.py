@@ -25,7 +25,7 @@ import requests
 import yaml
 
 from modelpilot import contract
-from modelpilot.live import Pod, pod_at
+from modelpilot.adapters.live import Pod, pod_at
 from modelpilot_services import profile
 from tests.helpers import (
     BIN,

@@ -21,7 +21,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelpilot import contract
-from modelpilot.live import LiveSettings, Pod, sync_pods
+from modelpilot.adapters.live import LiveSettings, Pod, sync_pods
 from modelpilot_services import profile, tritonserve
 from modelpilot_services.stack import Stack, http_ok
 from tests.dataplane.client import call, ok

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from modelpilot.telemetry import target_labels
+from modelpilot.adapters.prometheus import target_labels
 from tests.helpers import ROOT, kubectl, wait_for
 from tests.loadgen import Stage, load
 
@@ -91,7 +91,7 @@ def test_auto_mode_scales_the_loaded_stage_and_explains_why(
     assert "scale up" in " ".join(st["lastDecision"]["reasons"])
     metrics = next(c for c in st["conditions"] if c["type"] == "MetricsAvailable")
     assert metrics["status"] == "True"
-    assert st["optimizerState"]["embedding"]["recommendations"]
+    assert st["optimizerState"]["embedding"]["scaleDownWindow"]
     events = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)
     assert any(e["reason"] == "Optimized" and "scale up" in e["message"] for e in events["items"])
 

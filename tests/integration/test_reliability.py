@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from modelpilot.telemetry import target_labels
+from modelpilot.adapters.prometheus import target_labels
 from tests.helpers import (
     PRIVATE_PROMETHEUS_PORT,
     ROOT,

@@ -20,17 +20,17 @@ import pytest
 import yaml
 
 from modelpilot import contract
-from modelpilot.actuate import Actuator
+from modelpilot.adapters.kube import Kube, new_api_client
+from modelpilot.adapters.live import Pod
+from modelpilot.adapters.prometheus import Telemetry, selector, target_labels
 from modelpilot.api.v1alpha1 import Verification
-from modelpilot.kube import Kube, new_api_client
-from modelpilot.live import Pod
-from modelpilot.optimize import Optimizer
+from modelpilot.controller.actuate import Actuator
+from modelpilot.controller.optimizer_loop import OptimizerLoop
+from modelpilot.controller.reconcile import Reconciler
 from modelpilot.optimizer.gate import judge
 from modelpilot.optimizer.profiles import load as load_profiles
 from modelpilot.optimizer.snapshot import ShadowStats, Snapshot, StageTelemetry
-from modelpilot.reconcile import Reconciler
-from modelpilot.render import Defaults
-from modelpilot.telemetry import Telemetry, selector, target_labels
+from modelpilot.render.children import Defaults
 from tests.dataplane.client import ok
 from tests.helpers import KUBECONFIG, ROOT, kubectl, kubectl_json, sample, wait_for
 
@@ -140,7 +140,7 @@ def _events(namespace: str, reason: str) -> list[str]:
 @pytest.fixture
 def pipeline(
     namespace: str, crd: str, operator_process: Any
-) -> Iterator[tuple[Optimizer, Telemetered, list[float]]]:
+) -> Iterator[tuple[OptimizerLoop, Telemetered, list[float]]]:
     """``examples/full.yaml`` serving fp32 (a strict floor first), then the floor relaxed so
     int8 becomes the cheaper choice; an optimizer driven by a fake clock. It is the only
     operator meanwhile: two operators on one object race, which one operator's per-object
@@ -161,7 +161,7 @@ def pipeline(
     assert status["stages"]["embedding"]["variant"] == "minilm-fp32"
     now = [time.time() + 3600]  # past the restart cooldown of a freshly started operator
     telemetry = Telemetered()
-    optimizer = Optimizer(
+    optimizer = OptimizerLoop(
         kube,
         reconciler,
         load_profiles(str(ROOT / "profiles/cpu.json")),
@@ -175,14 +175,14 @@ def pipeline(
         operator_process.start()
 
 
-def _tick(optimizer: Optimizer, namespace: str, now: list[float]) -> Any:
+def _tick(optimizer: OptimizerLoop, namespace: str, now: list[float]) -> Any:
     decision = optimizer.tick(namespace, "full")
     now[0] += 15
     return decision
 
 
 def test_the_optimizer_verifies_then_promotes_a_cheaper_variant(
-    namespace: str, pipeline: tuple[Optimizer, Telemetered, list[float]]
+    namespace: str, pipeline: tuple[OptimizerLoop, Telemetered, list[float]]
 ) -> None:
     optimizer, telemetry, now = pipeline
     hash_before = _get(namespace, "deploy", "full-embedding")["spec"]["template"]["metadata"][
@@ -219,7 +219,7 @@ def test_the_optimizer_verifies_then_promotes_a_cheaper_variant(
 
 
 def test_the_optimizer_rejects_a_disagreeing_candidate_and_says_why(
-    namespace: str, pipeline: tuple[Optimizer, Telemetered, list[float]]
+    namespace: str, pipeline: tuple[OptimizerLoop, Telemetered, list[float]]
 ) -> None:
     optimizer, telemetry, now = pipeline
     _tick(optimizer, namespace, now)

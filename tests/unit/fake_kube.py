@@ -1,7 +1,7 @@
-"""An in-memory apiserver behind :class:`modelpilot.kube.Kube`'s interface, for unit tests of
-the reconciler and the optimizer tick. The real adapter stays the only code that talks to an
-apiserver; its own behaviour (server-side apply, the /status subresource) is tested against
-the local control plane in ``tests/integration``.
+"""An in-memory apiserver behind :class:`modelpilot.adapters.kube.Kube`'s interface, for unit
+tests of the reconciler and the optimizer loop. The real adapter stays the only code that
+talks to an apiserver; its own behaviour (server-side apply, the /status subresource) is
+tested against the local control plane in ``tests/integration``.
 
 Like the apiserver, an apply that changes nothing keeps the resourceVersion, a Deployment's
 generation moves with its spec, and status is its own subresource. Any method can be made
@@ -16,8 +16,8 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from modelpilot import conditions as cond
-from modelpilot.kube import CHILD_KINDS, Applied
+from modelpilot.adapters.kube import CHILD_KINDS, Applied
+from modelpilot.controller import conditions as cond
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
 

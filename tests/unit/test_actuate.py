@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
-from modelpilot import contract, live, plan
-from modelpilot.actuate import Actuator, admin_token
-from modelpilot.render import CONFIG_HASH, Defaults, Owner, config_hash, service_config
+from modelpilot import contract
+from modelpilot.adapters import live
+from modelpilot.controller.actuate import Actuator, admin_token
+from modelpilot.render import plan
+from modelpilot.render.children import CONFIG_HASH, Defaults, Owner, config_hash, service_config
 from tests.unit.test_api_render import spec_of
 
 SPEC = spec_of("full")

@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from modelpilot import conditions as cond
-from modelpilot import contract, crdgen, plan
+from modelpilot import contract
+from modelpilot.api import crdgen
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
-from modelpilot.render import Defaults, Owner, config_hash, render
-from modelpilot.render import service_config as render_service_config
+from modelpilot.controller import conditions as cond
+from modelpilot.render import plan
+from modelpilot.render.children import Defaults, Owner, config_hash, render
+from modelpilot.render.children import service_config as render_service_config
 from modelpilot_services import tritonserve
 from modelpilot_services.inference import routed_models
 from tests.helpers import sample

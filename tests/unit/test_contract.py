@@ -9,10 +9,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelpilot import contract, plan
+from modelpilot import contract
+from modelpilot.adapters.prometheus import Telemetry
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
-from modelpilot.render import service_config
-from modelpilot.telemetry import Telemetry
+from modelpilot.render import plan
+from modelpilot.render.children import service_config
 from modelpilot_services.cache import SemanticCache
 from modelpilot_services.embedding import Embedding
 from modelpilot_services.inference import Inference

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from modelpilot.render import SERVICE_PORTS, Defaults
+from modelpilot.render.children import SERVICE_PORTS, Defaults
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit

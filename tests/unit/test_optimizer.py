@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from modelpilot import plan as plans
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
 from modelpilot.optimizer import queueing
 from modelpilot.optimizer.policy import (
@@ -27,6 +26,7 @@ from modelpilot.optimizer.policy import (
 )
 from modelpilot.optimizer.profiles import Profiles, parse
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.render import plan as plans
 from tests.unit.optimizer_cases import PROFILE_DOC, PROFILES, SPEC_DOC, make_spec, snap
 
 pytestmark = pytest.mark.unit

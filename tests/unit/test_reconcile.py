@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from modelpilot import conditions as cond
-from modelpilot.actuate import Actuator
 from modelpilot.api.v1alpha1 import STAGES
-from modelpilot.reconcile import Reconciler, TransientError
-from modelpilot.render import Defaults
+from modelpilot.controller import conditions as cond
+from modelpilot.controller.actuate import Actuator
+from modelpilot.controller.reconcile import Reconciler, TransientError
+from modelpilot.render.children import Defaults
 from tests.helpers import sample
 from tests.unit.fake_kube import FakeKube, api_error
 

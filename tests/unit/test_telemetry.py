@@ -14,7 +14,7 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from modelpilot.telemetry import (
+from modelpilot.adapters.prometheus import (
     DEFAULT_URL,
     INSTANCE_LABEL,
     NotAllowed,

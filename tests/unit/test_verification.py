@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from modelpilot import plan as plans
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec, Verification
 from modelpilot.optimizer.gate import judge
 from modelpilot.optimizer.policy import Decision, History, decide
 from modelpilot.optimizer.snapshot import ShadowStats, Snapshot, StageTelemetry
+from modelpilot.render import plan as plans
 from tests.unit.optimizer_cases import PROFILES, SPEC_DOC
 
 pytestmark = pytest.mark.unit
@@ -142,7 +142,7 @@ def test_a_better_variant_is_verified_in_shadow_then_promoted() -> None:
     assert embedding_steps(first) == ["started"]
     assert loop.stage().variant == "big" and loop.stage().shadow_variant == "small"
     assert "embedding" in first.changed  # the shadow is part of the plan: it gets applied
-    assert loop.history.stage("embedding").trial_started == T0
+    assert loop.history.stage("embedding").verification_started == T0
     waiting = loop.tick()  # no mirrored samples yet: keep serving big, keep verifying
     assert loop.stage().variant == "big" and loop.stage().shadow_variant == "small"
     assert any("verifying small" in r and "0/50" in r for r in waiting.reasons)
@@ -150,7 +150,7 @@ def test_a_better_variant_is_verified_in_shadow_then_promoted() -> None:
     promoted = loop.tick(GOOD)
     assert embedding_steps(promoted) == ["promoted"]
     assert loop.stage().variant == "small" and loop.stage().shadow_variant is None
-    assert loop.history.stage("embedding").trial_started is None
+    assert loop.history.stage("embedding").verification_started is None
     assert any("promoted after verification: agreement 0.970" in r for r in promoted.reasons)
 
 
@@ -241,7 +241,7 @@ def test_a_verification_without_samples_ends_with_its_cause(
     (_, _, why), *_ = ended.verifications
     assert says in why and "not tried again for 900 s" in why
     assert loop.stage().variant == "big" and loop.stage().shadow_variant is None
-    assert loop.history.stage("embedding").trial_started is None
+    assert loop.history.stage("embedding").verification_started is None
     (variant, until, recorded), *_ = loop.history.stage("embedding").rejected
     assert (variant, until, recorded) == ("small", T0 + 60 + 900, why)
 

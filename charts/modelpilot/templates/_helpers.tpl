@@ -26,7 +26,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "modelpilot.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
-{{/* The rules the operator needs, and nothing more: see operator/modelpilot/kube.py. */}}
+{{/* The rules the operator needs, and nothing more: see operator/modelpilot/adapters/kube.py. */}}
 {{- define "modelpilot.rules" -}}
 - apiGroups: [modelpilot.io]
   resources: [modeldeployments]
@@ -57,7 +57,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: [create, patch]
 {{- end -}}
 
-{{/* Where the Prometheus CA bundle and credentials are mounted: modelpilot.telemetry reads
+{{/* Where the Prometheus CA bundle and credentials are mounted: modelpilot.adapters.prometheus reads
      the files these environment variables name (PrometheusConfig.from_env). */}}
 {{- define "modelpilot.prometheusEnv" -}}
 {{- $p := .Values.prometheus -}}
@@ -119,7 +119,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* The PodMonitor's target labels: those of annotation-based scraping with the usual
-     labelmap (modelpilot.telemetry.INSTANCE_LABEL is among them). */}}
+     labelmap (modelpilot.adapters.prometheus.INSTANCE_LABEL is among them). */}}
 {{- define "modelpilot.podRelabelings" -}}
 - {action: labelmap, regex: __meta_kubernetes_pod_label_(.+)}
 - {sourceLabels: [__meta_kubernetes_namespace], targetLabel: namespace}

@@ -175,7 +175,7 @@ class Verification(_Model):
         return float(parse_quantity(self.min_agreement))
 
 
-class Optimizer(_Model):
+class OptimizerSettings(_Model):
     """How the self-optimizing loop acts."""
 
     mode: OptimizerMode = Field(
@@ -566,8 +566,8 @@ class ModelDeploymentSpec(_Model):
         },
     )
     slo: SLO = Field(description="Latency, quality and cost targets.")
-    optimizer: Optimizer = Field(
-        default_factory=Optimizer, description="The self-optimizing loop's settings."
+    optimizer: OptimizerSettings = Field(
+        default_factory=OptimizerSettings, description="The self-optimizing loop's settings."
     )
     prometheus: PrometheusRef = Field(
         default_factory=PrometheusRef, description="Where telemetry is read from."
@@ -664,9 +664,10 @@ class RejectedVariant(_Model):
 class StageHistoryStatus(_Model):
     """What the optimizer remembers about a stage, so a restart resumes, not restarts."""
 
-    recommendations: list[list[int]] = Field(
+    scale_down_window: list[list[int]] = Field(
         default_factory=list,
         max_length=1000,
+        alias="scaleDownWindow",
         description="[unix time, replicas] pairs that can still be the maximum of the "
         "scale-down stabilization window, oldest first.",
     )
@@ -678,9 +679,9 @@ class StageHistoryStatus(_Model):
         alias="calibrationPermille",
         description="Measured / predicted p95 latency, in thousandths, learnt online.",
     )
-    trial_started: int | None = Field(
+    verification_started: int | None = Field(
         default=None,
-        alias="trialStarted",
+        alias="verificationStarted",
         description="Unix time the running shadow verification (shadowVariant) started.",
     )
     rejected: list[RejectedVariant] = Field(

@@ -23,7 +23,7 @@ from modelpilot.optimizer.snapshot import RATE_WINDOW_S, ShadowStats
 MAX_ERROR_RATIO = 0.01  # a candidate failing more than this share of mirrored requests fails
 # Before judging the pace of the samples: the shadow setting reaches the pods, their first
 # mirrored calls reach Prometheus (increase() needs two scrapes) and the rate window covers
-# the trial.
+# the verification.
 SETTLE_S = 60
 MIRROR_LAG_S = 30  # of which this before a pod's first mirrored call can show at all
 # Mirrored requests expected by now above which not one sample means the pods do not mirror

@@ -49,7 +49,7 @@ from modelpilot.optimizer.snapshot import (
     Snapshot,
     StageTelemetry,
 )
-from modelpilot.plan import Plan, StagePlan
+from modelpilot.render.plan import Plan, StagePlan
 
 QUERY_PATH = ("embedding", "retrieval", "inference")
 MODEL_STAGES = ("embedding", "inference")
@@ -84,10 +84,10 @@ class Tunables:
 class StageHistory:
     """What the policy remembers about a stage between decisions (persisted in status)."""
 
-    recommendations: tuple[tuple[int, int], ...] = ()  # (time s, replicas), newest last
+    scale_down_window: tuple[tuple[int, int], ...] = ()  # (time s, replicas), newest last
     last_change: int | None = None
     calibration_permille: int = 1000
-    trial_started: int | None = None  # when the running shadow verification started
+    verification_started: int | None = None  # when the running shadow verification started
     rejected: tuple[tuple[str, int, str], ...] = ()  # (variant, until, why): failed verification
 
     def rejected_at(self, t: int) -> set[str]:
@@ -104,10 +104,10 @@ class History:
     def to_status(self) -> dict[str, object]:
         return {
             name: {
-                "recommendations": [list(r) for r in h.recommendations],
+                "scaleDownWindow": [list(r) for r in h.scale_down_window],
                 "lastChange": h.last_change,
                 "calibrationPermille": h.calibration_permille,
-                "trialStarted": h.trial_started,
+                "verificationStarted": h.verification_started,
                 "rejected": [
                     {"variant": v, "until": until, "reason": why} for v, until, why in h.rejected
                 ],
@@ -121,17 +121,19 @@ class History:
         for name, h in (raw or {}).items():
             if not isinstance(h, Mapping):
                 continue
-            recs = tuple((int(t), int(r)) for t, r in h.get("recommendations") or [])
+            # (older operators wrote these as "recommendations" and "trialStarted")
+            pairs = h.get("scaleDownWindow", h.get("recommendations")) or []
+            window = tuple((int(t), int(r)) for t, r in pairs)
             rejected = tuple(
                 (str(r["variant"]), int(r["until"]), str(r.get("reason") or ""))
                 for r in h.get("rejected") or []
                 if isinstance(r, Mapping)
             )
             stages[name] = StageHistory(
-                recs,
+                window,
                 h.get("lastChange"),
                 int(h.get("calibrationPermille") or 1000),
-                h.get("trialStarted"),
+                h.get("verificationStarted", h.get("trialStarted")),
                 rejected,
             )
         return cls(stages)
@@ -498,7 +500,7 @@ def _stabilize(
     recommendation over the stabilization window, outside the cooldown. ``remember`` is the
     recommendation to keep for that window when it differs from ``desired`` (a forecast)."""
     window = spec.optimizer.scale_down_stabilization_seconds
-    recent = tuple(r for r in hist.recommendations if now - r[0] < window)
+    recent = tuple(r for r in hist.scale_down_window if now - r[0] < window)
     recs = (*recent, (now, desired if remember is None else remember))
     # Keep only what can still be the window's maximum: a monotone, bounded history.
     kept: list[tuple[int, int]] = []
@@ -506,7 +508,7 @@ def _stabilize(
         while kept and kept[-1][1] <= r[1]:
             kept.pop()
         kept.append(r)
-    hist = replace(hist, recommendations=tuple(kept))
+    hist = replace(hist, scale_down_window=tuple(kept))
     if desired > current:
         new = min(desired, current + spec.optimizer.max_scale_up_step)
         reasons.append(f"{name}: scale up {current} -> {new} (needs {desired})")
@@ -710,7 +712,7 @@ def decide(
             elif gated and shadow is None and current is not None and pick is not current:
                 # A better variant: verify it on mirrored traffic before it serves anyone.
                 shadow = pick[1].name
-                hist = replace(hist, trial_started=t)
+                hist = replace(hist, verification_started=t)
                 why = (
                     f"{name}: verifying {shadow} on {rules.sample_ratio_value:g} of live "
                     f"traffic before switching from {cur.variant} (cost/h {pick[0]:.2f} vs "
@@ -798,7 +800,7 @@ def decide(
             new_plan[name].shadow_variant == new_plan[name].variant
         ):
             new_plan[name] = replace(new_plan[name], shadow_variant=None)
-            new_hist[name] = replace(new_hist.get(name, StageHistory()), trial_started=None)
+            new_hist[name] = replace(new_hist.get(name, StageHistory()), verification_started=None)
     changed = tuple(s for s in STAGES if new_plan[s] != plan[s])
     for name in changed:
         new_hist[name] = replace(new_hist.get(name, StageHistory()), last_change=t)
@@ -845,7 +847,7 @@ def _verify(
     shadow = cur.shadow_variant
     if shadow is None or (cand := stage.variant(shadow)) is None:
         return shadow, None, hist
-    started = hist.trial_started if hist.trial_started is not None else t
+    started = hist.verification_started if hist.verification_started is not None else t
     stats = snapshot.shadow.get((name, cand.model))
     verdict = judge(rules, stats, budget, started, t, rate, per_sample)
     if verdict.action == "wait":
@@ -853,8 +855,8 @@ def _verify(
             f"{name}: verifying {shadow} on shadow traffic before switching from "
             f"{cur.variant}: {verdict.reason}"
         )
-        # A trial restored without its start time starts counting now, so it still ends.
-        return shadow, verdict, replace(hist, trial_started=started)
+        # A verification restored without its start time starts counting now, so it still ends.
+        return shadow, verdict, replace(hist, verification_started=started)
     if verdict.action == "reject":
         why = (
             f"{name}: {shadow} rejected after verification: {verdict.reason}; "
@@ -864,7 +866,7 @@ def _verify(
         hist = replace(hist, rejected=(*hist.rejected, (shadow, until, why)))
         verifications.append((name, "rejected", why))
         reasons.append(why)
-    return None, verdict, replace(hist, trial_started=None)
+    return None, verdict, replace(hist, verification_started=None)
 
 
 def _enforce_budget(

@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
-from modelpilot import plan as plans
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec, ModelStage
 from modelpilot.optimizer.policy import (
     History,
@@ -23,6 +22,7 @@ from modelpilot.optimizer.policy import (
 )
 from modelpilot.optimizer.profiles import Profiles
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.render import plan as plans
 
 
 @dataclass(frozen=True)

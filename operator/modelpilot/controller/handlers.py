@@ -1,6 +1,6 @@
 """kopf wiring: thin handlers that hand every event to the reconciler.
 
-Run with ``kopf run -m modelpilot.handlers --all-namespaces`` (``make run``). kopf's own
+Run with ``kopf run -m modelpilot.controller.handlers --all-namespaces`` (``make run``). kopf's own
 bookkeeping goes into annotations, never into the user's status.
 """
 
@@ -16,17 +16,17 @@ from typing import Any
 
 import kopf
 
-from modelpilot import plan as plans
-from modelpilot.actuate import Actuator
+from modelpilot.adapters.kube import Kube, new_api_client, owner_of
+from modelpilot.adapters.prometheus import NotAllowed, PrometheusConfig, Telemetry
 from modelpilot.api.v1alpha1 import GROUP, PLURAL, VERSION, ModelDeploymentSpec
-from modelpilot.conditions import merge_patch
 from modelpilot.contract import MODEL_STAGES
-from modelpilot.kube import Kube, new_api_client, owner_of
-from modelpilot.optimize import Optimizer
+from modelpilot.controller.actuate import Actuator
+from modelpilot.controller.conditions import merge_patch
+from modelpilot.controller.optimizer_loop import OptimizerLoop
+from modelpilot.controller.reconcile import Reconciler, TransientError
 from modelpilot.optimizer import profiles
-from modelpilot.reconcile import Reconciler, TransientError
-from modelpilot.render import MANAGED_BY, Defaults
-from modelpilot.telemetry import NotAllowed, PrometheusConfig, Telemetry
+from modelpilot.render import plan as plans
+from modelpilot.render.children import MANAGED_BY, Defaults
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
@@ -67,7 +67,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     profile_path = env.get("MODELPILOT_PROFILES")
     # Live settings go to pod IPs: off where the operator cannot reach pods (kwok nodes).
     memo.live = env.get("MODELPILOT_LIVE_UPDATES", "true") == "true"
-    memo.optimizer = Optimizer(
+    memo.optimizer = OptimizerLoop(
         kube=kube,
         reconciler=memo.reconciler,
         profiles=profiles.load(profile_path) if profile_path else profiles.Profiles({}),

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from modelpilot import conditions as cond
-from modelpilot.actuate import Actuator
-from modelpilot.optimize import Optimizer
+from modelpilot.controller import conditions as cond
+from modelpilot.controller.actuate import Actuator
+from modelpilot.controller.optimizer_loop import OptimizerLoop
+from modelpilot.controller.reconcile import Reconciler
 from modelpilot.optimizer.snapshot import Snapshot
-from modelpilot.reconcile import Reconciler
-from modelpilot.render import Defaults
+from modelpilot.render.children import Defaults
 from tests.unit.fake_kube import FakeKube
 from tests.unit.optimizer_cases import PROFILES, SPEC_DOC, snap
 
@@ -44,7 +44,7 @@ class Cluster:
         self.telemetry_error: Exception | None = None
         self.url_error: Exception | None = None
         self.now = NOW
-        self.optimizer = Optimizer(
+        self.optimizer = OptimizerLoop(
             kube=self.kube,  # type: ignore[arg-type]
             reconciler=self.reconciler,
             profiles=PROFILES,

@@ -19,14 +19,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from modelpilot import conditions as cond
-from modelpilot import plan as plans
+from modelpilot.adapters.kube import Kube
 from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec, OptimizerMode
-from modelpilot.kube import Kube
+from modelpilot.controller import conditions as cond
+from modelpilot.controller.reconcile import Reconciler
 from modelpilot.optimizer.policy import Decision, History, decide
 from modelpilot.optimizer.profiles import Profiles
 from modelpilot.optimizer.snapshot import Snapshot
-from modelpilot.reconcile import Reconciler
+from modelpilot.render import plan as plans
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,10 @@ def recommendations(
 
 
 @dataclass
-class Optimizer:
+class OptimizerLoop:
+    """Runs the optimizer (``modelpilot.optimizer``, pure) on ModelDeployments: one
+    :meth:`tick` reads telemetry, decides, and acts or recommends as the spec's mode says."""
+
     kube: Kube
     reconciler: Reconciler
     profiles: Profiles
@@ -74,7 +77,7 @@ class Optimizer:
     clock: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
     # In-memory history between ticks; status holds the copy a restart resumes from.
-    memory: dict[tuple[str, str], History] = field(default_factory=dict)
+    histories: dict[tuple[str, str], History] = field(default_factory=dict)
     intervals: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def tick(self, namespace: str, name: str) -> Decision | None:
@@ -89,7 +92,7 @@ class Optimizer:
         now = self.clock()
         status = md.get("status") or {}
         plan = plans.resume(spec, status.get("stages") or {})
-        history = self.memory.get((namespace, name)) or self._restored(status)
+        history = self.histories.get((namespace, name)) or self._restored(status)
         snapshot: Snapshot | None
         problem = None
         try:
@@ -102,7 +105,7 @@ class Optimizer:
             except Exception as exc:  # any failure to read telemetry means: hold
                 snapshot, problem = None, f"Prometheus at {url} unreachable: {exc}"[:500]
         decision = decide(spec, plan, snapshot, history, self.profiles, now)
-        self.memory[(namespace, name)] = decision.history
+        self.histories[(namespace, name)] = decision.history
         self._record(md, spec, plan, decision, snapshot, problem, now)
         return decision
 

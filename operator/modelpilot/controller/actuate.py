@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from modelpilot import contract, live
+from modelpilot import contract
+from modelpilot.adapters import live
+from modelpilot.adapters.kube import Applied as ObjectApplied
+from modelpilot.adapters.kube import Kube, is_client_error
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
-from modelpilot.kube import Applied as ObjectApplied
-from modelpilot.kube import Kube, is_client_error
-from modelpilot.plan import Plan
-from modelpilot.render import (
+from modelpilot.render.children import (
     CONFIG_HASH,
     MANAGED_BY,
     Defaults,
@@ -34,6 +34,7 @@ from modelpilot.render import (
     selector,
     service_config,
 )
+from modelpilot.render.plan import Plan
 
 log = logging.getLogger(__name__)
 

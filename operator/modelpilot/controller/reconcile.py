@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from modelpilot import conditions as cond
-from modelpilot import plan as plans
-from modelpilot.actuate import Actuator, ApplyRejected
+from modelpilot.adapters.kube import Kube
 from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec
-from modelpilot.kube import Kube
-from modelpilot.render import child_name
+from modelpilot.controller import conditions as cond
+from modelpilot.controller.actuate import Actuator, ApplyRejected
+from modelpilot.render import plan as plans
+from modelpilot.render.children import child_name
 
 log = logging.getLogger(__name__)
 

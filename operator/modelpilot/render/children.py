@@ -30,7 +30,7 @@ from modelpilot.api.v1alpha1 import (
     Stage,
 )
 from modelpilot.contract import ADMIN_PORT, SERVICE_PORTS, STAGES, TRITON_PORTS
-from modelpilot.plan import Plan, StagePlan
+from modelpilot.render.plan import Plan, StagePlan
 
 MANAGED_BY = "modelpilot"
 CONFIG_HASH = "modelpilot.io/config-hash"

@@ -1,0 +1,1 @@
+"""The only modules that talk to the outside: the apiserver, Prometheus, running pods."""

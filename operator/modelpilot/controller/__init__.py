@@ -1,0 +1,1 @@
+"""The operator: kopf handlers, reconcile, the optimizer loop and the one actuation path."""

@@ -1,0 +1,1 @@
+"""Pure: a spec and a plan -> the Kubernetes objects that run them."""
