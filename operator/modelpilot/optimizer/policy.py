@@ -37,6 +37,7 @@ from modelpilot.api.v1alpha1 import (
     ModelDeploymentSpec,
     ModelStage,
     OptimizerMode,
+    Stage,
     Variant,
     Verification,
 )
@@ -546,6 +547,30 @@ def forecast(long: float, short: float | None, tun: Tunables) -> tuple[float, st
     return ahead, why
 
 
+@dataclass
+class _Tick:
+    """One decide() call's inputs and what its stage steps gather."""
+
+    spec: ModelDeploymentSpec
+    snapshot: Snapshot
+    profiles: Profiles
+    tun: Tunables
+    t: int
+    budgets: dict[str, float]
+    cooldown: int
+    floor: float
+    rules: Verification
+    gated: bool  # variant switches wait for a verification
+    reasons: list[str] = field(default_factory=list)
+    verifications: list[tuple[str, str, str]] = field(default_factory=list)
+    excluded: dict[str, set[str]] = field(default_factory=dict)  # rejected candidates
+    short: list[str] = field(default_factory=list)  # stages that cannot meet their budget
+    held: list[str] = field(default_factory=list)
+    chosen_variants: dict[str, Variant] = field(default_factory=dict)
+    sizings: dict[str, Sizing] = field(default_factory=dict)
+    slo_ok: bool = True
+
+
 def decide(
     spec: ModelDeploymentSpec,
     plan: Plan,
@@ -565,21 +590,23 @@ def decide(
     if stale or snapshot is None:
         return Decision(plan, (f"holding every stage: {stale}",), history, hold=stale)
 
-    reasons: list[str] = []
-    budgets = stage_budgets(spec, snapshot, tun)
-    cooldown = 2 * spec.optimizer.interval_seconds
-    floor = float(spec.slo.min_quality_value)
+    rules = spec.optimizer.verification
+    ctx = _Tick(
+        spec=spec,
+        snapshot=snapshot,
+        profiles=profiles,
+        tun=tun,
+        t=t,
+        budgets=stage_budgets(spec, snapshot, tun),
+        cooldown=2 * spec.optimizer.interval_seconds,
+        floor=float(spec.slo.min_quality_value),
+        rules=rules,
+        gated=spec.optimizer.mode == OptimizerMode.AUTO and rules.enabled,
+    )
+    reasons, held, verifications = ctx.reasons, ctx.held, ctx.verifications
+    budgets, gated = ctx.budgets, ctx.gated
     new_plan: Plan = dict(plan)
     new_hist: dict[str, StageHistory] = dict(history.stages)
-    chosen_variants: dict[str, Variant] = {}
-    sizings: dict[str, Sizing] = {}
-    slo_ok = True
-    rules = spec.optimizer.verification
-    gated = spec.optimizer.mode == OptimizerMode.AUTO and rules.enabled
-    verifications: list[tuple[str, str, str]] = []
-    excluded: dict[str, set[str]] = {}
-    short: list[str] = []
-    held: list[str] = []
 
     for name in STAGES:
         stage = spec.stage(name)
@@ -616,183 +643,26 @@ def decide(
         if trend:
             reasons.append(f"{name}: {trend}")
         measured = tele.rate_short_rps or 0.0  # a forecast's base: read only when trending
-        bounds = (stage.replicas.min, stage.replicas.max)
         if isinstance(stage, ModelStage):
-            budget = budgets[name]
-            cur_var = stage.variant(cur.variant or "")
-            cur_prof = profiles.model(cur_var.model) if cur_var else None
-            if cur_var is None or cur_prof is None:
-                reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
-                held.append(name)
-                continue
-            items = tele.items_per_request or 1.0
-            calib_pm = hist.calibration_permille
-            # Learn only from a settled stage: with a window that mixes settings, the
-            # measured p95 is a transient, not a model error. (At the rate sized for: while
-            # it climbs, the measured p95 already holds some of the climb's queueing.)
-            if hist.last_change is None or t - hist.last_change >= 60:
-                delay_us = cur.max_queue_delay_us or 0
-                model, factor = calibrated(cur_prof, calib_pm / 1000, tun)
-                p95, util = predict(
-                    model,
-                    rate,
-                    max(cur.replicas, 1),
-                    cur.max_batch_size or 1,
-                    delay_us,
-                    items,
-                    factor,
-                )
-                headroom = measured_headroom(tele, delay_us / 1000, budget, tun)
-                calib_pm = _calibrate(calib_pm, tele.p95_ms, (p95, util), headroom, tun)
-            calib = calib_pm / 1000
-            shadow: str | None = None
-            verdict: Verdict | None = None
-            if gated:
-                shadow, verdict, hist = _verify(
-                    name,
-                    stage,
-                    cur,
-                    hist,
-                    snapshot,
-                    budget,
-                    tele.rate_rps,
-                    per_sample,
-                    t,
-                    rules,
-                    reasons,
-                    verifications,
-                )
-            excluded[name] = hist.rejected_at(t) - {cur.variant or ""}
-            size = stage_sizer(stage, budget, calib, tun, items)
-            batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
-            options = variant_options(
-                stage,
-                profiles,
-                floor,
-                partial(size, rate=rate),
-                excluded[name],
-                (cur.variant or "", batching),
-            )
-            feasible = cheapest(options)
-            current = next((o for o in options if o[1].name == cur.variant), None)
-            pick = (
-                feasible[0]
-                if feasible
-                else max(options, key=lambda o: (o[2].utilisation <= 1, -o[2].p95_ms))
-            )
-            recently = hist.last_change is not None and t - hist.last_change < cooldown
-            if (
-                current is not None
-                and current[2].feasible
-                and pick is not current
-                and (recently or pick[0] > current[0] * (1 - tun.switch_saving))
-            ):
-                pick = current  # not worth a switch (or too soon after the last change)
-            if verdict is not None and verdict.action == "promote":
-                promoted = next((o for o in options if o[1].name == cur.shadow_variant), None)
-                if promoted is not None:
-                    pick = promoted
-                    why = f"{name}: {cur.shadow_variant} promoted after verification: "
-                    verifications.append((name, "promoted", why + verdict.reason))
-                    reasons.append(why + verdict.reason)
-            elif verdict is not None and verdict.action == "wait" and current is not None:
-                pick = current  # sized as usual: replicas and batching do not wait for it
-            elif (
-                gated
-                and shadow is None
-                and current is not None
-                and pick is not current
-                and (blocked := unverifiable(rules, tele.rate_rps, per_sample))
-            ):
-                reasons.append(
-                    f"{name}: staying on {cur.variant}: {pick[1].name} would cost/h "
-                    f"{pick[0]:.2f} vs {current[0]:.2f} but cannot be verified now: {blocked}"
-                )
-                pick = current
-            elif gated and shadow is None and current is not None and pick is not current:
-                # A better variant: verify it on mirrored traffic before it serves anyone.
-                shadow = pick[1].name
-                hist = replace(hist, verification_started=t)
-                why = (
-                    f"{name}: verifying {shadow} on {rules.sample_ratio_value:g} of live "
-                    f"traffic before switching from {cur.variant} (cost/h {pick[0]:.2f} vs "
-                    f"{current[0]:.2f}, predicted p95 {pick[2].p95_ms:.0f} ms, budget "
-                    f"{budget:.0f} ms)"
-                )
-                verifications.append((name, "started", why))
-                reasons.append(why)
-                pick = current
-            cost, variant, sizing = pick
-            if not sizing.feasible:
-                slo_ok = False
-                short.append(name)
-                reasons.append(
-                    f"{name}: even {sizing.replicas} replicas of {variant.name} "
-                    f"predict p95 {sizing.p95_ms:.0f} ms over its {budget:.0f} ms"
-                )
-            if variant.name != cur.variant:
-                reasons.append(
-                    f"{name}: switch variant {cur.variant} -> {variant.name} "
-                    f"(cost/h {cost:.2f}, predicted p95 {sizing.p95_ms:.0f} ms "
-                    f"<= {budget:.0f} ms)"
-                )
-            if (sizing.max_batch_size, sizing.max_queue_delay_us) != (
-                cur.max_batch_size,
-                cur.max_queue_delay_us,
-            ):
-                reasons.append(
-                    f"{name}: batching max {cur.max_batch_size} -> "
-                    f"{sizing.max_batch_size}, delay {cur.max_queue_delay_us} -> "
-                    f"{sizing.max_queue_delay_us} us"
-                )
-            remember = None
-            if trend and (prof := profiles.model(variant.model)) is not None:
-                # The stabilization window holds what the measured rate needs: the forecast
-                # buys replicas ahead of a climb, not for the next five minutes.
-                kept = (sizing.max_batch_size, sizing.max_queue_delay_us)
-                remember = size(prof, rate=measured, prefer=kept).replicas
-            replicas, hist = _stabilize(
-                name, cur.replicas, sizing.replicas, hist, t, spec, cooldown, reasons, remember
-            )
-            hist = replace(hist, calibration_permille=calib_pm)
-            new_plan[name] = StagePlan(
-                replicas, variant.name, sizing.max_batch_size, sizing.max_queue_delay_us, shadow
-            )
-            chosen_variants[name] = variant
-            sizings[name] = sizing
+            step = _model_stage(ctx, name, stage, cur, tele, hist, rate, trend, measured)
         else:
-            svc = profiles.services.get(name)
-            if svc is None:
-                reasons.append(f"{name}: hold, no capacity profile")
-                continue
-
-            def replicas_for(r: float, cap: float = svc.capacity_rps) -> int:
-                return math.ceil(r / (cap * tun.target_utilisation)) if r else 0
-
-            need = replicas_for(rate)
-            desired = min(max(need, bounds[0]), bounds[1])
-            if need > bounds[1]:
-                slo_ok = False
-                short.append(name)
-                reasons.append(f"{name}: needs {need} replicas, capped at max {bounds[1]}")
-            remember = min(max(replicas_for(measured), bounds[0]), bounds[1]) if trend else None
-            replicas, hist = _stabilize(
-                name, cur.replicas, desired, hist, t, spec, cooldown, reasons, remember
-            )
-            new_plan[name] = replace(cur, replicas=replicas)
+            step = _service_stage(ctx, name, stage, cur, hist, rate, trend, measured)
+        if step is None:
+            continue
+        new_plan[name], hist = step
         if new_plan[name] != cur:
             hist = replace(hist, last_change=t)
         new_hist[name] = hist
 
-    cost = sum(new_plan[s].replicas * float(v.cost_value) for s, v in chosen_variants.items())
+    cost = sum(new_plan[s].replicas * float(v.cost_value) for s, v in ctx.chosen_variants.items())
     budget_note = None
     if spec.slo.max_cost_per_hour_value is not None:
         limit = float(spec.slo.max_cost_per_hour_value)
         new_plan, cost, budget_note = _enforce_budget(
-            spec, new_plan, cost, limit, reasons, excluded
+            spec, new_plan, cost, limit, reasons, ctx.excluded
         )
         if budget_note:
-            slo_ok = False
+            ctx.slo_ok = False
     # A switch to the candidate by another path (the budget, a failed quality floor) ends
     # its verification: the shadow and its start time go together.
     for name in MODEL_STAGES:
@@ -806,7 +676,7 @@ def decide(
         new_hist[name] = replace(new_hist.get(name, StageHistory()), last_change=t)
     e2e, slo = snapshot.e2e_p95_ms, spec.slo.latency_p95_ms
     measured_ok = e2e is None or e2e <= slo
-    if not measured_ok and slo_ok:
+    if not measured_ok and ctx.slo_ok:
         reasons.append(
             f"measured p95 {e2e:.0f} ms is over the {slo} ms SLO although every stage is "
             f"predicted within its budget"
@@ -819,12 +689,224 @@ def decide(
         History(new_hist),
         changed=changed,
         budget_limited=budget_note,
-        slo_met=slo_ok and measured_ok,
+        slo_met=ctx.slo_ok and measured_ok,
         cost_per_hour=cost,
         verifications=tuple(verifications),
-        short=tuple(short),
+        short=tuple(ctx.short),
         held=tuple(held),
     )
+
+
+def _model_stage(
+    ctx: _Tick,
+    name: str,
+    stage: ModelStage,
+    cur: StagePlan,
+    tele: StageTelemetry,
+    hist: StageHistory,
+    rate: float,
+    trend: str | None,
+    measured: float,
+) -> tuple[StagePlan, StageHistory] | None:
+    """A model stage's next plan: calibrate, verify a candidate, choose the variant and its
+    batching, size and stabilize the replicas. None: hold the stage as it is."""
+    spec, snapshot, profiles, tun, t = ctx.spec, ctx.snapshot, ctx.profiles, ctx.tun, ctx.t
+    reasons, short, held = ctx.reasons, ctx.short, ctx.held
+    budgets, rules, gated, floor = ctx.budgets, ctx.rules, ctx.gated, ctx.floor
+    verifications, excluded, cooldown = ctx.verifications, ctx.excluded, ctx.cooldown
+    # What one mirrored request gives the gate: the embedding stage records a cosine per
+    # text (Triton item), the re-ranker one top-k overlap per query (request).
+    per_sample = (tele.items_per_request or 1.0) if name == "embedding" else 1.0
+    budget = budgets[name]
+    cur_var = stage.variant(cur.variant or "")
+    cur_prof = profiles.model(cur_var.model) if cur_var else None
+    if cur_var is None or cur_prof is None:
+        reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
+        held.append(name)
+        return None
+    items = tele.items_per_request or 1.0
+    calib_pm = _learn(cur, cur_prof, tele, hist, rate, budget, t, tun)
+    calib = calib_pm / 1000
+    shadow: str | None = None
+    verdict: Verdict | None = None
+    if gated:
+        shadow, verdict, hist = _verify(
+            name,
+            stage,
+            cur,
+            hist,
+            snapshot,
+            budget,
+            tele.rate_rps,
+            per_sample,
+            t,
+            rules,
+            reasons,
+            verifications,
+        )
+    excluded[name] = hist.rejected_at(t) - {cur.variant or ""}
+    size = stage_sizer(stage, budget, calib, tun, items)
+    batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
+    options = variant_options(
+        stage,
+        profiles,
+        floor,
+        partial(size, rate=rate),
+        excluded[name],
+        (cur.variant or "", batching),
+    )
+    feasible = cheapest(options)
+    current = next((o for o in options if o[1].name == cur.variant), None)
+    pick = (
+        feasible[0]
+        if feasible
+        else max(options, key=lambda o: (o[2].utilisation <= 1, -o[2].p95_ms))
+    )
+    recently = hist.last_change is not None and t - hist.last_change < cooldown
+    if (
+        current is not None
+        and current[2].feasible
+        and pick is not current
+        and (recently or pick[0] > current[0] * (1 - tun.switch_saving))
+    ):
+        pick = current  # not worth a switch (or too soon after the last change)
+    if verdict is not None and verdict.action == "promote":
+        promoted = next((o for o in options if o[1].name == cur.shadow_variant), None)
+        if promoted is not None:
+            pick = promoted
+            why = f"{name}: {cur.shadow_variant} promoted after verification: "
+            verifications.append((name, "promoted", why + verdict.reason))
+            reasons.append(why + verdict.reason)
+    elif verdict is not None and verdict.action == "wait" and current is not None:
+        pick = current  # sized as usual: replicas and batching do not wait for it
+    elif (
+        gated
+        and shadow is None
+        and current is not None
+        and pick is not current
+        and (blocked := unverifiable(rules, tele.rate_rps, per_sample))
+    ):
+        reasons.append(
+            f"{name}: staying on {cur.variant}: {pick[1].name} would cost/h "
+            f"{pick[0]:.2f} vs {current[0]:.2f} but cannot be verified now: {blocked}"
+        )
+        pick = current
+    elif gated and shadow is None and current is not None and pick is not current:
+        # A better variant: verify it on mirrored traffic before it serves anyone.
+        shadow = pick[1].name
+        hist = replace(hist, verification_started=t)
+        why = (
+            f"{name}: verifying {shadow} on {rules.sample_ratio_value:g} of live "
+            f"traffic before switching from {cur.variant} (cost/h {pick[0]:.2f} vs "
+            f"{current[0]:.2f}, predicted p95 {pick[2].p95_ms:.0f} ms, budget "
+            f"{budget:.0f} ms)"
+        )
+        verifications.append((name, "started", why))
+        reasons.append(why)
+        pick = current
+    cost, variant, sizing = pick
+    if not sizing.feasible:
+        ctx.slo_ok = False
+        short.append(name)
+        reasons.append(
+            f"{name}: even {sizing.replicas} replicas of {variant.name} "
+            f"predict p95 {sizing.p95_ms:.0f} ms over its {budget:.0f} ms"
+        )
+    if variant.name != cur.variant:
+        reasons.append(
+            f"{name}: switch variant {cur.variant} -> {variant.name} "
+            f"(cost/h {cost:.2f}, predicted p95 {sizing.p95_ms:.0f} ms "
+            f"<= {budget:.0f} ms)"
+        )
+    if (sizing.max_batch_size, sizing.max_queue_delay_us) != (
+        cur.max_batch_size,
+        cur.max_queue_delay_us,
+    ):
+        reasons.append(
+            f"{name}: batching max {cur.max_batch_size} -> "
+            f"{sizing.max_batch_size}, delay {cur.max_queue_delay_us} -> "
+            f"{sizing.max_queue_delay_us} us"
+        )
+    remember = None
+    if trend and (prof := profiles.model(variant.model)) is not None:
+        # The stabilization window holds what the measured rate needs: the forecast
+        # buys replicas ahead of a climb, not for the next five minutes.
+        kept = (sizing.max_batch_size, sizing.max_queue_delay_us)
+        remember = size(prof, rate=measured, prefer=kept).replicas
+    replicas, hist = _stabilize(
+        name, cur.replicas, sizing.replicas, hist, t, spec, cooldown, reasons, remember
+    )
+    hist = replace(hist, calibration_permille=calib_pm)
+    ctx.chosen_variants[name] = variant
+    ctx.sizings[name] = sizing
+    return (
+        StagePlan(replicas, variant.name, sizing.max_batch_size, sizing.max_queue_delay_us, shadow),
+        hist,
+    )
+
+
+def _learn(
+    cur: StagePlan,
+    prof: ModelProfile,
+    tele: StageTelemetry,
+    hist: StageHistory,
+    rate: float,
+    budget: float,
+    t: int,
+    tun: Tunables,
+) -> int:
+    """The stage's calibration (permille) after comparing what its model predicts for the
+    current settings with the measured p95."""
+    calib_pm = hist.calibration_permille
+    # Learn only from a settled stage: with a window that mixes settings, the
+    # measured p95 is a transient, not a model error. (At the rate sized for: while
+    # it climbs, the measured p95 already holds some of the climb's queueing.)
+    if hist.last_change is not None and t - hist.last_change < 60:
+        return calib_pm
+    delay_us = cur.max_queue_delay_us or 0
+    model, factor = calibrated(prof, calib_pm / 1000, tun)
+    items = tele.items_per_request or 1.0
+    p95, util = predict(
+        model, rate, max(cur.replicas, 1), cur.max_batch_size or 1, delay_us, items, factor
+    )
+    headroom = measured_headroom(tele, delay_us / 1000, budget, tun)
+    return _calibrate(calib_pm, tele.p95_ms, (p95, util), headroom, tun)
+
+
+def _service_stage(
+    ctx: _Tick,
+    name: str,
+    stage: Stage,
+    cur: StagePlan,
+    hist: StageHistory,
+    rate: float,
+    trend: str | None,
+    measured: float,
+) -> tuple[StagePlan, StageHistory] | None:
+    """A model-free stage's replicas from its measured capacity. None: no profile, hold."""
+    spec, profiles, tun, t = ctx.spec, ctx.profiles, ctx.tun, ctx.t
+    reasons, short = ctx.reasons, ctx.short
+    cooldown = ctx.cooldown
+    bounds = (stage.replicas.min, stage.replicas.max)
+    svc = profiles.services.get(name)
+    if svc is None:
+        reasons.append(f"{name}: hold, no capacity profile")
+        return None
+
+    def replicas_for(r: float, cap: float = svc.capacity_rps) -> int:
+        return math.ceil(r / (cap * tun.target_utilisation)) if r else 0
+
+    need = replicas_for(rate)
+    desired = min(max(need, bounds[0]), bounds[1])
+    if need > bounds[1]:
+        ctx.slo_ok = False
+        short.append(name)
+        reasons.append(f"{name}: needs {need} replicas, capped at max {bounds[1]}")
+    remember = min(max(replicas_for(measured), bounds[0]), bounds[1]) if trend else None
+    replicas, hist = _stabilize(
+        name, cur.replicas, desired, hist, t, spec, cooldown, reasons, remember
+    )
+    return replace(cur, replicas=replicas), hist
 
 
 def _verify(
