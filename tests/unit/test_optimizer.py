@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
-from modelpilot.optimizer import queueing
+from modelpilot.optimizer import policy, queueing
 from modelpilot.optimizer.policy import (
     Decision,
     History,
@@ -435,3 +435,30 @@ def test_a_saturated_stage_does_not_learn_an_optimistic_factor(
     d = decide(spec, plan, Snapshot(now, now, stages), history, PROFILES, now)
     lo, hi = expected
     assert lo <= d.history.stage("embedding").calibration_permille <= hi
+
+
+# ------------------------------------------------------------- the calibration step
+
+
+@pytest.mark.parametrize(
+    ("last_change", "measured_ratio", "expect"),
+    [
+        (None, 3.0, "up"),  # settled, slower than the profile predicts
+        (None, 1 / 3, "down"),  # settled, faster, with headroom
+        (None, 1.0, "same"),
+        (999_970, 3.0, "same"),  # changed 30 s ago: the window mixes settings
+    ],
+)
+def test_the_calibration_learns_only_from_a_settled_stage(
+    last_change: int | None, measured_ratio: float, expect: str
+) -> None:
+    tun = Tunables()
+    cur = plans.StagePlan(1, "small", 8, 0)
+    prof = PROFILES.model("emb_small")
+    assert prof is not None
+    model, factor = calibrated(prof, 1.0, tun)
+    predicted, _ = predict(model, 20.0, 1, 8, 0, 1.0, factor)
+    tele = StageTelemetry(rate_rps=20.0, p95_ms=predicted * measured_ratio, queue_ms=0.0)
+    hist = StageHistory(last_change=last_change)
+    learnt = policy._learn(cur, prof, tele, hist, 20.0, 10 * predicted, 1_000_000, tun)
+    assert {"up": learnt > 1000, "down": learnt < 1000, "same": learnt == 1000}[expect], learnt
