@@ -614,9 +614,6 @@ def decide(
         tele = snapshot.stages.get(name) or StageTelemetry()
         hist = history.stage(name)
         hist = replace(hist, rejected=tuple(r for r in hist.rejected if r[1] > t))
-        # What one mirrored request gives the gate: the embedding stage records a cosine per
-        # text (Triton item), the re-ranker one top-k overlap per query (request).
-        per_sample = (tele.items_per_request or 1.0) if name == "embedding" else 1.0
         if tele.rate_rps is None:
             reasons.append(f"{name}: hold, no request rate")
             held.append(name)
@@ -630,7 +627,7 @@ def decide(
                     snapshot,
                     budgets[name],
                     None,
-                    per_sample,
+                    _samples_per_request(name, tele),
                     t,
                     rules,
                     reasons,
@@ -697,6 +694,12 @@ def decide(
     )
 
 
+def _samples_per_request(stage: str, tele: StageTelemetry) -> float:
+    """What one mirrored request gives the gate: the embedding stage records a cosine per
+    text (Triton item), the re-ranker one top-k overlap per query (request)."""
+    return (tele.items_per_request or 1.0) if stage == "embedding" else 1.0
+
+
 def _model_stage(
     ctx: _Tick,
     name: str,
@@ -714,9 +717,7 @@ def _model_stage(
     reasons, short, held = ctx.reasons, ctx.short, ctx.held
     budgets, rules, gated, floor = ctx.budgets, ctx.rules, ctx.gated, ctx.floor
     verifications, excluded, cooldown = ctx.verifications, ctx.excluded, ctx.cooldown
-    # What one mirrored request gives the gate: the embedding stage records a cosine per
-    # text (Triton item), the re-ranker one top-k overlap per query (request).
-    per_sample = (tele.items_per_request or 1.0) if name == "embedding" else 1.0
+    per_sample = _samples_per_request(name, tele)
     budget = budgets[name]
     cur_var = stage.variant(cur.variant or "")
     cur_prof = profiles.model(cur_var.model) if cur_var else None
