@@ -71,7 +71,7 @@ crds: $(VENV)/.stamp ## regenerate crds/ and the chart's CRD from the pydantic m
 
 .PHONY: profile
 profile: $(VENV)/.stamp ## measure each model variant (latency per batch, quality) -> profiles/cpu.json
-	$(PY) -m modelpilot_services.profile --out profiles/cpu.json
+	$(PY) -m modelpilot_services.devtools.profile --out profiles/cpu.json $(ARGS)
 
 TRACE ?=
 .PHONY: bench
@@ -80,12 +80,12 @@ bench: $(VENV)/.stamp ## replay traces (TRACE=path.csv, default: all built-in) u
 
 .PHONY: services-up services-down bench-serving
 services-up: $(VENV)/.stamp ## start Triton (nvidia-pytriton's tritonserver) and the four services locally
-	$(PY) -m modelpilot_services.stack up --prometheus-targets .cache/prometheus/targets/services.json
+	$(PY) -m modelpilot_services.devtools.stack up --prometheus-targets .cache/prometheus/targets/services.json
 services-down: ## stop the local data plane
-	$(PY) -m modelpilot_services.stack down
+	$(PY) -m modelpilot_services.devtools.stack down
 	rm -f .cache/prometheus/targets/services.json
 bench-serving: $(VENV)/.stamp ## each service's added latency over direct Triton calls; variant table
-	$(PY) -m modelpilot_services.bench_serving
+	$(PY) -m modelpilot_services.devtools.bench_serving
 
 .PHONY: bench-node
 bench-node: $(VENV)/.stamp tools ## the real node: cluster-up time, node memory, embedding pod apply -> Ready

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from modelpilot.adapters.prometheus import Telemetry  # noqa: E402
 from modelpilot.contract import SERVICE_PORTS, STAGES  # noqa: E402
-from modelpilot_services import profile  # noqa: E402
-from modelpilot_services.loadgen import paced  # noqa: E402
+from modelpilot_services.devtools.loadgen import paced  # noqa: E402
+from modelpilot_services.models import calibration  # noqa: E402
 
 NAMESPACE, NAME, RELEASE = "demo", "local", "modelpilot"
 IMAGES, TAG = "localhost/modelpilot", "test"  # the tag the tests load too: one set of images
@@ -260,7 +260,7 @@ def install(console: Console, prometheus: str) -> None:
 
 
 def ingest(console: Console, url: str) -> None:
-    docs = profile.corpus(limit=60)
+    docs = calibration.corpus(limit=60)
     with console.status("ingesting a corpus through the ingestion Service"):
         for start in range(0, len(docs), 10):
             batch = [

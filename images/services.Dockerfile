@@ -22,7 +22,7 @@ RUN python3.11 -m venv /opt/venv \
 # Build the variants (fp32 / int8 ONNX, the static model, the re-rankers) at image build
 # time, so pods load them offline.
 RUN MODELPILOT_CACHE=/opt/modelpilot /opt/venv/bin/python -c \
-    "from modelpilot_services import models; models.build()"
+    "from modelpilot_services.models import minilm; minilm.build()"
 
 FROM ${BASE} AS runtime
 RUN apt-get update \
@@ -39,22 +39,22 @@ USER 65532:65532
 
 FROM runtime AS ingestion
 EXPOSE 8081
-ENTRYPOINT ["python", "-m", "modelpilot_services.ingestion"]
+ENTRYPOINT ["python", "-m", "modelpilot_services.stages.ingestion"]
 
 FROM runtime AS embedding
 EXPOSE 8082
-ENTRYPOINT ["python", "-m", "modelpilot_services.embedding"]
+ENTRYPOINT ["python", "-m", "modelpilot_services.stages.embedding"]
 
 FROM runtime AS retrieval
 EXPOSE 8083
-ENTRYPOINT ["python", "-m", "modelpilot_services.retrieval"]
+ENTRYPOINT ["python", "-m", "modelpilot_services.stages.retrieval"]
 
 FROM runtime AS inference
 EXPOSE 8084
-ENTRYPOINT ["python", "-m", "modelpilot_services.inference"]
+ENTRYPOINT ["python", "-m", "modelpilot_services.stages.inference"]
 
 FROM runtime AS triton
 EXPOSE 8000 8001 8002
 # Writes the model repository into --model-repository (an emptyDir in the pod), then execs
 # tritonserver with these arguments (the operator renders them).
-ENTRYPOINT ["python", "-m", "modelpilot_services.tritonserve"]
+ENTRYPOINT ["python", "-m", "modelpilot_services.models.tritonserve"]

@@ -224,7 +224,7 @@ def operator_process(crd: str, prometheus_url: str) -> Iterator[Operator]:
 def stack_on_free_ports(root: Path) -> Iterator[Any]:
     """Real tritonserver (from the nvidia-pytriton wheel) and the four services on free
     ports under ``root``. A missing part fails here, loudly: never a skip."""
-    from modelpilot_services.stack import DEFAULT_PORTS, Stack
+    from modelpilot_services.devtools.stack import DEFAULT_PORTS, Stack
     from tests.helpers import free_port
 
     stack = Stack(root, ports={name: free_port() for name in DEFAULT_PORTS})

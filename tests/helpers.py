@@ -8,7 +8,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from modelpilot.api.v1alpha1 import ModelDeploymentSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".cache" / "bin"
@@ -109,6 +112,13 @@ def sample(name: str) -> dict[str, Any]:
     import yaml
 
     return dict(yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text()))
+
+
+def spec_of(name: str) -> ModelDeploymentSpec:
+    """The spec of examples/<name>.yaml, validated."""
+    from modelpilot.api.v1alpha1 import ModelDeploymentSpec
+
+    return ModelDeploymentSpec.model_validate(sample(name)["spec"])
 
 
 def md_ready(name: str, namespace: str) -> bool:

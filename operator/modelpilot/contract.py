@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 STAGES = ("ingestion", "embedding", "retrieval", "inference")
 MODEL_STAGES = ("embedding", "inference")  # stages with a Triton sidecar
+QUERY_PATH = ("embedding", "retrieval", "inference")  # the stages a query passes, in order
+# How a model stage's quality is measured: what `make profile` measures against the reference
+# variant, the optimizer holds to slo.minQuality, and a verification's shadow traffic
+# measures between the candidate and the serving variant.
+QUALITY_METRICS = {"embedding": "recall@10", "inference": "top3-overlap"}
 
 # --- ports: each stage's API (in its Service), the admin API (never in a Service), Triton's
 SERVICE_PORTS = {"ingestion": 8081, "embedding": 8082, "retrieval": 8083, "inference": 8084}

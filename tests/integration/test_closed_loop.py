@@ -26,7 +26,7 @@ import yaml
 
 from modelpilot import contract
 from modelpilot.adapters.live import Pod, pod_at
-from modelpilot_services import profile
+from modelpilot_services.models import calibration
 from tests.helpers import (
     BIN,
     KUBECONFIG,
@@ -142,7 +142,7 @@ class Load:
     pinned to one pod by keep-alive would not follow a rollout), errors counted."""
 
     url: str
-    body: Any
+    body: Any  # a request body, or a function of the request's number to one
     rate: float = 2.0
     sent: int = 0
     failed: list[str] = field(default_factory=list)
@@ -153,10 +153,11 @@ class Load:
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
-    def _one(self) -> None:
+    def _one(self, n: int) -> None:
         start = time.monotonic()
+        body = self.body(n) if callable(self.body) else self.body
         try:
-            r = requests.post(self.url, json=self.body, timeout=30, headers={"Connection": "close"})
+            r = requests.post(self.url, json=body, timeout=30, headers={"Connection": "close"})
             error = None if r.status_code == 200 else f"{r.status_code} {r.text[:200]}"
         except requests.RequestException as exc:
             error = repr(exc)[:200]
@@ -169,9 +170,10 @@ class Load:
         next_at = time.monotonic()
         while not self.stop.is_set():
             next_at += 1.0 / self.rate
-            threading.Thread(target=self._one, daemon=True).start()
             with self.lock:
+                n = self.sent
                 self.sent += 1
+            threading.Thread(target=self._one, args=(n,), daemon=True).start()
             self.stop.wait(max(0.0, next_at - time.monotonic()))
 
     def __enter__(self) -> Load:
@@ -245,7 +247,7 @@ def test_every_stage_serves_from_real_pods_and_known_answers_are_found(loop: str
         assert all(s["ready"] and s["started"] and "running" in s["state"] for s in statuses)
     assert md(namespace)["status"]["stages"]["embedding"]["variant"] == "minilm-fp32"
 
-    docs = profile.corpus(limit=60)
+    docs = calibration.corpus(limit=60)
     ingestion = service_url(namespace, "ingestion") + "/v1/documents"
     for start in range(0, len(docs), 10):
         batch = [{"id": f"ka-{i}", "text": docs[i]} for i in range(start, start + 10)]
@@ -253,7 +255,7 @@ def test_every_stage_serves_from_real_pods_and_known_answers_are_found(loop: str
         assert r.status_code == 200 and r.json()["acknowledged"] == [d["id"] for d in batch]
     gateway = service_url(namespace, "inference") + "/v1/query"
     hits = 0
-    for i, query in enumerate(profile.queries(docs)):
+    for i, query in enumerate(calibration.queries(docs)):
         answer = requests.post(gateway, json={"query": query, "top_k": 3}, timeout=60)
         assert answer.status_code == 200, answer.text
         hits += f"ka-{i}" in [r["document_id"] for r in answer.json()["results"]]
@@ -423,7 +425,7 @@ def test_under_a_load_ramp_embedding_scales_up_serves_then_scales_down(loop: str
     # Paragraphs of real text, cut to the profile's length (about 30 words): the cost per
     # text that the optimizer's profile was measured with, so that the baseline calibrates
     # its model for this traffic (earlier tests sent short queries, which cost far less).
-    texts = [" ".join(d.split()[:30]) for d in profile.corpus(limit=4)]
+    texts = [" ".join(d.split()[:30]) for d in calibration.corpus(limit=4)]
     load = Load(service_url(namespace, "embedding") + "/v1/embed", {"texts": texts}, rate=0.5)
     with load:
         base = stage_status(namespace, "embedding")["replicas"]
@@ -490,7 +492,11 @@ def test_a_variant_switch_is_verified_on_shadow_traffic_then_rolled_out_without_
 ) -> None:
     namespace = loop
     token = admin_token(namespace)
-    body = {"texts": ["shadow traffic for the verification", "a second sentence"]}
+    corpus = calibration.corpus()  # distinct real texts: the neighbours recall@10 is measured on
+
+    def body(n: int) -> dict[str, Any]:
+        return {"texts": [corpus[(2 * n) % len(corpus)], corpus[(2 * n + 1) % len(corpus)]]}
+
     load = Load(service_url(namespace, "embedding") + "/v1/embed", body, rate=4.0)
     gateway = Load(
         service_url(namespace, "inference") + "/v1/query",
@@ -504,13 +510,16 @@ def test_a_variant_switch_is_verified_on_shadow_traffic_then_rolled_out_without_
         assert [v["name"] for v in variants] == ["minilm-fp32", "minilm-int8"]
         serving = {p["metadata"]["name"] for p in pods(namespace, "embedding")}
         # int8 is cheaper. A verdict on a loaded 2-core machine can go against it once (one CI
-        # run saw a rejection); retried after 90 s, as a user would set for a trial run.
+        # run saw a rejection); retried after 90 s, as a user would set for a trial run. Its
+        # recall@10 against fp32 (0.82 in the profile) is within a 30-sample mean's noise of
+        # the 0.8 floor: the test asks 0.7, as a user may, to test the mechanics.
+        verification = {"retryAfterSeconds": 90, "minAgreement": "0.7"}
         patch_spec(
             namespace,
             {
                 "spec": {
                     "embedding": {"variants": variants},
-                    "optimizer": {"verification": {"retryAfterSeconds": 90}},
+                    "optimizer": {"verification": verification},
                 }
             },
         )
@@ -553,7 +562,9 @@ def test_a_variant_switch_is_verified_on_shadow_traffic_then_rolled_out_without_
         wait_for(rolled_out, 600, interval=2, what="the rollout to minilm-int8")
         # Old pods keep answering while they drain (their preStop sleep), then only int8.
         wait_for(
-            lambda: requests.post(load.url, json=body, timeout=30).json()["model"] == "minilm_int8",
+            lambda: (
+                requests.post(load.url, json=body(0), timeout=30).json()["model"] == "minilm_int8"
+            ),
             120,
             interval=1,
             what="the Service answering from minilm_int8 only",

@@ -17,7 +17,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelpilot_services.loadgen import paced
+from modelpilot_services.devtools.loadgen import paced
 from tests.dataplane.client import ok
 from tests.helpers import wait_for
 

@@ -27,20 +27,17 @@ from modelpilot.api.v1alpha1 import Verification
 from modelpilot.controller.actuate import Actuator
 from modelpilot.controller.optimizer_loop import OptimizerLoop
 from modelpilot.controller.reconcile import Reconciler
-from modelpilot.optimizer.gate import judge
 from modelpilot.optimizer.profiles import load as load_profiles
 from modelpilot.optimizer.snapshot import ShadowStats, Snapshot, StageTelemetry
+from modelpilot.optimizer.verification import judge
 from modelpilot.render.children import Defaults
+from modelpilot_services.models import calibration
 from tests.dataplane.client import ok
 from tests.helpers import KUBECONFIG, ROOT, kubectl, kubectl_json, sample, wait_for
 
 pytestmark = pytest.mark.integration
-SENTENCES = [
-    "the operator scales the embedding stage when the queue grows",
-    "prometheus scrapes every service every two seconds",
-    "a static model trades quality for a hundred times the speed",
-    "int8 weights keep most of the reference model's accuracy",
-]
+# Live traffic of distinct real texts: neighbour recall needs a corpus of recent texts.
+CORPUS = calibration.corpus()
 
 
 @pytest.fixture
@@ -68,7 +65,7 @@ def test_shadow_agreement_is_measured_through_prometheus_and_judged(
     telemetry = Telemetry(prometheus_url)
     serving = ok("POST", plane.url("embedding") + "/v1/embed", {"texts": ["which model?"]})
     assert serving["model"] == "minilm_fp32"
-    rules = Verification.model_validate({"minSamples": 40, "minAgreement": "0.9"})
+    rules = Verification.model_validate({"minSamples": 40, "minAgreement": "0.7"})
     verdicts = {}
     for candidate in ("minilm_int8", "minilm_static"):
         _pod(plane).set_shadow(contract.Shadow(model=candidate, sampleRatio=1.0))
@@ -78,7 +75,7 @@ def test_shadow_agreement_is_measured_through_prometheus_and_judged(
         def traffic(stop: threading.Event = stop) -> None:
             n = 0
             while not stop.is_set():
-                texts = [f"{SENTENCES[n % 4]} ({n})", SENTENCES[(n + 1) % 4]]
+                texts = [CORPUS[(2 * n) % len(CORPUS)], CORPUS[(2 * n + 1) % len(CORPUS)]]
                 ok("POST", plane.url("embedding") + "/v1/embed", {"texts": texts})
                 n += 1
                 stop.wait(0.1)  # a steady trickle of live requests
@@ -92,7 +89,7 @@ def test_shadow_agreement_is_measured_through_prometheus_and_judged(
                 ),
                 180,
                 interval=1,
-                what=f"40 shadow samples of {candidate} in Prometheus",
+                what=f"40 shadow samples of {candidate} in Prometheus (after a warm ring)",
             )
         finally:
             stop.set()
@@ -103,12 +100,14 @@ def test_shadow_agreement_is_measured_through_prometheus_and_judged(
     assert ok("GET", plane.admin_url("embedding") + "/v1/admin/shadow")["model"] is None
     int8, static = verdicts["minilm_int8"], verdicts["minilm_static"]
     print(
-        f"shadow agreement vs fp32: int8 {int8[0].agreement:.3f} "
+        f"shadow recall@10 vs fp32: int8 {int8[0].agreement:.3f} "
         f"(p95 {int8[0].p95_ms:.0f} ms), static {static[0].agreement:.3f} "
         f"(p95 {static[0].p95_ms:.1f} ms)"
     )
     assert int8[1].action == "promote", int8
     assert static[1].action == "reject" and "agreement" in static[1].reason, static
+    # the same metric as make profile's (recall@10 0.819 and 0.338 against fp32)
+    assert 0.7 < int8[0].agreement < 0.95 and static[0].agreement < 0.5  # type: ignore[operator]
 
 
 # -- acting: the optimizer against the local control plane --------------------------------
@@ -154,7 +153,7 @@ def pipeline(
     kube = Kube(new_api_client(str(KUBECONFIG)))
     reconciler = Reconciler(kube, Actuator(kube, Defaults()))
     wait_for(lambda: reconciler.reconcile(namespace, "full"), 60, what="the first reconcile")
-    md["spec"]["slo"]["minQuality"] = "0.9"
+    md["spec"]["slo"]["minQuality"] = "0.8"  # admits int8 (measured 0.819), not static (0.338)
     kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(md))
     reconciler.reconcile(namespace, "full")
     status = _get(namespace, "md", "full")["status"]
@@ -205,13 +204,13 @@ def test_the_optimizer_verifies_then_promotes_a_cheaper_variant(
     assert _get(namespace, "md", "full")["status"]["stages"]["embedding"]["variant"] == (
         "minilm-fp32"
     )
-    telemetry.shadow = {("embedding", "minilm_int8"): ShadowStats(120, 0.962, 31.0)}
+    telemetry.shadow = {("embedding", "minilm_int8"): ShadowStats(120, 0.83, 31.0)}
     _tick(optimizer, namespace, now)
     status = _get(namespace, "md", "full")["status"]
     assert status["stages"]["embedding"]["variant"] == "minilm-int8"
     assert "shadowVariant" not in status["stages"]["embedding"]
     assert any("promoted after verification" in r for r in status["lastDecision"]["reasons"])
-    assert any("agreement 0.962" in m for m in _events(namespace, "VariantPromoted"))
+    assert any("agreement 0.830" in m for m in _events(namespace, "VariantPromoted"))
     template = _get(namespace, "deploy", "full-embedding")["spec"]["template"]
     assert "--load-model=minilm_int8" in template["spec"]["containers"][1]["args"]
     config = json.loads(_get(namespace, "cm", "full-embedding")["data"]["service.json"])
@@ -229,7 +228,8 @@ def test_the_optimizer_rejects_a_disagreeing_candidate_and_says_why(
     assert status["stages"]["embedding"]["variant"] == "minilm-fp32"
     assert "shadowVariant" not in status["stages"]["embedding"]
     (rejected,) = status["optimizerState"]["embedding"]["rejected"]
-    assert rejected["variant"] == "minilm-int8" and "agreement 0.710 < 0.9" in rejected["reason"]
+    # (no minAgreement: the candidate needs the quality floor, 0.8)
+    assert rejected["variant"] == "minilm-int8" and "agreement 0.710 < 0.8" in rejected["reason"]
     failed = _events(namespace, "VerificationFailed")
     assert failed and "agreement 0.710" in failed[0]
     items = kubectl_json("get", "events", "-n", namespace)["items"]

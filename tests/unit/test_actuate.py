@@ -16,7 +16,7 @@ from modelpilot.adapters import live
 from modelpilot.controller.actuate import Actuator, admin_token
 from modelpilot.render import plan
 from modelpilot.render.children import CONFIG_HASH, Defaults, Owner, config_hash, service_config
-from tests.unit.test_api_render import spec_of
+from tests.helpers import spec_of
 
 SPEC = spec_of("full")
 PLAN = plan.initial(SPEC)

@@ -16,16 +16,12 @@ from modelpilot.controller import conditions as cond
 from modelpilot.render import plan
 from modelpilot.render.children import Defaults, Owner, config_hash, render
 from modelpilot.render.children import service_config as render_service_config
-from modelpilot_services import tritonserve
-from modelpilot_services.inference import routed_models
-from tests.helpers import sample
+from modelpilot_services.models import tritonserve
+from modelpilot_services.stages.inference import routed_models
+from tests.helpers import sample, spec_of
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def spec_of(name: str) -> ModelDeploymentSpec:
-    return ModelDeploymentSpec.model_validate(sample(name)["spec"])
 
 
 def test_committed_crds_match_the_models() -> None:

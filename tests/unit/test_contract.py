@@ -14,10 +14,10 @@ from modelpilot.adapters.prometheus import Telemetry
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
 from modelpilot.render import plan
 from modelpilot.render.children import service_config
-from modelpilot_services.cache import SemanticCache
-from modelpilot_services.embedding import Embedding
-from modelpilot_services.inference import Inference
-from modelpilot_services.web import TritonStats
+from modelpilot_services.stages.cache import SemanticCache
+from modelpilot_services.stages.embedding import Embedding
+from modelpilot_services.stages.inference import Inference
+from modelpilot_services.toolkit.metrics import TritonStats
 from tests.helpers import sample
 
 pytestmark = pytest.mark.unit

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from tritonclient.http import InferResult
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from modelpilot_services.cache import SemanticCache
-from modelpilot_services.ingestion import chunk
-from modelpilot_services.store import Store
-from modelpilot_services.triton import decode_response, encode_request
+from modelpilot_services.stages.agreement import MIN_RING, NeighbourRecall, top_overlap
+from modelpilot_services.stages.cache import SemanticCache
+from modelpilot_services.stages.ingestion import chunk
+from modelpilot_services.stages.shadow import NotReady, Shadow
+from modelpilot_services.stages.store import Store
+from modelpilot_services.toolkit.triton import decode_response, encode_request
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.unit
@@ -167,7 +172,7 @@ def test_the_triton_model_imports_the_venvs_packages_before_the_systems(tmp_path
     (shadow / "numpy").mkdir(parents=True)
     (shadow / "numpy/__init__.py").write_text("raise ImportError('the system numpy won')\n")
     (tmp_path / "triton_python_backend_utils.py").write_text("")  # the stub provides it
-    model = ROOT / "services/modelpilot_services/triton_model.py"
+    model = ROOT / "services/modelpilot_services/models/triton_model.py"
     code = f"import runpy; runpy.run_path({str(model)!r})"
     paths = sysconfig.get_paths()
     env = {
@@ -182,3 +187,91 @@ def test_the_triton_model_imports_the_venvs_packages_before_the_systems(tmp_path
     )
     assert "the system numpy won" not in run.stderr
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+# ------------------------------------------- shadow agreement, by the stages' quality metric
+def _texts(n: int, start: int = 0) -> list[str]:
+    return [f"text {i}" for i in range(start, start + n)]
+
+
+def test_neighbour_recall_waits_for_a_warm_ring_then_scores_one_for_the_same_model() -> None:
+    rng = np.random.default_rng(0)
+    ring = NeighbourRecall(dims=16, size=50, warm=20)
+    first = rng.normal(size=(19, 16))
+    assert ring.measure(_texts(19), first, first) == []  # 19 < warm: nothing to compare yet
+    more = rng.normal(size=(5, 16))
+    # the 20th text makes the ring warm; the four after it are scored
+    got = ring.measure(_texts(5, 19), more, more * 3.0)  # the same directions, other norms
+    assert got == [1.0] * 4
+
+
+def test_neighbour_recall_tells_a_distorted_model_from_a_faithful_one() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(300, 32))
+    faithful = base + rng.normal(scale=0.05, size=base.shape)  # small per-vector noise
+    scrambled = rng.normal(size=base.shape)  # unrelated vectors
+    good, bad = NeighbourRecall(32), NeighbourRecall(32)
+    good_scores = good.measure(_texts(300), base, faithful)
+    bad_scores = bad.measure(_texts(300), base, scrambled)
+    assert len(good_scores) == len(bad_scores) == 300 - MIN_RING
+    assert np.mean(good_scores) > 0.8 > 0.2 > np.mean(bad_scores)
+
+
+def test_a_repeated_text_is_scored_without_itself_and_not_stored_twice() -> None:
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(30, 8))
+    ring = NeighbourRecall(dims=8, size=40, k=5, warm=10)
+    ring.measure(_texts(30), vectors, vectors)
+    again = ring.measure(["text 3"], vectors[3:4], vectors[3:4])
+    assert again == [1.0] and ring.filled == 30
+
+
+def test_the_ring_forgets_its_oldest_texts() -> None:
+    rng = np.random.default_rng(3)
+    ring = NeighbourRecall(dims=4, size=10, k=3, warm=5)
+    ring.measure(_texts(25), rng.normal(size=(25, 4)), rng.normal(size=(25, 4)))
+    assert ring.filled == 10 and set(ring.slot) == set(_texts(10, 15))
+
+
+@pytest.mark.parametrize(
+    ("served", "candidate", "expected"),
+    [
+        ([0.9, 0.8, 0.7, 0.1, 0.0], [0.1, 0.2, 0.3, 0.8, 0.9], 1 / 3),  # only index 2 shared
+        ([0.9, 0.8, 0.7, 0.1, 0.0], [0.7, 0.9, 0.8, 0.0, 0.1], 1.0),  # same top 3, other order
+        ([0.9, 0.8, 0.7, 0.1, 0.0], [0.0, 0.0, 0.0, 0.9, 0.8], 1 / 3),  # ties break stably
+        ([0.5, 0.4], [0.4, 0.5], 1.0),  # fewer candidates than 3
+    ],
+)
+def test_top_overlap(served: list[float], candidate: list[float], expected: float) -> None:
+    assert top_overlap(np.array(served), np.array(candidate)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "samples", "timed", "errors"),
+    [
+        ([0.8, 0.9], 2.0, 1.0, 0.0),  # a comparison: its values, its time
+        (NotReady("seeding"), 0.0, 0.0, 0.0),  # not yet: skipped, not timed, not an error
+        (RuntimeError("candidate down"), 0.0, 0.0, 1.0),  # the candidate's failure
+    ],
+)
+def test_a_mirrored_comparison_counts_as_a_sample_a_skip_or_an_error(
+    outcome: Any, samples: float, timed: float, errors: float
+) -> None:
+    registry = CollectorRegistry()
+
+    async def noop(model: str) -> None:
+        return None
+
+    shadow = Shadow("embedding", registry, ["cand"], noop)
+
+    async def compare(model: str) -> list[float]:
+        if isinstance(outcome, Exception):
+            raise outcome
+        return list(outcome)
+
+    asyncio.run(shadow._run("cand", compare))
+    labels = {"stage": "embedding", "model": "cand"}
+    value = registry.get_sample_value
+    assert (value("modelpilot_shadow_agreement_count", labels) or 0.0) == samples
+    assert (value("modelpilot_shadow_duration_seconds_count", labels) or 0.0) == timed
+    assert (value("modelpilot_shadow_errors_total", labels) or 0.0) == errors

@@ -69,25 +69,32 @@ def test_one_target_per_stage_image_with_an_importable_entrypoint() -> None:
     assert defaults.triton() == defaults.image("triton")
     base, body = services["triton"]
     assert base == "runtime" and "EXPOSE 8000 8001 8002" in body
-    assert '"-m", "modelpilot_services.tritonserve"' in body
+    assert '"-m", "modelpilot_services.models.tritonserve"' in body
 
 
+PACKAGE = ROOT / "services/modelpilot_services"
 # The modules each service image runs (ENTRYPOINT), and the model Triton loads inside it.
-ENTRYPOINTS = ("ingestion", "embedding", "retrieval", "inference", "tritonserve", "triton_model")
+ENTRYPOINTS = (
+    *(f"stages.{s}" for s in ("ingestion", "embedding", "retrieval", "inference")),
+    "models.tritonserve",
+    "models.triton_model",
+)
 
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:
     """What ``path`` imports, at any depth of the file: (top-level names of other packages,
-    modules of our own package)."""
+    modules of our own package, dotted below it)."""
     names, own = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "modelpilot_services":
-                own |= {a.name for a in node.names}
-            elif node.module.startswith("modelpilot_services."):
-                own.add(node.module.split(".")[1])
+            if node.module.startswith("modelpilot_services."):
+                sub = node.module.removeprefix("modelpilot_services.")
+                # ``from pkg.sub import module`` or ``from pkg.sub.module import name``
+                modules = [f"{sub}.{a.name}" for a in node.names]
+                own |= {m for m in modules if (PACKAGE / f"{m.replace('.', '/')}.py").exists()}
+                own |= {sub} if (PACKAGE / f"{sub.replace('.', '/')}.py").exists() else set()
             else:
                 names.add(node.module.split(".")[0])
     return names, own
@@ -97,19 +104,20 @@ def test_every_package_a_service_imports_is_declared_for_the_image() -> None:
     """The images install the base dependencies and the ``serve`` extra, nothing else: a
     service importing a package that only the dev venv has (prometheus-client once came from
     the test extra) dies at start in a cluster and nowhere in CI."""
-    package = ROOT / "services/modelpilot_services"
     todo, seen, third_party = list(ENTRYPOINTS), set(), set()
     while todo:
         module = todo.pop()
         if module in seen:
             continue
         seen.add(module)
-        names, own = _imports(package / f"{module}.py")
+        names, own = _imports(PACKAGE / f"{module.replace('.', '/')}.py")
         todo += own
         # Triton's python backend provides the first; the second, whose contract module the
         # services import, is this same distribution.
         own_or_backend = {"triton_python_backend_utils", "modelpilot"}
         third_party |= names - set(sys.stdlib_module_names) - own_or_backend
+    # The walk follows our own imports into every folder of the package.
+    assert {"toolkit.service", "toolkit.http", "stages.shadow", "models.minilm"} <= seen
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {
         re.split(r"[\[<>=!~ ]", req, maxsplit=1)[0].lower().replace("_", "-")

@@ -12,20 +12,14 @@ from typing import Any
 import pytest
 
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec
-from modelpilot.optimizer import policy, queueing
-from modelpilot.optimizer.policy import (
-    Decision,
-    History,
-    StageHistory,
-    Tunables,
-    calibrated,
-    decide,
-    forecast,
-    max_utilisation,
-    predict,
-)
+from modelpilot.optimizer import calibration, queueing
+from modelpilot.optimizer.forecast import forecast
+from modelpilot.optimizer.history import History, StageHistory
+from modelpilot.optimizer.policy import Decision, decide
 from modelpilot.optimizer.profiles import Profiles, parse
+from modelpilot.optimizer.sizing import calibrated, max_utilisation, predict
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.optimizer.tunables import Tunables
 from modelpilot.render import plan as plans
 from tests.unit.optimizer_cases import PROFILE_DOC, PROFILES, SPEC_DOC, make_spec, snap
 
@@ -460,5 +454,5 @@ def test_the_calibration_learns_only_from_a_settled_stage(
     predicted, _ = predict(model, 20.0, 1, 8, 0, 1.0, factor)
     tele = StageTelemetry(rate_rps=20.0, p95_ms=predicted * measured_ratio, queue_ms=0.0)
     hist = StageHistory(last_change=last_change)
-    learnt = policy._learn(cur, prof, tele, hist, 20.0, 10 * predicted, 1_000_000, tun)
+    learnt = calibration.learn(cur, prof, tele, hist, 20.0, 10 * predicted, 1_000_000, tun)
     assert {"up": learnt > 1000, "down": learnt < 1000, "same": learnt == 1000}[expect], learnt

@@ -4,15 +4,20 @@ budget and verification step writes to the cluster (children, status, Events).""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from modelpilot.api.v1alpha1 import ModelDeploymentSpec, OptimizerMode
 from modelpilot.controller import conditions as cond
 from modelpilot.controller.actuate import Actuator
-from modelpilot.controller.optimizer_loop import OptimizerLoop
+from modelpilot.controller.optimizer_loop import OptimizerLoop, status_update
 from modelpilot.controller.reconcile import Reconciler
+from modelpilot.optimizer.history import History
+from modelpilot.optimizer.policy import Decision
 from modelpilot.optimizer.snapshot import Snapshot
+from modelpilot.render import plan as plans
 from modelpilot.render.children import Defaults
 from tests.unit.fake_kube import FakeKube
 from tests.unit.optimizer_cases import PROFILES, SPEC_DOC, snap
@@ -172,3 +177,111 @@ def test_an_added_cheaper_variant_is_verified_in_shadow_before_it_serves() -> No
     assert "VerificationStarted" in c.kube.reasons()
     config = c.kube.of_kind("ConfigMap", NS)[f"{NAME}-embedding"]["data"]
     assert "emb_tiny" in next(iter(config.values())), "the pods learn the candidate"
+
+
+# ------------------------------------------------------ the tick's status, table-driven
+def _decision(**kw: Any) -> Decision:
+    plan = plans.initial(ModelDeploymentSpec.model_validate(SPEC_DOC))
+    return Decision(plan, kw.pop("reasons", ("r",)), History(), **kw)
+
+
+AUTO, OFF = OptimizerMode.AUTO, OptimizerMode.OFF
+FRESH = ("True", "MetricsFresh")
+SHORT = ("embedding: even 4 replicas of big predict p95 300 ms over its 60 ms",)
+
+
+@pytest.mark.parametrize(
+    ("decision", "e2e", "telemetry", "problem", "mode", "metrics", "slo"),
+    [
+        (_decision(), 120.0, True, None, AUTO, FRESH, ("True", "WithinSLO")),
+        (_decision(hold="stale"), None, True, None, AUTO, ("False", "MetricsStale"), None),
+        (
+            _decision(hold="h"),
+            None,
+            False,
+            "unreachable",
+            AUTO,
+            ("False", "PrometheusUnreachable"),
+            None,
+        ),
+        (_decision(hold="optimizer is Off"), None, True, None, OFF, FRESH, None),
+        (_decision(hold="optimizer is Off"), None, False, None, OFF, None, None),
+        (
+            _decision(budget_limited="over"),
+            None,
+            True,
+            None,
+            AUTO,
+            FRESH,
+            ("False", "BudgetLimited"),
+        ),
+        (
+            _decision(slo_met=False, reasons=SHORT),
+            400.0,
+            True,
+            None,
+            AUTO,
+            FRESH,
+            ("False", "CapacityExhausted"),
+        ),
+    ],
+)
+def test_decision_conditions(
+    decision: Decision,
+    e2e: float | None,
+    telemetry: bool,
+    problem: str | None,
+    mode: OptimizerMode,
+    metrics: tuple[str, str] | None,
+    slo: tuple[str, str] | None,
+) -> None:
+    got = cond.decision_conditions([], decision, e2e, telemetry, problem, mode, 200, "t", 3)
+    for type_, want in (("MetricsAvailable", metrics), ("SLOMet", slo)):
+        c = cond.get_condition(got, type_)
+        assert (None if c is None else (c["status"], c["reason"])) == want
+        assert c is None or c["observedGeneration"] == 3
+    if problem:
+        assert cond.get_condition(got, "MetricsAvailable")["message"] == problem  # type: ignore[index]
+    if slo == ("False", "CapacityExhausted"):
+        assert SHORT[0] in cond.get_condition(got, "SLOMet")["message"]  # type: ignore[index]
+
+
+def test_status_update_by_mode() -> None:
+    spec = ModelDeploymentSpec.model_validate(SPEC_DOC)
+    plan = plans.initial(spec)
+    bigger = dict(plan) | {"embedding": replace(plan["embedding"], replicas=3)}
+    changed = Decision(bigger, ("embedding: scale up 1 -> 3",), History(), changed=("embedding",))
+    auto = status_update({}, OptimizerMode.AUTO, plan, changed, None, "t")
+    assert auto.acted and auto.news
+    assert set(auto.fields) == {"optimizerState", "recommendations", "lastDecision"}
+    rec = status_update({}, OptimizerMode.RECOMMEND, plan, changed, None, "t")
+    assert not rec.acted and rec.news
+    assert rec.fields["recommendations"][0]["replicas"] == 3
+    # the same advice again is no news: nothing to write
+    seen = {k: rec.fields[k] for k in ("recommendations", "lastDecision")}
+    again = status_update(seen, OptimizerMode.RECOMMEND, plan, changed, None, "t2")
+    assert not again.news and again.fields == {}
+    quiet = Decision(plan, ("every stage fits",), History())
+    last = {"lastDecision": {"summary": quiet.summary, "reasons": list(quiet.reasons)}}
+    measured = Snapshot(time=1, newest_sample=1, e2e_p95_ms=87.4)
+    settled = status_update(last, OptimizerMode.AUTO, plan, quiet, measured, "t")
+    assert settled.fields == {"observedP95Ms": 87}
+
+
+def test_a_contradicted_quality_is_one_warning_and_shows_in_status() -> None:
+    """'small' is declared 0.5 but the profile measured 0.95 against 'big': one
+    QualityMismatch Event, the measured figure in status.quality, and no Event per tick."""
+    doc = spec_doc()
+    doc["embedding"]["variants"][1]["quality"] = "0.5"
+    c = Cluster(doc, rate=5.0)
+    for _ in range(3):
+        c.tick()
+        c.kube.roll_out(NS)
+        c.reconciler.reconcile(NS, NAME)
+    assert c.kube.reasons().count("QualityMismatch") == 1
+    rows = {(r["stage"], r["variant"]): r for r in c.status()["quality"]}
+    small = rows[("embedding", "small")]
+    assert (small["source"], small["quality"], small["declared"]) == ("measured", 0.95, 0.5)
+    assert "declared quality 0.5 but measured recall@10 0.950" in small["finding"]
+    assert rows[("embedding", "big")]["source"] == "reference"
+    assert "finding" not in rows[("inference", "small")]  # declared 0.93 = measured 0.93

@@ -12,8 +12,9 @@ from modelpilot.api.v1alpha1 import STAGES
 from modelpilot.controller import conditions as cond
 from modelpilot.controller.actuate import Actuator
 from modelpilot.controller.reconcile import Reconciler, TransientError
+from modelpilot.optimizer.profiles import load
 from modelpilot.render.children import Defaults
-from tests.helpers import sample
+from tests.helpers import ROOT, sample
 from tests.unit.fake_kube import FakeKube, api_error
 
 pytestmark = pytest.mark.unit
@@ -163,3 +164,18 @@ def test_a_deleted_or_deleting_object_is_left_to_garbage_collection(kube: FakeKu
     assert reconciler(kube).reconcile(NS, NAME) is None
     assert not kube.of_kind("Deployment", NS)
     assert reconciler(kube).reconcile(NS, "gone") is None
+
+
+@pytest.mark.parametrize(("measured", "starts_on"), [(False, "minilm-int8"), (True, "minilm-fp32")])
+def test_a_new_deployment_starts_on_a_variant_that_meets_the_floor_by_measurement(
+    measured: bool, starts_on: str
+) -> None:
+    """examples/full.yaml declares int8 0.97 under minQuality 0.9; profiles/cpu.json measured
+    0.819. With the profile, the first plan is fp32, never a variant the first optimizer
+    tick would have to leave."""
+    k = FakeKube()
+    k.create_model_deployment(NS, NAME, sample("full")["spec"])
+    profiles = load(ROOT / "profiles/cpu.json") if measured else None
+    actuator = Actuator(k, Defaults(), admin_key=b"k" * 32)  # type: ignore[arg-type]
+    Reconciler(k, actuator, profiles=profiles).reconcile(NS, NAME)  # type: ignore[arg-type]
+    assert status(k)["stages"]["embedding"]["variant"] == starts_on

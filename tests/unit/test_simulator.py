@@ -12,13 +12,13 @@ import pytest
 
 from modelpilot.optimizer import profiles, queueing
 from modelpilot.optimizer.profiles import BatchPoint, ModelProfile
+from modelpilot.render.plan import StagePlan
 from modelpilot.sim import bench, traces
 from modelpilot.sim.engine import Config, StageConfig, simulate
 from modelpilot.sim.policies import (
     HPA,
     KEDA,
     KPA,
-    Action,
     Observation,
     Oracle,
     PerStage,
@@ -50,7 +50,7 @@ def one_stage(profile: ModelProfile, replicas: int, cost: float = 1.0, **kw: Any
         "embedding",
         {"v": profile},
         {"v": cost},
-        Action(replicas, "v", kw.pop("max_batch", 1), 0),
+        StagePlan(replicas, "v", kw.pop("max_batch", 1), 0),
         min_replicas=replicas,
         max_replicas=replicas,
         **kw,
@@ -166,40 +166,42 @@ def test_bench_prints_every_policy_and_one_json_line(
 
 def test_hpa_scales_by_the_cpu_ratio_with_tolerance_and_rate_limits() -> None:
     hpa = HPA(min_replicas=1, max_replicas=50)
-    assert hpa.decide(obs(cpu_utilisation=0.9), Action(4)).replicas == 6  # ceil(4*0.9/0.7)
+    assert hpa.decide(obs(cpu_utilisation=0.9), StagePlan(4)).replicas == 6  # ceil(4*0.9/0.7)
     hpa = HPA(min_replicas=1, max_replicas=50)
-    assert hpa.decide(obs(cpu_utilisation=0.75), Action(4)).replicas == 4  # within 10%
+    assert hpa.decide(obs(cpu_utilisation=0.75), StagePlan(4)).replicas == 4  # within 10%
     hpa = HPA(min_replicas=1, max_replicas=50)
     # from 2 ready at 700% CPU: 20 wanted, but at most max(+4, x2) = 6 per period
-    assert hpa.decide(obs(ready=2, replicas=2, cpu_utilisation=7.0), Action(2)).replicas == 6
+    assert hpa.decide(obs(ready=2, replicas=2, cpu_utilisation=7.0), StagePlan(2)).replicas == 6
 
 
 def test_hpa_scale_down_waits_for_the_stabilization_window() -> None:
     hpa = HPA(min_replicas=1, max_replicas=50)
-    assert hpa.decide(obs(0, 4, 4, cpu_utilisation=1.0), Action(4)).replicas == 6  # ceil(5.7)
+    assert hpa.decide(obs(0, 4, 4, cpu_utilisation=1.0), StagePlan(4)).replicas == 6  # ceil(5.7)
     low = {"cpu_utilisation": 0.35}
-    assert hpa.decide(obs(15, 6, 6, **low), Action(6)).replicas == 6  # max over 300 s is 6
-    assert hpa.decide(obs(299, 6, 6, **low), Action(6)).replicas == 6
-    assert hpa.decide(obs(316, 6, 6, **low), Action(6)).replicas == 3  # ceil(6 * 0.5)
+    assert hpa.decide(obs(15, 6, 6, **low), StagePlan(6)).replicas == 6  # max over 300 s is 6
+    assert hpa.decide(obs(299, 6, 6, **low), StagePlan(6)).replicas == 6
+    assert hpa.decide(obs(316, 6, 6, **low), StagePlan(6)).replicas == 3  # ceil(6 * 0.5)
 
 
 def test_keda_divides_the_rate_by_its_threshold() -> None:
     keda = KEDA(min_replicas=1, max_replicas=50, threshold=30.0)
-    assert keda.decide(obs(replicas=2, ready=2, rate_stable=100.0), Action(2)).replicas == 4
+    assert keda.decide(obs(replicas=2, ready=2, rate_stable=100.0), StagePlan(2)).replicas == 4
     keda = KEDA(min_replicas=1, max_replicas=50, threshold=30.0)
-    assert keda.decide(obs(replicas=2, ready=2, rate_stable=62.0), Action(2)).replicas == 2
+    assert keda.decide(obs(replicas=2, ready=2, rate_stable=62.0), StagePlan(2)).replicas == 2
     keda = KEDA(min_replicas=1, max_replicas=50, threshold=30.0)
-    assert keda.decide(obs(replicas=2, ready=2, rate_stable=None), Action(2)).replicas == 2
+    assert keda.decide(obs(replicas=2, ready=2, rate_stable=None), StagePlan(2)).replicas == 2
 
 
 def test_kpa_panics_and_never_scales_down_while_panicking() -> None:
     kpa = KPA(min_replicas=1, max_replicas=100, container_concurrency=1.0)
     # stable 7 -> ceil(7/0.7) = 10; panic 14 -> 20; 20/2 ready >= 2: panic, take the max
-    first = kpa.decide(obs(0, 2, 2, concurrency_stable=7.0, concurrency_panic=14.0), Action(2))
+    first = kpa.decide(obs(0, 2, 2, concurrency_stable=7.0, concurrency_panic=14.0), StagePlan(2))
     assert first.replicas == 20
-    calm = kpa.decide(obs(10, 20, 20, concurrency_stable=1.0, concurrency_panic=1.0), Action(20))
+    calm = kpa.decide(obs(10, 20, 20, concurrency_stable=1.0, concurrency_panic=1.0), StagePlan(20))
     assert calm.replicas == 20  # in panic: never decreases
-    later = kpa.decide(obs(61, 20, 20, concurrency_stable=1.0, concurrency_panic=1.0), Action(20))
+    later = kpa.decide(
+        obs(61, 20, 20, concurrency_stable=1.0, concurrency_panic=1.0), StagePlan(20)
+    )
     assert later.replicas == 10  # panic over; max scale-down is to half the ready pods
 
 
@@ -245,7 +247,7 @@ def test_reactive_sizes_for_the_seconds_behind_it_the_oracle_for_those_ahead() -
     items = {"embedding": 1.0, "inference": 10.0}
     at_step = {"embedding": obs(now=100.0), "inference": obs(now=100.0)}
 
-    def sized_for(rate: float) -> dict[str, Action]:
+    def sized_for(rate: float) -> dict[str, StagePlan]:
         return Oracle(spec, prof, lambda s, e: rate, items, 2.0).decide_all(at_step, {}, None)
 
     reactive = Reactive(spec, prof, past, items, 2.0, interval=1.0)

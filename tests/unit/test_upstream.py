@@ -12,7 +12,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from modelpilot_services.upstream import Upstream, UpstreamError
+from modelpilot_services.toolkit.upstream import Upstream, UpstreamError
 
 pytestmark = pytest.mark.unit
 

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec, Verification
-from modelpilot.optimizer.gate import judge
-from modelpilot.optimizer.policy import Decision, History, decide
+from modelpilot.optimizer.history import History
+from modelpilot.optimizer.policy import Decision, decide
 from modelpilot.optimizer.snapshot import ShadowStats, Snapshot, StageTelemetry
+from modelpilot.optimizer.verification import judge
 from modelpilot.render import plan as plans
 from tests.unit.optimizer_cases import PROFILES, SPEC_DOC
 

@@ -137,12 +137,14 @@ class Verification(_Model):
         alias="sampleRatio",
         default="0.1",
     )
-    min_agreement: str = _quantity_field(
-        "Mean agreement the candidate must reach, in (0, 1]: the cosine of its embeddings "
-        "with the serving variant's, or the overlap of its re-ranked top k.",
+    min_agreement: str | None = _quantity_field(
+        "Mean agreement with the serving variant the candidate must reach on shadow traffic, "
+        "in (0, 1], by the stage's quality metric: the neighbour recall@10 of its embeddings "
+        "over recent mirrored texts, or the overlap of its re-ranked top 3. Default: "
+        "slo.minQuality (when the reference serves, the agreement is the candidate's quality).",
         _in_unit_interval("minAgreement", open_low=True),
         alias="minAgreement",
-        default="0.9",
+        default=None,
     )
     min_samples: int = Field(
         default=50,
@@ -171,8 +173,8 @@ class Verification(_Model):
         return float(parse_quantity(self.sample_ratio))
 
     @property
-    def min_agreement_value(self) -> float:
-        return float(parse_quantity(self.min_agreement))
+    def min_agreement_value(self) -> float | None:
+        return None if self.min_agreement is None else float(parse_quantity(self.min_agreement))
 
 
 class OptimizerSettings(_Model):
@@ -340,7 +342,7 @@ class Batching(_Model):
 
 
 class Variant(_Model):
-    """One way to serve the stage's model, with its measured quality and its cost."""
+    """One way to serve the stage's model, with its quality and its cost."""
 
     name: str = Field(max_length=63, pattern=DNS_LABEL, description="Unique DNS-label name.")
     model: str = Field(
@@ -348,8 +350,17 @@ class Variant(_Model):
     )
     precision: Precision = Field(description="Numeric form of the weights.")
     quality: str = _quantity_field(
-        "Quality relative to the reference variant, a quantity in (0, 1].",
+        "Declared quality relative to the stage's reference variant, a quantity in (0, 1]. "
+        "The optimizer decides on the quality measured against the reference (neighbour "
+        "recall@10 for embeddings, top-3 overlap for re-rankers) wherever a profile has it; "
+        "a declared figure more than 0.1 from the measured one is reported in status.quality "
+        "and a QualityMismatch Warning Event.",
         _in_unit_interval("quality", open_low=True),
+    )
+    reference: bool = Field(
+        default=False,
+        description="The variant others are measured against (quality 1 by definition); at "
+        "most one per stage. Default: the highest declared quality, the first listed on a tie.",
     )
     cost: str = _quantity_field(
         "Relative cost per replica-hour, a quantity > 0.",
@@ -430,7 +441,15 @@ class ModelStage(Stage):
         min_length=1,
         max_length=16,
         description="Ways to serve this stage; names must be unique.",
-        json_schema_extra=_UNIQUE_NAMES,
+        json_schema_extra=_UNIQUE_NAMES
+        | {
+            "x-kubernetes-validations": [
+                cel(
+                    "self.filter(v, has(v.reference) && v.reference).size() <= 1",
+                    "at most one variant may be the reference",
+                )
+            ]
+        },
     )
 
     @field_validator("variants")
@@ -439,10 +458,19 @@ class ModelStage(Stage):
         names = [x.name for x in v]
         if len(names) != len(set(names)):
             raise ValueError("variant names must be unique")
+        if sum(x.reference for x in v) > 1:
+            raise ValueError("at most one variant may be the reference")
         return v
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)
+
+    @property
+    def reference(self) -> Variant:
+        """The variant the others are measured against: the one marked, else the highest
+        declared quality (the first listed on a tie)."""
+        marked = next((v for v in self.variants if v.reference), None)
+        return marked or max(self.variants, key=lambda v: v.quality_value)
 
 
 class Routing(_Model):
@@ -582,6 +610,13 @@ class ModelDeploymentSpec(_Model):
     def stage(self, name: str) -> Stage:
         return getattr(self, name)  # type: ignore[no-any-return]
 
+    def model_stage(self, name: str) -> ModelStage:
+        """A stage served by Triton (``contract.MODEL_STAGES``)."""
+        stage = self.stage(name)
+        if not isinstance(stage, ModelStage):
+            raise KeyError(f"{name} is not a model stage")
+        return stage
+
 
 # -------------------------------------------------------------------------------- status
 
@@ -636,7 +671,10 @@ class StageStatus(_Model):
     )
 
 
-class Decision(_Model):
+class DecisionStatus(_Model):
+    """``status.lastDecision``: the optimizer's decision (``optimizer.policy.Decision``) as
+    explained to users."""
+
     time: str = Field(description="When the decision was taken (RFC 3339).")
     summary: str = Field(max_length=1024, description="One line: what changed, or hold.")
     reasons: list[str] = Field(default_factory=list, description="Why, one reason a line.")
@@ -653,6 +691,23 @@ class Recommendation(_Model):
         default=None, alias="maxQueueDelayMicroseconds", description="Recommended max queue delay."
     )
     reason: str = Field(default="", description="Why.")
+
+
+class VariantQuality(_Model):
+    """A variant's quality as the optimizer holds it to ``slo.minQuality``."""
+
+    stage: str = Field(description="The model stage.")
+    variant: str = Field(description="The variant.")
+    quality: float = Field(description="The figure the optimizer uses.")
+    source: Literal["reference", "measured", "declared"] = Field(
+        description="reference (1 by definition), measured against the reference, or the "
+        "declared figure where no measurement applies."
+    )
+    declared: float = Field(description="The spec's figure.")
+    measured: float | None = Field(default=None, description="The measured figure, if any.")
+    finding: str | None = Field(
+        default=None, description="A declared figure the measurement contradicts, or why none."
+    )
 
 
 class RejectedVariant(_Model):
@@ -708,11 +763,15 @@ class ModelDeploymentStatus(_Model):
     observed_p95_ms: int | None = Field(
         default=None, alias="observedP95Ms", description="Last observed end-to-end p95 (ms)."
     )
-    last_decision: Decision | None = Field(
+    last_decision: DecisionStatus | None = Field(
         default=None, alias="lastDecision", description="The optimizer's last decision."
     )
     recommendations: list[Recommendation] = Field(
         default_factory=list, description="What the optimizer would do, in Recommend mode."
+    )
+    quality: list[VariantQuality] = Field(
+        default_factory=list,
+        description="Each model-stage variant's quality: measured, reference or declared.",
     )
     optimizer_state: dict[str, StageHistoryStatus] | None = Field(
         default=None,

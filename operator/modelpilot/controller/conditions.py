@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from modelpilot.api.v1alpha1 import OptimizerMode
+from modelpilot.optimizer.policy import Decision
+
+
+def rfc3339(t: float) -> str:
+    """``t`` (unix seconds) as Kubernetes writes times: RFC 3339, UTC, whole seconds."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "MetricsAvailable", "SLOMet")
 
@@ -83,3 +93,45 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             out[key] = merge_patch(out.get(key), value)
     return out
+
+
+def decision_conditions(
+    conditions: Sequence[Mapping[str, Any]],
+    decision: Decision,
+    e2e_p95_ms: float | None,
+    have_telemetry: bool,
+    problem: str | None,
+    mode: OptimizerMode,
+    slo_ms: int,
+    now: str,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """``conditions`` with what an optimizer tick learnt: MetricsAvailable (whether it could
+    read fresh telemetry; ``problem`` is why Prometheus could not be read) and, when it
+    decided, SLOMet."""
+    out = [dict(c) for c in conditions]
+    if decision.hold and mode != OptimizerMode.OFF:
+        reason = "PrometheusUnreachable" if problem else "MetricsStale"
+        message = problem or decision.hold or ""
+        out = set_condition(out, "MetricsAvailable", "False", reason, message, now, generation)
+    elif have_telemetry:
+        message = "telemetry is fresh"
+        out = set_condition(
+            out, "MetricsAvailable", "True", "MetricsFresh", message, now, generation
+        )
+    if decision.hold:
+        return out
+    if decision.budget_limited:
+        return set_condition(
+            out, "SLOMet", "False", "BudgetLimited", decision.budget_limited, now, generation
+        )
+    if decision.slo_met is False:
+        message = "; ".join(r for r in decision.reasons if "predict" in r or "capped" in r)
+        message = message or "the SLO cannot be met within the replica bounds"
+        return set_condition(out, "SLOMet", "False", "CapacityExhausted", message, now, generation)
+    message = (
+        f"observed p95 {e2e_p95_ms:.0f} ms <= {slo_ms} ms"
+        if e2e_p95_ms is not None
+        else "every stage is predicted within its budget"
+    )
+    return set_condition(out, "SLOMet", "True", "WithinSLO", message, now, generation)

@@ -56,7 +56,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     prometheus = PrometheusConfig.from_env(env)
     memo.prometheus = prometheus
     memo.actuator = Actuator(kube, defaults, admin_key=_admin_key(env))
-    memo.reconciler = Reconciler(kube, memo.actuator, check_spec=_prometheus_check(prometheus))
+    profile_path = env.get("MODELPILOT_PROFILES")
+    measured = profiles.load(profile_path) if profile_path else profiles.Profiles({})
+    memo.reconciler = Reconciler(
+        kube, memo.actuator, check_spec=_prometheus_check(prometheus), profiles=measured
+    )
     memo.locks = {}
     memo.queued = set()
     memo.ready_pods = set()
@@ -64,13 +68,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.locks_guard = threading.Lock()
     # Handlers are short, blocking API calls: more threads than kopf's default (CPUs + 4).
     settings.execution.max_workers = int(env.get("MODELPILOT_WORKERS", "16"))
-    profile_path = env.get("MODELPILOT_PROFILES")
     # Live settings go to pod IPs: off where the operator cannot reach pods (kwok nodes).
     memo.live = env.get("MODELPILOT_LIVE_UPDATES", "true") == "true"
     memo.optimizer = OptimizerLoop(
         kube=kube,
         reconciler=memo.reconciler,
-        profiles=profiles.load(profile_path) if profile_path else profiles.Profiles({}),
+        profiles=measured,
         snapshot_source=lambda url, ns, name, now: _telemetry(prometheus, url).snapshot(
             ns, name, now
         ),
@@ -234,7 +237,7 @@ def _sync_live(memo: kopf.Memo, namespace: str, name: str) -> None:
         except ValueError:
             return
         status = md.get("status") or {}
-        plan = plans.resume(spec, status.get("stages") or {})
+        plan = plans.resume(spec, status.get("stages") or {}, memo.reconciler.quality(spec))
         synced = memo.actuator.sync_live(md, spec, plan)
         stages = {
             stage: {"podsOnPlan": result.on_plan, "liveMessage": result.message}

@@ -10,7 +10,6 @@ and ``status.lastDecision``; status is written only when something changed.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +22,8 @@ from modelpilot.adapters.kube import Kube
 from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec, OptimizerMode
 from modelpilot.controller import conditions as cond
 from modelpilot.controller.reconcile import Reconciler
-from modelpilot.optimizer.policy import Decision, History, decide
+from modelpilot.optimizer.history import History
+from modelpilot.optimizer.policy import Decision, decide
 from modelpilot.optimizer.profiles import Profiles
 from modelpilot.optimizer.snapshot import Snapshot
 from modelpilot.render import plan as plans
@@ -36,10 +36,6 @@ VERIFICATION_EVENTS = {
     "promoted": ("Normal", "VariantPromoted"),
     "rejected": ("Warning", "VerificationFailed"),
 }
-
-
-def _rfc3339(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def recommendations(
@@ -91,7 +87,7 @@ class OptimizerLoop:
         self.intervals[(namespace, name)] = spec.optimizer.interval_seconds
         now = self.clock()
         status = md.get("status") or {}
-        plan = plans.resume(spec, status.get("stages") or {})
+        plan = plans.resume(spec, status.get("stages") or {}, self.reconciler.quality(spec))
         history = self.histories.get((namespace, name)) or self._restored(status)
         snapshot: Snapshot | None
         problem = None
@@ -131,91 +127,26 @@ class OptimizerLoop:
         problem: str | None,
         now: float,
     ) -> None:
+        """Act on the decision as the mode says, and explain it in status and Events."""
         meta = md["metadata"]
         status = md.get("status") or {}
-        gen = meta.get("generation")
-        stamp = _rfc3339(now)
-        conditions = status.get("conditions") or []
-        if decision.hold and spec.optimizer.mode != OptimizerMode.OFF:
-            conditions = cond.set_condition(
-                conditions,
-                "MetricsAvailable",
-                "False",
-                "PrometheusUnreachable" if problem else "MetricsStale",
-                problem or decision.hold or "",
-                stamp,
-                gen,
-            )
-        elif snapshot is not None:
-            conditions = cond.set_condition(
-                conditions,
-                "MetricsAvailable",
-                "True",
-                "MetricsFresh",
-                "telemetry is fresh",
-                stamp,
-                gen,
-            )
-        if not decision.hold:
-            e2e = snapshot.e2e_p95_ms if snapshot else None
-            if decision.budget_limited:
-                conditions = cond.set_condition(
-                    conditions,
-                    "SLOMet",
-                    "False",
-                    "BudgetLimited",
-                    decision.budget_limited,
-                    stamp,
-                    gen,
-                )
-            elif decision.slo_met is False:
-                conditions = cond.set_condition(
-                    conditions,
-                    "SLOMet",
-                    "False",
-                    "CapacityExhausted",
-                    "; ".join(r for r in decision.reasons if "predict" in r or "capped" in r)
-                    or "the SLO cannot be met within the replica bounds",
-                    stamp,
-                    gen,
-                )
-            else:
-                msg = (
-                    f"observed p95 {e2e:.0f} ms <= {spec.slo.latency_p95_ms} ms"
-                    if e2e is not None
-                    else "every stage is predicted within its budget"
-                )
-                conditions = cond.set_condition(
-                    conditions, "SLOMet", "True", "WithinSLO", msg, stamp, gen
-                )
-
-        new_status: dict[str, Any] = {"conditions": conditions}
-        if snapshot is not None and snapshot.e2e_p95_ms is not None:
-            new_status["observedP95Ms"] = round(snapshot.e2e_p95_ms)
-        last = status.get("lastDecision") or {}
-        explained = {
-            "time": stamp,
-            "summary": decision.summary,
-            "reasons": list(decision.reasons)[:20],
-        }
-        news = (last.get("summary"), last.get("reasons")) != (
-            explained["summary"],
-            explained["reasons"],
+        stamp = cond.rfc3339(now)
+        conditions = cond.decision_conditions(
+            status.get("conditions") or [],
+            decision,
+            snapshot.e2e_p95_ms if snapshot else None,
+            snapshot is not None,
+            problem,
+            spec.optimizer.mode,
+            spec.slo.latency_p95_ms,
+            stamp,
+            meta.get("generation"),
         )
-        mode = spec.optimizer.mode
-        acted = False
-        if mode == OptimizerMode.AUTO and decision.changed:
-            new_status["optimizerState"] = decision.history.to_status()
-            new_status["recommendations"] = []
-            acted = True
-        elif mode == OptimizerMode.RECOMMEND:
-            recs = recommendations(plan, decision.plan, decision.reasons)
-            if recs != (status.get("recommendations") or []):
-                new_status["recommendations"] = recs
-                news = True
-        if news or acted:
-            new_status["lastDecision"] = explained
-        if acted:
+        update = status_update(status, spec.optimizer.mode, plan, decision, snapshot, stamp)
+        update.fields["conditions"] = conditions
+        for finding in new_quality_findings(status, decision):
+            self.kube.event(md, "Warning", "QualityMismatch", finding)
+        if update.acted:
             self.kube.event(
                 md, "Normal", "Optimized", f"{decision.summary}: " + "; ".join(decision.reasons)
             )
@@ -223,9 +154,74 @@ class OptimizerLoop:
                 type_, reason = VERIFICATION_EVENTS[step]
                 self.kube.event(md, type_, reason, message)
             # The new plan goes straight to the actuator; status records it in the same write.
-            self.reconciler.converge(md, spec, decision.plan, new_status)
+            self.reconciler.converge(md, spec, decision.plan, update.fields)
             return
-        if cond.merge_patch(status, new_status) != status:
-            self.kube.patch_status(meta["namespace"], meta["name"], new_status)
-        if news and mode == OptimizerMode.RECOMMEND and decision.changed:
+        if cond.merge_patch(status, update.fields) != status:
+            self.kube.patch_status(meta["namespace"], meta["name"], update.fields)
+        if update.news and spec.optimizer.mode == OptimizerMode.RECOMMEND and decision.changed:
             self.kube.event(md, "Normal", "Recommended", "; ".join(decision.reasons)[:1000])
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """What a tick writes to status (conditions aside), and what kind of write it is."""
+
+    fields: dict[str, Any]
+    news: bool  # the explanation (or the recommendations) changed
+    acted: bool  # Auto mode changes the plan: the reconciler writes status with it
+
+
+def status_update(
+    status: Mapping[str, Any],
+    mode: OptimizerMode,
+    plan: plans.Plan,
+    decision: Decision,
+    snapshot: Snapshot | None,
+    stamp: str,
+) -> StatusUpdate:
+    """The status fields a decision sets: observed p95, the explanation when it is news, and
+    the history (Auto, on a change) or the recommendations (Recommend)."""
+    fields: dict[str, Any] = {}
+    if snapshot is not None and snapshot.e2e_p95_ms is not None:
+        fields["observedP95Ms"] = round(snapshot.e2e_p95_ms)
+    last = status.get("lastDecision") or {}
+    explained = {"time": stamp, "summary": decision.summary, "reasons": list(decision.reasons)[:20]}
+    news = (last.get("summary"), last.get("reasons")) != (
+        explained["summary"],
+        explained["reasons"],
+    )
+    acted = mode == OptimizerMode.AUTO and bool(decision.changed)
+    if acted:
+        fields["optimizerState"] = decision.history.to_status()
+        fields["recommendations"] = []
+    elif mode == OptimizerMode.RECOMMEND:
+        recs = recommendations(plan, decision.plan, decision.reasons)
+        if recs != (status.get("recommendations") or []):
+            fields["recommendations"] = recs
+            news = True
+    if news or acted:
+        fields["lastDecision"] = explained
+    rows = _quality_rows(decision)
+    if rows and rows != (status.get("quality") or []):
+        fields["quality"] = rows
+    return StatusUpdate(fields, news, acted)
+
+
+def _quality_rows(decision: Decision) -> list[dict[str, Any]]:
+    return [q.to_status(stage) for stage, by in decision.quality.items() for q in by.values()]
+
+
+def new_quality_findings(status: Mapping[str, Any], decision: Decision) -> list[str]:
+    """Declared qualities the measurement contradicts that status does not show yet: each
+    becomes one Warning Event, not one per tick."""
+    seen = {
+        (r.get("stage"), r.get("variant"), r.get("finding"))
+        for r in status.get("quality") or []
+        if r.get("source") == "measured"
+    }
+    return [
+        f"{stage}/{q.variant}: {q.finding}"
+        for stage, by in decision.quality.items()
+        for q in by.values()
+        if q.source == "measured" and q.finding and (stage, q.variant, q.finding) not in seen
+    ]

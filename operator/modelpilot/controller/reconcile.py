@@ -8,8 +8,8 @@ status write. Invalid specs become ``Degraded`` rather than exceptions.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,9 @@ from modelpilot.adapters.kube import Kube
 from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec
 from modelpilot.controller import conditions as cond
 from modelpilot.controller.actuate import Actuator, ApplyRejected
+from modelpilot.optimizer.profiles import Profiles
+from modelpilot.optimizer.quality import assess_all
+from modelpilot.optimizer.tunables import Tunables
 from modelpilot.render import plan as plans
 from modelpilot.render.children import child_name
 
@@ -38,7 +41,7 @@ class Outcome:
 
 
 def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return cond.rfc3339(time.time())
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -89,9 +92,13 @@ class Reconciler:
         kube: Kube,
         actuator: Actuator,
         check_spec: Callable[[ModelDeploymentSpec], tuple[str, str] | None] | None = None,
+        profiles: Profiles | None = None,
     ) -> None:
         self.kube = kube
         self.actuator = actuator
+        # What the variants' quality is measured to be: a new ModelDeployment starts on a
+        # variant that meets its floor by measurement, not only by declaration.
+        self.profiles = profiles or Profiles({})
         # Operator-level rules a valid spec may still break: (reason, message) or None.
         self.check_spec = check_spec or (lambda spec: None)
 
@@ -149,8 +156,12 @@ class Reconciler:
             spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
         except ValidationError as exc:
             return self._degrade(md, "InvalidSpec", _validation_message(exc))
-        plan = plans.resume(spec, (md.get("status") or {}).get("stages") or {})
+        plan = plans.resume(spec, (md.get("status") or {}).get("stages") or {}, self.quality(spec))
         return self.converge(md, spec, plan)
+
+    def quality(self, spec: ModelDeploymentSpec) -> dict[str, dict[str, float]]:
+        """The spec's variant qualities as the optimizer assesses them."""
+        return assess_all(spec, self.profiles, Tunables())
 
     def converge(
         self,

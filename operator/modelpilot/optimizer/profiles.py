@@ -8,7 +8,9 @@ File format (JSON, ``schema: modelpilot.io/profile/v1``)::
       "models": {
         "<triton model name>": {
           "stage": "embedding",            # which stage serves it
-          "quality": 0.97,                 # vs the reference variant (recall@10 overlap)
+          "quality": 0.82,                 # vs the reference model, by the stage's metric
+          "reference": "minilm_fp32",      # the model it was measured against
+          "metric": "recall@10",           # contract.QUALITY_METRICS[stage]
           "batches": [                     # one row per measured batch size
             {"batch": 1, "p50_ms": 4.1, "p95_ms": 4.9},
             {"batch": 8, "p50_ms": 12.0, "p95_ms": 13.5}
@@ -50,8 +52,9 @@ class ModelProfile:
 
     name: str
     stage: str
-    quality: float
+    quality: float | None
     points: tuple[BatchPoint, ...]
+    reference: str | None = None  # the model ``quality`` was measured against
 
     @functools.cached_property
     def _curves(self) -> dict[str, tuple[list[int], list[float]]]:
@@ -111,7 +114,9 @@ def parse(doc: Mapping[str, Any]) -> Profiles:
         )
         if not points or any(p.p50_ms <= 0 or p.p95_ms < p.p50_ms for p in points):
             raise ValueError(f"model {name}: batches must have 0 < p50_ms <= p95_ms")
-        models[name] = ModelProfile(name, str(m["stage"]), float(m["quality"]), points)
+        quality = None if m.get("quality") is None else float(m["quality"])
+        reference = None if m.get("reference") is None else str(m["reference"])
+        models[name] = ModelProfile(name, str(m["stage"]), quality, points, reference)
     services = {
         name: ServiceProfile(float(s["capacity_rps"]), float(s["p95_ms"]))
         for name, s in doc.get("services", {}).items()

@@ -54,7 +54,7 @@ class Defaults:
     image_repository: str = "ghcr.io/modelpilot"
     image_tag: str = "0.1.0"
     # Empty: our `triton` image, whose entrypoint writes the model repository into /models
-    # and starts Triton (modelpilot_services.tritonserve); args are tritonserver's.
+    # and starts Triton (modelpilot_services.models.tritonserve); args are tritonserver's.
     triton_image: str = ""
     extra_labels: dict[str, str] = field(default_factory=dict)
     # Where the operator's pods run: the NetworkPolicy admits them to the admin ports.

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec, ModelStage
+from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec, ModelStage, Variant
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,28 @@ class StagePlan:
 Plan = dict[str, StagePlan]
 
 
-def _starting_variant(spec: ModelDeploymentSpec, stage: ModelStage) -> str:
-    """The cheapest variant that meets the quality floor (the spec guarantees one exists)."""
-    floor = spec.slo.min_quality_value
-    ok = [v for v in stage.variants if v.quality_value >= floor]
-    pool = ok or stage.variants
-    return min(pool, key=lambda v: (v.cost_value, -v.quality_value)).name
+Quality = Mapping[str, Mapping[str, float]]  # stage -> variant -> quality
 
 
-def initial(spec: ModelDeploymentSpec) -> Plan:
-    """Where a new ModelDeployment starts: min replicas (at least 1), spec batching."""
+def _starting_variant(
+    spec: ModelDeploymentSpec, name: str, stage: ModelStage, quality: Quality | None
+) -> str:
+    """The cheapest variant that meets the quality floor, by ``quality`` (the operator's
+    assessment: measured where a profile has it) or else the declared figures."""
+    floor = float(spec.slo.min_quality_value)
+    known = quality.get(name, {}) if quality else {}
+
+    def q(v: Variant) -> float:
+        return known.get(v.name, float(v.quality_value))
+
+    ok = [v for v in stage.variants if q(v) >= floor]
+    pool = ok or [stage.reference]
+    return min(pool, key=lambda v: (v.cost_value, -q(v))).name
+
+
+def initial(spec: ModelDeploymentSpec, quality: Quality | None = None) -> Plan:
+    """Where a new ModelDeployment starts: min replicas (at least 1), spec batching, the
+    cheapest variant at or above the quality floor (``quality``: see _starting_variant)."""
     plan: Plan = {}
     for name in STAGES:
         stage = spec.stage(name)
@@ -42,7 +54,7 @@ def initial(spec: ModelDeploymentSpec) -> Plan:
         if isinstance(stage, ModelStage):
             plan[name] = StagePlan(
                 replicas=replicas,
-                variant=_starting_variant(spec, stage),
+                variant=_starting_variant(spec, name, stage, quality),
                 max_batch_size=stage.batching.max_batch_size,
                 max_queue_delay_us=stage.batching.max_queue_delay_microseconds,
             )
@@ -51,13 +63,17 @@ def initial(spec: ModelDeploymentSpec) -> Plan:
     return plan
 
 
-def resume(spec: ModelDeploymentSpec, stages_status: Mapping[str, Mapping[str, Any]]) -> Plan:
+def resume(
+    spec: ModelDeploymentSpec,
+    stages_status: Mapping[str, Mapping[str, Any]],
+    quality: Quality | None = None,
+) -> Plan:
     """The plan recorded in status, clamped to the current spec's bounds.
 
     A spec edit can shrink bounds or remove a variant: the recorded value is then clamped
     or reset to the starting point, never carried over out of bounds.
     """
-    start = initial(spec)
+    start = initial(spec, quality)
     plan: Plan = {}
     for name in STAGES:
         stage = spec.stage(name)

@@ -19,14 +19,15 @@ from typing import Any
 
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec, ModelStage
 from modelpilot.optimizer import profiles as profiles_mod
-from modelpilot.optimizer.policy import Tunables
+from modelpilot.optimizer.quality import assess_all
+from modelpilot.optimizer.tunables import Tunables
+from modelpilot.render.plan import StagePlan
 from modelpilot.sim import traces
 from modelpilot.sim.engine import Config, Result, StageConfig, simulate
 from modelpilot.sim.policies import (
     HPA,
     KEDA,
     KPA,
-    Action,
     ModelPilot,
     Oracle,
     PerStage,
@@ -103,7 +104,7 @@ def run_trace(
     tun = Tunables()
     start_rate = trace.max_rate(0, 60)
     peak = float(trace.rps.max())
-    stage_cfgs: dict[str, tuple[ModelStage, dict[str, Any], Action, float]] = {}
+    stage_cfgs: dict[str, tuple[ModelStage, dict[str, Any], StagePlan, float]] = {}
     for name in ("embedding", "inference"):
         stage = spec.stage(name)
         assert isinstance(stage, ModelStage)
@@ -115,7 +116,7 @@ def run_trace(
         # Every policy starts without cross-request batching (a batch is one request), the
         # sensible static setting on CPU, where a bigger batch adds latency but no
         # throughput (profiles/cpu.json); only ModelPilot tunes batching afterwards.
-        start = Action(warm, REFERENCE[name], items[name], 0)
+        start = StagePlan(warm, REFERENCE[name], items[name], 0)
         stage_cfgs[name] = (stage, models, start, per_pod)
 
     def per_stage(make: Any) -> PerStage:
@@ -254,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
     profiles = profiles_mod.load(args.profiles)
     spec = bench_spec(args.slo_ms)
-    for name, stage in (("embedding", spec.embedding), ("inference", spec.inference)):
-        for v in stage.variants:
-            _QUALITY[(name, v.name)] = profiles.models[v.model].quality
+    # quality as the optimizer assesses it: measured, against the reference
+    for name, by_variant in assess_all(spec, profiles, Tunables()).items():
+        _QUALITY.update({(name, v): q for v, q in by_variant.items()})
     retrieval = profiles.services.get("retrieval")
     retrieval_ms = (
         args.retrieval_ms

@@ -32,7 +32,8 @@ import numpy.typing as npt
 
 from modelpilot.optimizer.profiles import ModelProfile
 from modelpilot.optimizer.snapshot import SHORT_RATE_WINDOW_S
-from modelpilot.sim.policies import Action, Observation
+from modelpilot.render.plan import StagePlan
+from modelpilot.sim.policies import Observation
 from modelpilot.sim.traces import Trace
 
 
@@ -41,7 +42,7 @@ class StageConfig:
     name: str
     variant_models: dict[str, ModelProfile]
     variant_costs: dict[str, float]  # variant name -> cost per replica-hour
-    start: Action
+    start: StagePlan
     items: int = 1  # Triton items per request (texts, query-passage pairs)
     hop_ms: float = 0.0  # fixed latency before the next stage
     min_replicas: int = 1
@@ -66,9 +67,9 @@ class PipelinePolicy(Protocol):
     def decide_all(
         self,
         obs: Mapping[str, Observation],
-        current: Mapping[str, Action],
+        current: Mapping[str, StagePlan],
         e2e_p95_ms: float | None,
-    ) -> dict[str, Action]: ...
+    ) -> dict[str, StagePlan]: ...
 
 
 @dataclass
@@ -189,9 +190,9 @@ class _Stage:
             self.batch_items / self.batch_n if self.batch_n else None,
         )
 
-    def apply(self, want: Action, now: float, startup: float) -> None:
+    def apply(self, want: StagePlan, now: float, startup: float) -> None:
         cur, cfg = self.current, self.cfg
-        want = Action(
+        want = StagePlan(
             min(max(want.replicas, cfg.min_replicas), cfg.max_replicas),
             want.variant or cur.variant,
             want.max_batch_size or cur.max_batch_size,

@@ -11,18 +11,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
-from modelpilot.api.v1alpha1 import ModelDeploymentSpec, ModelStage
-from modelpilot.optimizer.policy import (
-    History,
-    Tunables,
-    cheapest,
-    decide,
-    stage_sizer,
-    variant_options,
-)
+from modelpilot.api.v1alpha1 import ModelDeploymentSpec
+from modelpilot.optimizer.history import History
+from modelpilot.optimizer.policy import decide
 from modelpilot.optimizer.profiles import Profiles
+from modelpilot.optimizer.quality import assess_all
+from modelpilot.optimizer.sizing import stage_sizer
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.optimizer.tunables import Tunables
+from modelpilot.optimizer.variants import cheapest, variant_options
 from modelpilot.render import plan as plans
+from modelpilot.render.plan import StagePlan
 
 
 @dataclass(frozen=True)
@@ -42,19 +41,11 @@ class Observation:
     batch_size: float | None
 
 
-@dataclass(frozen=True)
-class Action:
-    replicas: int
-    variant: str | None = None
-    max_batch_size: int | None = None
-    max_queue_delay_us: int | None = None
-
-
 class Policy:
     name = "policy"
     interval = 15.0
 
-    def decide(self, obs: Observation, current: Action) -> Action:
+    def decide(self, obs: Observation, current: StagePlan) -> StagePlan:
         raise NotImplementedError
 
 
@@ -95,8 +86,8 @@ class HPA(Policy):
         desired = min(desired, max(current + 4, 2 * current))
         return _clamp(desired, self.min_replicas, self.max_replicas)
 
-    def decide(self, obs: Observation, current: Action) -> Action:
-        return Action(self.stabilize(obs.now, obs.replicas, self.recommend(obs)))
+    def decide(self, obs: Observation, current: StagePlan) -> StagePlan:
+        return StagePlan(self.stabilize(obs.now, obs.replicas, self.recommend(obs)))
 
 
 @dataclass
@@ -132,7 +123,7 @@ class KPA(Policy):
     panic_until: float | None = None
     panic_max: int = 0
 
-    def decide(self, obs: Observation, current: Action) -> Action:
+    def decide(self, obs: Observation, current: StagePlan) -> StagePlan:
         target = self.container_concurrency * self.target_utilisation
         ready = max(1, obs.ready)
         max_up, max_down = math.ceil(1000 * ready), math.floor(ready / 2)
@@ -149,7 +140,7 @@ class KPA(Policy):
             desired = self.panic_max
         else:
             desired = dspc
-        return Action(_clamp(desired, self.min_replicas, self.max_replicas))
+        return StagePlan(_clamp(desired, self.min_replicas, self.max_replicas))
 
 
 @dataclass
@@ -160,8 +151,8 @@ class StaticPeak(Policy):
     name: str = "static-peak"
     interval: float = 15.0
 
-    def decide(self, obs: Observation, current: Action) -> Action:
-        return Action(self.replicas)
+    def decide(self, obs: Observation, current: StagePlan) -> StagePlan:
+        return StagePlan(self.replicas)
 
 
 class PerStage:
@@ -176,9 +167,9 @@ class PerStage:
     def decide_all(
         self,
         obs: Mapping[str, Observation],
-        current: Mapping[str, Action],
+        current: Mapping[str, StagePlan],
         e2e_p95_ms: float | None,
-    ) -> dict[str, Action]:
+    ) -> dict[str, StagePlan]:
         return {s: p.decide(obs[s], current[s]) for s, p in self.policies.items()}
 
 
@@ -223,16 +214,16 @@ class ModelPilot:
     def decide_all(
         self,
         obs: Mapping[str, Observation],
-        current: Mapping[str, Action],
+        current: Mapping[str, StagePlan],
         e2e_p95_ms: float | None,
-    ) -> dict[str, Action]:
+    ) -> dict[str, StagePlan]:
         snap = self.snapshot(obs, e2e_p95_ms)
         d = decide(self.spec, self.plan, snap, self.history, self.profiles, snap.time)
         self.plan, self.history = d.plan, d.history
         out = {}
         for name in obs:
             p = d.plan[name]
-            out[name] = Action(p.replicas, p.variant, p.max_batch_size, p.max_queue_delay_us)
+            out[name] = StagePlan(p.replicas, p.variant, p.max_batch_size, p.max_queue_delay_us)
         return out
 
 
@@ -264,39 +255,45 @@ class Oracle:
         self.fixed_ms = fixed_ms  # latency of the stages not replayed as queues
         self.interval = interval
         self.tun = Tunables()
+        # the variants' qualities as ModelPilot assesses them
+        self.quality = assess_all(spec, profiles, self.tun)
         # (stage, rate, budget) -> its cheapest sizing: whole-rps rates repeat a lot.
-        self._sized: dict[tuple[str, int, float], tuple[float, Action]] = {}
+        self._sized: dict[tuple[str, int, float], tuple[float, StagePlan]] = {}
 
-    def _cheapest(self, stage_name: str, rate: int, budget_ms: float) -> tuple[float, Action]:
+    def _cheapest(self, stage_name: str, rate: int, budget_ms: float) -> tuple[float, StagePlan]:
         key = (stage_name, rate, budget_ms)
         if key not in self._sized:
             self._sized[key] = self._size(stage_name, rate, budget_ms)
         return self._sized[key]
 
-    def _size(self, stage_name: str, rate: int, budget_ms: float) -> tuple[float, Action]:
-        stage = self.spec.stage(stage_name)
-        assert isinstance(stage, ModelStage)
+    def _size(self, stage_name: str, rate: int, budget_ms: float) -> tuple[float, StagePlan]:
+        stage = self.spec.model_stage(stage_name)
         size = stage_sizer(stage, budget_ms, 1.0, self.tun, self.items.get(stage_name, 1.0))
         floor = float(self.spec.slo.min_quality_value)
-        options = cheapest(variant_options(stage, self.profiles, floor, partial(size, rate=rate)))
+        sized = partial(size, rate=rate)
+        quality = self.quality[stage_name]
+        options = cheapest(variant_options(stage, self.profiles, floor, sized, quality=quality))
         if not options:
-            return math.inf, Action(stage.replicas.max)
-        cost, v, s = options[0]
-        return cost, Action(s.replicas, v.name, s.max_batch_size, s.max_queue_delay_us)
+            return math.inf, StagePlan(stage.replicas.max)
+        best = options[0]
+        s = best.sizing
+        return best.cost, StagePlan(
+            s.replicas, best.variant.name, s.max_batch_size, s.max_queue_delay_us
+        )
 
     def decide_all(
         self,
         obs: Mapping[str, Observation],
-        current: Mapping[str, Action],
+        current: Mapping[str, StagePlan],
         e2e_p95_ms: float | None,
-    ) -> dict[str, Action]:
+    ) -> dict[str, StagePlan]:
         now = next(iter(obs.values())).now
         # Rates rounded up to whole requests/s: conservative, and it lets sizings be reused.
         rate = math.ceil(self.future_max(now, now + self.interval))
         total = self.spec.slo.latency_p95_ms * self.tun.slo_headroom - self.fixed_ms
         names = list(obs)
         splits = [(1.0,)] if len(names) == 1 else [(s / 10, 1 - s / 10) for s in range(1, 10)]
-        best: tuple[float, dict[str, Action]] | None = None
+        best: tuple[float, dict[str, StagePlan]] | None = None
         for shares in splits:
             picks = [
                 self._cheapest(n, rate, round(total * f, 3))

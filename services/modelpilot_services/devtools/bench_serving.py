@@ -40,8 +40,8 @@ from geventhttpclient import HTTPClient
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from modelpilot_services import models, profile
-from modelpilot_services.stack import DEFAULT_PORTS, Stack
+from modelpilot_services.devtools.stack import DEFAULT_PORTS, Stack
+from modelpilot_services.models import calibration, minilm
 
 
 def _free_port() -> int:
@@ -95,8 +95,8 @@ def _run(stack: Stack, args: argparse.Namespace) -> int:
     def out(name: str) -> Any:
         return httpclient.InferRequestedOutput(name, binary_data=True)
 
-    docs = profile.corpus(limit=400)
-    queries = profile.queries(docs)
+    docs = calibration.corpus(limit=400)
+    queries = calibration.queries(docs)
     n = min(args.requests, len(docs) // 2)
 
     def embed_direct(texts: list[str]) -> NDArray[Any]:
@@ -231,7 +231,7 @@ def _run(stack: Stack, args: argparse.Namespace) -> int:
     print(f"\nvariants through Triton, 4 clients x 8 texts/request, {args.seconds:.0f} s each")
     print(f"{'model':<16}{'texts/s':>9}{'req p50 ms':>12}{'quality':>9}  (quality: {args.profile})")
     variants: dict[str, object] = {}
-    for model in models.VARIANTS:
+    for model in minilm.VARIANTS:
         requests.post(f"{stack.triton_url}/v2/repository/models/{model}/load", timeout=300)
         batch = docs[:8]
         lat: list[float] = []

@@ -22,8 +22,8 @@ from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
 from modelpilot import contract
-from modelpilot_services.upstream import Upstream
-from modelpilot_services.web import ApiError
+from modelpilot_services.toolkit.http import ApiError
+from modelpilot_services.toolkit.upstream import Upstream
 
 Inputs = Mapping[str, Sequence[str]]
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, StringConstraints
 
-from modelpilot_services.web import ApiError
+from modelpilot_services.toolkit.http import ApiError
 
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$"
 DocumentId = Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN)]

@@ -6,7 +6,7 @@ interpreter, then runs the ``tritonserver`` from the nvidia-pytriton wheel with 
 arguments. ``make services-up`` runs it as a local process; in clusters it is the Triton
 sidecar's entrypoint (``images/services.Dockerfile``, target ``triton``):
 
-    python -m modelpilot_services.tritonserve --model-repository=/models \\
+    python -m modelpilot_services.models.tritonserve --model-repository=/models \\
         --model-control-mode=explicit --load-model=minilm_int8 --allow-metrics=true
 
 The batching of the models the stage serves comes from the operator's service.json (mounted
@@ -23,12 +23,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from modelpilot import contract
-from modelpilot_services import models
-from modelpilot_services.web import service_config
+from modelpilot_services.models import minilm
+from modelpilot_services.toolkit.service import service_config
 
 # (max_batch_size, max_queue_delay_microseconds) each model starts with, unless planned.
-BATCHING = {name: (64, 2000) for name in models.VARIANTS} | {
-    name: (64, 1000) for name in models.RERANKERS
+BATCHING = {name: (64, 2000) for name in minilm.VARIANTS} | {
+    name: (64, 1000) for name in minilm.RERANKERS
 }
 
 
@@ -118,7 +118,7 @@ def command(args: Sequence[str], workdir: Path) -> tuple[list[str], dict[str, st
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    models.build()  # a no-op where the image built them already
+    minilm.build()  # a no-op where the image built them already
     workdir = Path(os.environ.get("MODELPILOT_TRITON_WORKDIR", "/tmp/modelpilot-triton"))
     binary_argv, env = command(args, workdir)
     sys.stdout.flush()

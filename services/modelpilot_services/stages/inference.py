@@ -29,23 +29,16 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot import contract
-from modelpilot_services import models
-from modelpilot_services.cache import SemanticCache
-from modelpilot_services.schemas import Filter
-from modelpilot_services.shadow import Shadow
-from modelpilot_services.triton import Triton
-from modelpilot_services.upstream import Upstream
-from modelpilot_services.web import (
-    LATENCY_BUCKETS,
-    Service,
-    TritonStats,
-    call_downstream,
-    env,
-    json_response,
-    parse,
-    run,
-    service_config,
-)
+from modelpilot_services.models import minilm
+from modelpilot_services.stages.agreement import top_overlap
+from modelpilot_services.stages.cache import SemanticCache
+from modelpilot_services.stages.shadow import Shadow
+from modelpilot_services.toolkit.http import call_downstream, json_response, parse
+from modelpilot_services.toolkit.metrics import LATENCY_BUCKETS, TritonStats
+from modelpilot_services.toolkit.schemas import Filter
+from modelpilot_services.toolkit.service import Service, env, run, service_config
+from modelpilot_services.toolkit.triton import Triton
+from modelpilot_services.toolkit.upstream import Upstream
 
 MAX_TOP_K = 100
 CANDIDATES = 2  # re-rank this many candidates per requested result (at least 10)
@@ -106,7 +99,7 @@ class Inference(Service):
         self.admin.router.add_get(contract.ADMIN_CONFIG_PATH, self.get_config)
         self.admin.router.add_patch(contract.ADMIN_CONFIG_PATH, self.patch_config)
         self.shadow = Shadow(
-            self.stage, self.registry, models.RERANKERS, lambda m: self.triton.ensure_loaded(m)
+            self.stage, self.registry, minilm.RERANKERS, lambda m: self.triton.ensure_loaded(m)
         )
         self.shadow.routes(self.admin)
 
@@ -157,13 +150,11 @@ class Inference(Service):
         if candidates:
             scores = await self.triton.score(model, body.query, [c["chunk"] for c in candidates])
             order = np.argsort(-scores, kind="stable")[: body.top_k]
-            served = {candidates[i]["document_id"] for i in order}
             chunks = [c["chunk"] for c in candidates]
 
             async def overlap(candidate: str) -> list[float]:
                 other = await self.triton.score(candidate, body.query, chunks)
-                top = np.argsort(-other, kind="stable")[: body.top_k]
-                return [len(served & {candidates[i]["document_id"] for i in top}) / len(served)]
+                return [top_overlap(scores, other)]
 
             self.shadow.mirror(model, overlap)
             results = [

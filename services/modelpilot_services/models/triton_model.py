@@ -29,21 +29,21 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from modelpilot_services import models  # noqa: E402
+from modelpilot_services.models import minilm  # noqa: E402
 
 DEFAULT_MAX_BATCH = 64
 
 
 def _io(name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    if name in models.RERANKERS:
+    if name in minilm.RERANKERS:
         inputs = [
             {"name": "QUERY", "data_type": "TYPE_STRING", "dims": [1]},
             {"name": "PASSAGE", "data_type": "TYPE_STRING", "dims": [1]},
         ]
         return inputs, [{"name": "SCORE", "data_type": "TYPE_FP32", "dims": [1]}]
-    if name in models.VARIANTS:
+    if name in minilm.VARIANTS:
         inputs = [{"name": "TEXT", "data_type": "TYPE_STRING", "dims": [1]}]
-        return inputs, [{"name": "EMBEDDING", "data_type": "TYPE_FP32", "dims": [models.HIDDEN]}]
+        return inputs, [{"name": "EMBEDDING", "data_type": "TYPE_FP32", "dims": [minilm.HIDDEN]}]
     raise ValueError(f"unknown ModelPilot model {name!r}")
 
 
@@ -76,15 +76,15 @@ class TritonPythonModel:
         # re-rankers' MaxSim) stay on one thread: a second OpenBLAS thread spins in
         # sched_yield after each product it shares, 60-96 ms of CPU a query in reranker_small.
         threadpool_limits(limits=1, user_api="blas")
-        if self.name in models.RERANKERS:
-            self.reranker = models.load_reranker(self.name, threads=threads)
+        if self.name in minilm.RERANKERS:
+            self.reranker = minilm.load_reranker(self.name, threads=threads)
         else:
-            self.encoder = models.load(self.name, threads=threads)
+            self.encoder = minilm.load(self.name, threads=threads)
         self.max_batch = config["max_batch_size"]
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # Dynamic batching hands over several requests: run them as one model call.
-        if self.name in models.RERANKERS:
+        if self.name in minilm.RERANKERS:
             pairs = [
                 list(zip(_texts(r, "QUERY"), _texts(r, "PASSAGE"), strict=True)) for r in requests
             ]

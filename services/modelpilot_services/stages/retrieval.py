@@ -21,17 +21,10 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot import contract
-from modelpilot_services.schemas import Filter, Metadata, Vector, document_id
-from modelpilot_services.store import Store
-from modelpilot_services.web import (
-    ApiError,
-    Service,
-    env,
-    json_response,
-    parse,
-    run,
-    service_config,
-)
+from modelpilot_services.stages.store import Store
+from modelpilot_services.toolkit.http import ApiError, json_response, parse
+from modelpilot_services.toolkit.schemas import Filter, Metadata, Vector, document_id
+from modelpilot_services.toolkit.service import Service, env, run, service_config
 
 MAX_TOP_K = 1000
 

@@ -20,17 +20,10 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot import contract
-from modelpilot_services.schemas import DocumentId, Metadata, document_id
-from modelpilot_services.upstream import Upstream
-from modelpilot_services.web import (
-    ApiError,
-    Service,
-    call_downstream,
-    env,
-    json_response,
-    parse,
-    run,
-)
+from modelpilot_services.toolkit.http import ApiError, call_downstream, json_response, parse
+from modelpilot_services.toolkit.schemas import DocumentId, Metadata, document_id
+from modelpilot_services.toolkit.service import Service, env, run
+from modelpilot_services.toolkit.upstream import Upstream
 
 MAX_DOCUMENTS = 64
 EMBED_BATCH = 32

@@ -28,13 +28,19 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from modelpilot import contract
-from modelpilot_services.web import ApiError, json_response, parse
+from modelpilot_services.toolkit.http import ApiError, json_response, parse
 
 log = logging.getLogger(__name__)
 AGREEMENT_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
 MAX_IN_FLIGHT = 4  # shadow work never queues up behind itself: past this, skip the sample
 
 Compare = Callable[[str], Awaitable[Sequence[float]]]
+
+
+class NotReady(Exception):
+    """Raised by a comparison that cannot run yet (what it compares against is still being
+    prepared): the mirrored request is skipped, neither a sample nor an error, and its wait
+    is not the candidate's latency."""
 
 
 class Shadow:
@@ -128,6 +134,8 @@ class Shadow:
         start = time.perf_counter()
         try:
             values = await compare(model)
+        except NotReady:
+            return
         except Exception as exc:  # a failing candidate is a finding, not a service error
             self.errors.labels(self.stage, model).inc()
             log.warning("shadow call to %s failed: %s", model, exc)

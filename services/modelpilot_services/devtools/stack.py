@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelpilot_services import tritonserve
+from modelpilot_services.models import tritonserve
 
 SERVICES = ("embedding", "retrieval", "ingestion", "inference")  # start order
 DEFAULT_PORTS = {
@@ -131,7 +131,7 @@ class Stack:
         # Build once, before several model instances would race to. In a child process:
         # importing onnxruntime after usearch in one process segfaults (usearch 2.26.6,
         # onnxruntime 1.32.0), and this launcher runs inside pytest beside the store tests.
-        build = "from modelpilot_services import models; models.build()"
+        build = "from modelpilot_services.models import minilm; minilm.build()"
         subprocess.run([sys.executable, "-c", build], check=True)
         p = self.ports
         argv, env = tritonserve.command(
@@ -160,7 +160,7 @@ class Stack:
     def start(self, name: str, timeout_s: float = 60) -> None:
         if self.pid(name):
             return
-        argv = [sys.executable, "-m", f"modelpilot_services.{name}"]
+        argv = [sys.executable, "-m", f"modelpilot_services.stages.{name}"]
         self._spawn(name, argv, self.service_env(name))
         _wait(lambda: http_ok(f"{self.url(name)}/readyz"), timeout_s, name, self.log(name))
 

@@ -2,7 +2,8 @@
 
 ``POST /v1/embed`` ``{"texts": [...]}`` -> ``{"embeddings", "model", "dims"}``.
 Admin port: ``GET|PUT|DELETE /v1/admin/shadow`` mirrors a sample of requests to a candidate
-variant and records the cosine of its vectors with the served ones (see ``shadow``).
+variant and records its neighbour recall@10 against the serving model over recent mirrored
+texts, the ring seeded with calibration texts (see ``shadow`` and ``agreement``).
 
 The serving model is ``model`` from the operator's service.json (a variant switch rolls the
 pods); local processes take ``MODELPILOT_MODEL`` (``minilm_fp32``). Env: ``PORT`` (8082),
@@ -12,25 +13,20 @@ name, comma-separated; default every embedding model).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
-import numpy as np
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot import contract
-from modelpilot_services import models
-from modelpilot_services.shadow import Shadow
-from modelpilot_services.triton import Triton
-from modelpilot_services.web import (
-    Service,
-    TritonStats,
-    env,
-    json_response,
-    parse,
-    run,
-    service_config,
-)
+from modelpilot_services.models import calibration, minilm
+from modelpilot_services.stages.agreement import MIN_RING, NeighbourRecall
+from modelpilot_services.stages.shadow import NotReady, Shadow
+from modelpilot_services.toolkit.http import json_response, parse
+from modelpilot_services.toolkit.metrics import TritonStats
+from modelpilot_services.toolkit.service import Service, env, run, service_config
+from modelpilot_services.toolkit.triton import Triton
 
 MAX_TEXTS = 256
 MAX_CHARS = 20_000
@@ -56,6 +52,31 @@ class Embedding(Service):
             self.stage, self.registry, allowed, lambda m: self.triton.ensure_loaded(m)
         )
         self.shadow.routes(self.admin)
+        # (candidate, its ring of recent texts, being seeded or seeded)
+        self.recall: tuple[str, asyncio.Task[NeighbourRecall]] | None = None
+
+    def _ring(self, candidate: str) -> NeighbourRecall:
+        """The candidate's ring, seeded once with calibration texts under both models, so
+        that the first text measured already has neighbours. Until the seeding is done,
+        mirrored requests are skipped (NotReady); a failed seeding is the candidate's error,
+        and the next mirrored request seeds again."""
+        if self.recall is None or self.recall[0] != candidate:
+            seeding = asyncio.get_running_loop().create_task(self._seeded(candidate))
+            self.recall = (candidate, seeding)
+        task = self.recall[1]
+        if not task.done():
+            raise NotReady(f"seeding the neighbour ring of {candidate}")
+        if task.exception() is not None:
+            self.recall = None
+        return task.result()
+
+    async def _seeded(self, candidate: str) -> NeighbourRecall:
+        texts = calibration.corpus(limit=MIN_RING)
+        served = await self.triton.embed(self.model, texts)
+        other = await self.triton.embed(candidate, texts)
+        ring = NeighbourRecall(int(served.shape[1]))
+        ring.measure(texts, served, other)  # the seeds only fill the ring
+        return ring
 
     async def start(self) -> None:
         self.triton = Triton(self.triton_url, admin_token=self.admin_token)
@@ -78,18 +99,18 @@ class Embedding(Service):
         model = self.model  # one request, one model, even if a switch lands meanwhile
         vectors = await self.triton.embed(model, body.texts)
 
-        async def cosine(candidate: str) -> list[float]:
+        async def recall(candidate: str) -> list[float]:
+            ring = self._ring(candidate)
             other = await self.triton.embed(candidate, body.texts)
-            norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(other, axis=1)
-            return list((vectors * other).sum(axis=1) / np.maximum(norms, 1e-12))
+            return ring.measure(body.texts, vectors, other)
 
-        self.shadow.mirror(model, cosine)
+        self.shadow.mirror(model, recall)
         return json_response({"embeddings": vectors, "model": model, "dims": int(vectors.shape[1])})
 
 
 def main() -> None:
     config = service_config(Embedding.stage)
-    allowed = tuple(env("MODELPILOT_MODELS", ",".join(models.VARIANTS)).split(","))
+    allowed = tuple(env("MODELPILOT_MODELS", ",".join(minilm.VARIANTS)).split(","))
     model = config.model or env("MODELPILOT_MODEL", "minilm_fp32")
     service = Embedding(env(contract.ENV_TRITON_URL, "localhost:8000"), model, allowed)
     service.shadow.configure(config.shadow)

@@ -1,0 +1,103 @@
+"""Online calibration: how far the stage's measured p95 is from what its profile predicts.
+
+A factor learnt online (measured p95 / predicted p95) corrects the model from live telemetry:
+near 1 it scales the predicted latency (the model's tail), far from it the profile's batch
+times too (see :func:`modelpilot.optimizer.sizing.calibrated`), so a machine much faster or
+slower than the profiled one is sized for its own capacity.
+"""
+
+from __future__ import annotations
+
+import math
+
+from modelpilot.optimizer.history import StageHistory
+from modelpilot.optimizer.profiles import ModelProfile
+from modelpilot.optimizer.sizing import calibrated, predict
+from modelpilot.optimizer.snapshot import StageTelemetry
+from modelpilot.optimizer.tunables import Tunables
+from modelpilot.render.plan import StagePlan
+
+
+def measured_headroom(
+    tele: StageTelemetry, delay_ms: float, budget_ms: float, tun: Tunables
+) -> bool | None:
+    """From the measurements alone, whatever the model predicts: True when the stage clearly
+    is not saturated, False when it clearly is (over its budget with a queue), None when
+    they cannot tell.
+
+    Triton's queue time includes the batching delay (``delay_ms``); only the wait beyond it
+    is a wait for a busy replica. Without a queue time, a p95 far inside the budget is
+    taken as headroom and one over it as saturation."""
+    p95 = tele.p95_ms
+    if p95 is None:
+        return None
+    if tele.queue_ms is not None:
+        queued = tele.queue_ms - delay_ms > tun.headroom_queue_share * p95
+        if p95 > budget_ms:
+            return False if queued else None
+        return None if queued else True
+    if p95 > budget_ms:
+        return False
+    return True if p95 <= tun.headroom_p95_share * budget_ms else None
+
+
+def step_factor(
+    permille: int,
+    measured_ms: float | None,
+    predicted: tuple[float, float],
+    headroom: bool | None,
+    tun: Tunables,
+) -> int:
+    """The calibration moved toward measured / ``predicted`` (p95 ms, utilisation, both at
+    the current calibration and setting): an EWMA of the ratio on a log scale, so a profile
+    10x off is corrected as fast as one 10x under, and at most ``calibration_max_step`` per
+    update.
+
+    Learnt where the model predicts headroom (utilisation under target), as near saturation
+    a small error in the load moves the predicted p95 a lot; there, never lowered while the
+    stage is measured saturated (a backlog's p95 is no model error, and an optimistic factor
+    would keep the stage short of replicas). A model that predicts saturation for a stage
+    measured with headroom is too pessimistic: it is lowered (at once when it predicts
+    an unbounded p95)."""
+    predicted_ms, utilisation = predicted
+    if measured_ms is None or measured_ms <= 0 or predicted_ms <= 0:
+        return permille
+    ratio = measured_ms / predicted_ms  # 0 when the model predicts saturation (inf)
+    if utilisation <= tun.target_utilisation:
+        if ratio < 1 and headroom is False:
+            return permille
+    elif ratio >= 1 or headroom is not True:
+        return permille
+    most = math.log(tun.calibration_max_step)
+    step = tun.calibration_smoothing * math.log(ratio) if ratio > 0 else -most
+    lo, hi = tun.calibration_bounds
+    new = permille / 1000 * math.exp(min(max(step, -most), most))
+    return round(1000 * min(max(new, lo), hi))
+
+
+def learn(
+    cur: StagePlan,
+    prof: ModelProfile,
+    tele: StageTelemetry,
+    hist: StageHistory,
+    rate: float,
+    budget: float,
+    t: int,
+    tun: Tunables,
+) -> int:
+    """The stage's calibration (permille) after comparing what its model predicts for the
+    current settings with the measured p95."""
+    calib_pm = hist.calibration_permille
+    # Learn only from a settled stage: with a window that mixes settings, the
+    # measured p95 is a transient, not a model error. (At the rate sized for: while
+    # it climbs, the measured p95 already holds some of the climb's queueing.)
+    if hist.last_change is not None and t - hist.last_change < tun.calibration_settle_s:
+        return calib_pm
+    delay_us = cur.max_queue_delay_us or 0
+    model, factor = calibrated(prof, calib_pm / 1000, tun)
+    items = tele.items_per_request or 1.0
+    p95, util = predict(
+        model, rate, max(cur.replicas, 1), cur.max_batch_size or 1, delay_us, items, factor
+    )
+    headroom = measured_headroom(tele, delay_us / 1000, budget, tun)
+    return step_factor(calib_pm, tele.p95_ms, (p95, util), headroom, tun)
