@@ -633,3 +633,77 @@ def test_the_operator_killed_mid_rollout_comes_back_and_converges(loop: str) -> 
         interval=2,
         what="the retrieval rollout finished",
     )
+
+
+def test_routing_and_the_cache_are_tuned_live_from_what_the_gateway_measured(loop: str) -> None:
+    """Routing Auto with the large re-ranker added: the gateway re-ranks sampled queries with
+    both models; the optimizer reads their agreement by difficulty band from Prometheus and
+    moves the threshold as far toward the small model as minQuality allows, says why in an
+    Event, and the gateway pod runs the new threshold without a restart. The cache, Auto,
+    is loosened toward its lowest threshold while its checked hits agree."""
+    namespace = loop
+    spec = sample("local")["spec"]["inference"]
+    large = {"name": "reranker-large", "model": "reranker_large", "precision": "fp32",
+             "quality": "1", "cost": "2"}  # fmt: skip
+    patch_spec(
+        namespace,
+        {
+            "spec": {
+                "inference": {
+                    "variants": [*spec["variants"], large],
+                    "routing": {
+                        "mode": "Auto",
+                        "smallVariant": "reranker-small",
+                        "largeVariant": "reranker-large",
+                        "threshold": "0.5",
+                        "sampleRatio": "1",
+                    },
+                    "semanticCache": {
+                        "mode": "Auto",
+                        "similarityThreshold": "0.99",
+                        "minSimilarityThreshold": "0.9",
+                        "sampleRatio": "1",
+                    },
+                }
+            }
+        },
+    )
+    token = admin_token(namespace)
+
+    def routed_pod() -> dict[str, Any] | None:
+        for pod in pods(namespace, "inference"):
+            knobs = pod_client(pod, token).thresholds()
+            if knobs["smallModel"] != knobs["largeModel"]:
+                return pod
+        return None
+
+    pod = wait_for_stage(namespace, routed_pod, 600, "a gateway pod routing small and large")
+    uid = pod["metadata"]["uid"]
+    docs = calibration.corpus(limit=60)  # indexed by the first test
+    queries = calibration.queries(docs)
+    gateway = service_url(namespace, "inference") + "/v1/query"
+    with Load(
+        gateway, lambda n: {"query": queries[n % len(queries)], "top_k": 3}, rate=2.0
+    ) as load:
+
+        def tuned() -> dict[str, Any] | None:
+            st = stage_status(namespace, "inference")
+            moved = st.get("routingThreshold") not in (None, 0.5)
+            return st if moved and st.get("routing") and st.get("cache") else None
+
+        st = wait_for_stage(namespace, tuned, 900, "the routing threshold tuned")
+    assert not load.failed, load.failed[:5]
+    _record("routing_threshold_tuned", st["routingThreshold"])
+    _record("routing_measured", st["routing"])
+    _record("cache_measured", st["cache"])
+    # Small agrees with large on most queries (README: ~0.9 top-3 overlap), so under
+    # minQuality 0.8 every query may go small; the prediction holds the floor.
+    assert st["routingThreshold"] == 1.0
+    assert st["routing"]["share"] == 1.0 and st["routing"]["agreement"] >= 0.8
+    assert any("routing threshold 0.5 -> 1" in m for m in events(namespace, "Optimized"))
+    (now,) = [p for p in pods(namespace, "inference") if p["metadata"]["uid"] == uid]
+    assert pod_client(now, token).thresholds()["routingThreshold"] == 1.0  # live, same pod
+    assert st["cacheThreshold"] < 0.99 and st["cache"]["agreement"] >= 0.8
+    patch_spec(namespace, {"spec": {"inference": {"routing": {"mode": "Off"},
+                                                  "semanticCache": {"mode": "Off"}}}})  # fmt: skip
+    wait_for(lambda: md_ready(NAME, namespace), 600, interval=2, what="Ready with routing off")

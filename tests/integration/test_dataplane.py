@@ -138,6 +138,80 @@ def test_with_routing_off_every_query_goes_to_the_planned_variant(
         assert forced["variant"] == "reranker_large"
 
 
+def _samples(url: str, metric: str) -> dict[tuple[str, str], float]:
+    """(sample name, its band or le label) -> value, from a service's /metrics."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return {
+        (s.name, s.labels.get("band") or s.labels.get("le") or ""): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == metric
+        for s in family.samples
+    }
+
+
+def test_the_gateway_measures_small_large_agreement_by_difficulty_band(
+    data_plane: Stack,
+) -> None:
+    """Every routed query is counted in its difficulty band; with sampleRatio 1 each is
+    re-ranked by the other model too, off the response path, and their top-3 overlap lands
+    in the same band: what the optimizer tunes the threshold from."""
+    docs = calibration.corpus(limit=30)
+    ingest_corpus(data_plane, docs, "rt")
+    queries = [f"{q} (bands)" for q in calibration.queries(docs)[:12]]
+    env = {contract.ENV_ADMIN_PORT: str(free_port()), "MODELPILOT_SAMPLE_RATIO": "1"}
+    with _spare_service(data_plane, "inference", env, ready_timeout=120) as url:
+        bands = {contract.band_of(1.0 - _best_score(data_plane, q), contract.ROUTING_BANDS)
+                 for q in queries}  # fmt: skip
+        routes = {r for r, _ in _routed(data_plane, url, queries)}
+        assert routes <= {"small", "large"}
+        count = f"{contract.METRIC_ROUTING_AGREEMENT}_count"
+
+        def measured() -> dict[tuple[str, str], float] | None:
+            got = _samples(url, contract.METRIC_ROUTING_AGREEMENT)
+            done = sum(v for (n, _), v in got.items() if n == count)
+            return got if done >= len(queries) else None
+
+        got = wait_for(measured, 120, what="an agreement sample per query")
+        assert {b for n, b in got if n == count} == bands
+        total = sum(v for (n, _), v in got.items() if n.endswith("_sum"))
+        assert 0.0 <= total / len(queries) <= 1.0
+        hist = _samples(url, contract.METRIC_ROUTING_DIFFICULTY)
+        assert hist[(f"{contract.METRIC_ROUTING_DIFFICULTY}_count", "")] == len(queries)
+
+
+def test_the_cache_checks_its_hits_and_near_misses_by_similarity_band(data_plane: Stack) -> None:
+    """A repeat is a hit, recomputed off the response path and compared (the same answer:
+    agreement 1 in the top band); a different query with an entry near it is a near miss,
+    its fresh answer compared with the entry's at no extra call."""
+    docs = calibration.corpus(limit=30)
+    ingest_corpus(data_plane, docs, "rt")
+    first, other = calibration.queries(docs)[3], calibration.queries(docs)[9]
+    env = {
+        contract.ENV_ADMIN_PORT: str(free_port()),
+        "MODELPILOT_SAMPLE_RATIO": "1",
+        "MODELPILOT_CACHE_THRESHOLD": "0.97",
+    }
+    body = {"top_k": 3, "filter": {"corpus": "rt"}}
+    with _spare_service(data_plane, "inference", env, ready_timeout=120) as url:
+        assert ok("POST", f"{url}/v1/query", {**body, "query": first})["cached"] is False
+        assert ok("POST", f"{url}/v1/query", {**body, "query": first})["cached"] is True
+        assert ok("POST", f"{url}/v1/query", {**body, "query": other})["cached"] is False
+        metric = contract.METRIC_CACHE_AGREEMENT
+
+        def checked() -> dict[tuple[str, str], float] | None:
+            got = _samples(url, metric)
+            return (
+                got if sum(v for (n, _), v in got.items() if n == f"{metric}_count") >= 2 else None
+            )
+
+        got = wait_for(checked, 120, what="the hit's check and the near miss's")
+        assert got[(f"{metric}_count", "1")] == 1 and got[(f"{metric}_sum", "1")] == 1.0
+        near = [b for n, b in got if n == f"{metric}_count" and b != "1"]
+        assert len(near) == 1 and float(near[0]) < 0.97  # the miss, in its own band
+        lookups = _samples(url, contract.METRIC_CACHE_SIMILARITY)
+        assert lookups[(f"{contract.METRIC_CACHE_SIMILARITY}_count", "")] == 2
+
+
 def _thread_cpu_s(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of ``pid``, by thread id."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -632,3 +706,32 @@ def test_live_sync_corrects_only_what_differs_and_one_bad_pod_fails_alone(
         for model in ("minilm_fp32", "minilm_int8"):
             _set_batching(data_plane, model, *tritonserve.BATCHING[model])
         Pod(data_plane.triton_url, data_plane.admin_url("embedding"), None).set_shadow(None)
+
+
+def test_live_sync_sets_the_gateways_thresholds_without_a_restart(data_plane: Stack) -> None:
+    admin = data_plane.admin_url("inference")
+    before = ok("GET", admin + contract.ADMIN_CONFIG_PATH)
+    models = sorted({before["smallModel"], before["largeModel"]})
+    config = contract.ServiceConfig(
+        stage="inference",
+        model=models[0],
+        models=models,
+        maxBatchSize=tritonserve.BATCHING[models[0]][0],
+        maxQueueDelayMicroseconds=tritonserve.BATCHING[models[0]][1],
+        routingThreshold=0.35,
+        cacheThreshold=0.9,
+    )
+    want = LiveSettings.of(config)
+    assert want is not None
+    try:
+        with cf.ThreadPoolExecutor(2) as pool:
+            pod = Pod(data_plane.triton_url, admin, None)
+            first = sync_pods([("gateway", pod)], want, pool)
+            assert first.corrected[0].corrected == ("cacheThreshold", "routingThreshold")
+            again = sync_pods([("gateway", Pod(data_plane.triton_url, admin, None))], want, pool)
+            assert again.on_plan == 1 and not again.corrected
+        now = ok("GET", admin + contract.ADMIN_CONFIG_PATH)
+        assert (now["routingThreshold"], now["cacheThreshold"]) == (0.35, 0.9)
+    finally:
+        knobs = {k: before[k] for k in ("routingThreshold", "cacheThreshold")}
+        ok("PATCH", admin + contract.ADMIN_CONFIG_PATH, knobs)

@@ -122,6 +122,14 @@ def _hostile() -> list[tuple[str, Any]]:
         ),
         ("routing-mode", lambda m: m[s]["inference"]["routing"].update(mode="Maybe")),
         (
+            "routing-threshold-above-max",
+            lambda m: m[s]["inference"]["routing"].update(threshold="0.9", maxThreshold="0.8"),
+        ),
+        (
+            "cache-min-above-threshold",
+            lambda m: m[s]["inference"]["semanticCache"].update(minSimilarityThreshold="0.99"),
+        ),
+        (
             "cache-threshold",
             lambda m: m[s]["inference"]["semanticCache"].update(similarityThreshold="1.5"),
         ),

@@ -35,6 +35,10 @@ def _exported() -> set[str]:
     gateway.query_duration.labels("inference").observe(0.1)
     gateway.cache_requests.labels("inference", "hit").inc()
     gateway.routed.labels("inference", "small").inc()
+    gateway.router.route(0.3)
+    gateway.router.agreement.labels("inference", "0.3").observe(1.0)
+    gateway.check.looked_up(0.97)
+    gateway.check.record(0.97, 1.0)
     names: set[str] = set()
     for service in (embedding, gateway):
         service.metrics.count(200)

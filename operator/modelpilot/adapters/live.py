@@ -2,7 +2,8 @@
 
 The fields in :data:`modelpilot.contract.LIVE_FIELDS` change without a restart: Triton's
 dynamic batching (its model-control API reloads a model with an overriding config; in-flight
-requests finish on the old instance) and the services' shadow candidate (their admin API).
+requests finish on the old instance), the services' shadow candidate and the gateway's
+routing and cache thresholds (their admin API).
 A pod that starts reads the same settings from its mounted ``service.json``; this module
 corrects the pods that run something else, level-triggered: it compares each ready pod's
 actual settings with the plan and writes only where they differ. Pods are handled
@@ -39,6 +40,7 @@ class LiveSettings:
     max_batch_size: int
     max_queue_delay_us: int
     shadow: contract.Shadow | None
+    thresholds: tuple[tuple[str, float], ...] = ()  # the gateway's (admin config name, value)
 
     @classmethod
     def of(cls, config: contract.ServiceConfig) -> LiveSettings | None:
@@ -50,11 +52,14 @@ class LiveSettings:
         models = [*config.models]
         if config.shadow is not None and config.shadow.model not in models:
             models.append(config.shadow.model)
+        knobs = {"routingThreshold": config.routingThreshold}
+        knobs["cacheThreshold"] = config.cacheThreshold
         return cls(
             tuple(models),
             config.maxBatchSize,
             config.maxQueueDelayMicroseconds or 0,
             config.shadow,
+            tuple((k, v) for k, v in knobs.items() if v is not None),
         )
 
 
@@ -131,6 +136,13 @@ class Pod:
         else:
             self._call("PUT", url, self.admin_headers, shadow.model_dump())
 
+    def thresholds(self) -> dict[str, Any]:
+        """The gateway's live knobs (admin config)."""
+        return dict(self._call("GET", self.admin + contract.ADMIN_CONFIG_PATH, self.admin_headers))
+
+    def set_thresholds(self, values: dict[str, float]) -> None:
+        self._call("PATCH", self.admin + contract.ADMIN_CONFIG_PATH, self.admin_headers, values)
+
     def sync(self, want: LiveSettings) -> list[str]:
         """Make this pod run ``want``; returns what it corrected (empty: it already did)."""
         corrected = []
@@ -142,6 +154,12 @@ class Pod:
             if self.batching(model) != (want.max_batch_size, want.max_queue_delay_us):
                 self.set_batching(model, want.max_batch_size, want.max_queue_delay_us)
                 corrected.append(f"batching of {model}")
+        if want.thresholds:
+            have = self.thresholds()
+            off = {k: v for k, v in want.thresholds if have.get(k) != v}
+            if off:
+                self.set_thresholds(off)
+                corrected.extend(sorted(off))
         return corrected
 
 

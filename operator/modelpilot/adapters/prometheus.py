@@ -38,6 +38,7 @@ from modelpilot import contract as C  # the metric names
 from modelpilot.optimizer.snapshot import (
     RATE_WINDOW_S,
     SHORT_RATE_WINDOW_S,
+    Band,
     ShadowStats,
     Snapshot,
     StageTelemetry,
@@ -307,6 +308,41 @@ class Telemetry:
             )
         return out
 
+    def bands(self, sel: str, histogram: str, summary: str) -> tuple[Band, ...]:
+        """A gateway score's bands over the check window: the histogram's count per bucket
+        and the summary's mean agreement per ``band`` label (the same edges)."""
+        w = self.shadow_window
+        cumulative = {
+            row["metric"]["le"]: _finite(row["value"][1]) or 0.0
+            for row in self._query(f"sum by (le) (increase({histogram}_bucket{{{sel}}}[{w}]))")
+            if "le" in row.get("metric", {})
+        }
+
+        def by_band(part: str) -> dict[str, float]:
+            rows = self._query(f"sum by (band) (increase({summary}_{part}{{{sel}}}[{w}]))")
+            return {
+                r["metric"]["band"]: _finite(r["value"][1]) or 0.0
+                for r in rows
+                if "band" in r.get("metric", {})
+            }
+
+        total, count = by_band("sum"), by_band("count")
+        edges = sorted((float(le), n) for le, n in cumulative.items() if le != "+Inf")
+        out, below = [], 0.0
+        for edge, n in edges:
+            label = f"{edge:g}"
+            samples = count.get(label, 0.0)
+            out.append(
+                Band(
+                    edge,
+                    max(0.0, n - below),
+                    round(samples),
+                    total.get(label, 0.0) / samples if samples > 0 else None,
+                )
+            )
+            below = n
+        return tuple(out) if below > 0 else ()
+
     def snapshot(self, namespace: str, name: str, now: float) -> Snapshot:
         """Query Prometheus once per metric family for the ModelDeployment ``name`` in
         ``namespace`` (:func:`selector`); missing data stays ``None``."""
@@ -381,6 +417,8 @@ class Telemetry:
             stages=stages,
             e2e_p95_ms=ms(e2e),
             shadow=self.shadow(sel),
+            routing=self.bands(sel, C.METRIC_ROUTING_DIFFICULTY, C.METRIC_ROUTING_AGREEMENT),
+            cache=self.bands(sel, C.METRIC_CACHE_SIMILARITY, C.METRIC_CACHE_AGREEMENT),
         )
 
 

@@ -473,11 +473,38 @@ class ModelStage(Stage):
         return marked or max(self.variants, key=lambda v: v.quality_value)
 
 
-class Routing(_Model):
-    """Small/large routing by a cheap request-difficulty score."""
+class KnobMode(StrEnum):
+    """How a gateway knob is set: not used, the user's value, or tuned by the optimizer."""
 
-    mode: Literal["Off", "Auto"] = Field(
-        default="Off", description="Auto routes easy queries to smallVariant."
+    OFF = "Off"
+    FIXED = "Fixed"
+    AUTO = "Auto"
+
+
+def _not_above(low: str, high: str, message: str) -> JsonDict:
+    return cel(
+        f"!has(self.{low}) || !has(self.{high}) || "
+        f"quantity(self.{low}).compareTo(quantity(self.{high})) <= 0",
+        message,
+    )
+
+
+class Routing(_Model):
+    """Small/large routing: a query whose difficulty is above the threshold goes to
+    largeVariant, any other to smallVariant."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _not_above("minThreshold", "threshold", "minThreshold must be <= threshold"),
+                _not_above("threshold", "maxThreshold", "threshold must be <= maxThreshold"),
+            ]
+        }
+    )
+    mode: KnobMode = Field(
+        default=KnobMode.OFF,
+        description="Off: every query to the planned variant; Fixed: route at threshold; "
+        "Auto: the optimizer moves the threshold under slo.minQuality.",
     )
     small_variant: str | None = Field(
         default=None, alias="smallVariant", max_length=63, description="Variant for easy queries."
@@ -485,17 +512,83 @@ class Routing(_Model):
     large_variant: str | None = Field(
         default=None, alias="largeVariant", max_length=63, description="Variant for hard queries."
     )
+    threshold: str = _quantity_field(
+        "Difficulty in [0, 1] above which a query goes to largeVariant: Fixed keeps it, "
+        "Auto starts from it.",
+        _in_unit_interval("threshold", open_low=False),
+        default="0.5",
+    )
+    min_threshold: str = _quantity_field(
+        "Lowest threshold Auto may set, in [0, 1].",
+        _in_unit_interval("minThreshold", open_low=False),
+        alias="minThreshold",
+        default="0",
+    )
+    max_threshold: str = _quantity_field(
+        "Highest threshold Auto may set, in [0, 1].",
+        _in_unit_interval("maxThreshold", open_low=False),
+        alias="maxThreshold",
+        default="1",
+    )
+    sample_ratio: str = _quantity_field(
+        "Share of routed queries also re-ranked by the other variant, off the response path, "
+        "to measure how often the two agree, in (0, 1].",
+        _in_unit_interval("sampleRatio", open_low=True),
+        alias="sampleRatio",
+        default="0.1",
+    )
+
+    @property
+    def threshold_value(self) -> float:
+        return float(parse_quantity(self.threshold))
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return float(parse_quantity(self.min_threshold)), float(parse_quantity(self.max_threshold))
+
+    @property
+    def sample_ratio_value(self) -> float:
+        return float(parse_quantity(self.sample_ratio))
 
 
 class SemanticCache(_Model):
-    """Answers a query from a cached similar one."""
+    """Answers a query from a cached similar one; a sample of the answers it gives is
+    recomputed off the response path and compared."""
 
-    enabled: bool = Field(default=False, description="Whether the cache is on.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _not_above(
+                    "minSimilarityThreshold",
+                    "similarityThreshold",
+                    "minSimilarityThreshold must be <= similarityThreshold",
+                )
+            ]
+        }
+    )
+    mode: KnobMode = Field(
+        default=KnobMode.OFF,
+        description="Off: no cache; Fixed: answer at similarityThreshold; Auto: the optimizer "
+        "moves the threshold so that cached answers agree with fresh ones at slo.minQuality.",
+    )
     similarity_threshold: str = _quantity_field(
-        "Cosine similarity at or above which a cached answer is reused, in (0, 1].",
+        "Cosine similarity at or above which a cached answer is reused, in (0, 1]: Fixed keeps "
+        "it, Auto starts from it.",
         _in_unit_interval("similarityThreshold", open_low=True),
         alias="similarityThreshold",
         default="0.95",
+    )
+    min_similarity_threshold: str = _quantity_field(
+        "Lowest similarity threshold Auto may set, in (0, 1].",
+        _in_unit_interval("minSimilarityThreshold", open_low=True),
+        alias="minSimilarityThreshold",
+        default="0.8",
+    )
+    sample_ratio: str = _quantity_field(
+        "Share of cache hits recomputed off the response path to check them, in (0, 1].",
+        _in_unit_interval("sampleRatio", open_low=True),
+        alias="sampleRatio",
+        default="0.1",
     )
     max_entries: int = Field(
         default=10_000,
@@ -511,6 +604,18 @@ class SemanticCache(_Model):
         alias="ttlSeconds",
         description="Seconds a cached answer stays valid.",
     )
+
+    @property
+    def threshold_value(self) -> float:
+        return float(parse_quantity(self.similarity_threshold))
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return float(parse_quantity(self.min_similarity_threshold)), 1.0
+
+    @property
+    def sample_ratio_value(self) -> float:
+        return float(parse_quantity(self.sample_ratio))
 
 
 class InferenceStage(ModelStage):
@@ -636,6 +741,21 @@ class Condition(_Model):
     )
 
 
+class GatewayMeasurement(_Model):
+    """What the gateway's routing or cache did over the optimizer's measurement window."""
+
+    share: float | None = Field(
+        default=None,
+        description="Routing: share of queries routed small; cache: share answered from it.",
+    )
+    agreement: float | None = Field(
+        default=None,
+        description="Routing: mean top-3 overlap of small with large on sampled small-routed "
+        "queries; cache: of cached answers with recomputed ones.",
+    )
+    samples: int = Field(default=0, description="Sampled comparisons behind agreement.")
+
+
 class StageStatus(_Model):
     replicas: int = Field(default=0, description="Replicas the operator has set.")
     ready_replicas: int = Field(
@@ -654,6 +774,22 @@ class StageStatus(_Model):
         default=None,
         alias="shadowVariant",
         description="Candidate variant under verification (receiving shadow traffic).",
+    )
+    routing_threshold: float | None = Field(
+        default=None,
+        alias="routingThreshold",
+        description="Gateway: difficulty above which a query goes to the large variant.",
+    )
+    cache_threshold: float | None = Field(
+        default=None,
+        alias="cacheThreshold",
+        description="Gateway: similarity at or above which the semantic cache answers.",
+    )
+    routing: GatewayMeasurement | None = Field(
+        default=None, description="Gateway: the routing as measured (small share, quality)."
+    )
+    cache: GatewayMeasurement | None = Field(
+        default=None, description="Gateway: the cache as measured (hit ratio, hit agreement)."
     )
     pods_on_plan: int | None = Field(
         default=None,

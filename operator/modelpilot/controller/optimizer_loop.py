@@ -204,7 +204,25 @@ def status_update(
     rows = _quality_rows(decision)
     if rows and rows != (status.get("quality") or []):
         fields["quality"] = rows
+    if gateway := _gateway_measurements(status, decision):
+        fields["stages"] = {"inference": gateway}
     return StatusUpdate(fields, news, acted)
+
+
+def _gateway_measurements(status: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
+    """status.stages.inference.routing / .cache where their figures (to 2 decimals) changed:
+    the sample count alone moving is no reason to write status."""
+    have = ((status.get("stages") or {}).get("inference")) or {}
+    out = {}
+    for name, m in decision.gateway.items():
+        row = {
+            "share": round(m.share, 2),
+            "agreement": None if m.agreement is None else round(m.agreement, 2),
+        }
+        old = have.get(name) or {}
+        if {k: old.get(k) for k in row} != row:
+            out[name] = {**row, "samples": m.samples}
+    return out
 
 
 def _quality_rows(decision: Decision) -> list[dict[str, Any]]:

@@ -224,13 +224,12 @@ class Reconciler:
                     now,
                     gen,
                 )
+        extra = dict(extra_status or {})
+        stages = _stage_status(plan, observed)
+        for stage, more in (extra.pop("stages", None) or {}).items():  # the optimizer's
+            stages[stage] = {**stages[stage], **more}
         written = self._write_status(
             md,
-            {
-                **(extra_status or {}),
-                "observedGeneration": gen,
-                "conditions": conditions,
-                "stages": _stage_status(plan, observed),
-            },
+            {**extra, "observedGeneration": gen, "conditions": conditions, "stages": stages},
         )
         return Outcome(applied=len(applied.changes), status_written=written)

@@ -13,6 +13,7 @@ A decision is a short pipeline of pure steps, each in its own module:
 - every allowed variant sized (:mod:`.sizing`, the queueing model) and the one to serve
   chosen (:mod:`.variants`); a switch waits for its verification (:mod:`.verification`);
 - replicas stabilized (:mod:`.stabilize`: up at once, down only after a window);
+- the gateway's routing and cache thresholds tuned under the quality floor (:mod:`.gateway`);
 - the whole plan held to the cost budget (:mod:`.budget`).
 
 Stability. Scale-up is immediate (bounded by ``maxScaleUpStep``); scale-down goes only to the
@@ -30,6 +31,7 @@ from functools import partial
 
 from modelpilot.api.v1alpha1 import (
     STAGES,
+    InferenceStage,
     ModelDeploymentSpec,
     ModelStage,
     OptimizerMode,
@@ -41,6 +43,7 @@ from modelpilot.contract import MODEL_STAGES
 from modelpilot.optimizer.budget import enforce_budget
 from modelpilot.optimizer.calibration import learn
 from modelpilot.optimizer.forecast import forecast
+from modelpilot.optimizer.gateway import Measured, tune_cache, tune_routing
 from modelpilot.optimizer.history import History, StageHistory
 from modelpilot.optimizer.profiles import Profiles
 from modelpilot.optimizer.quality import Quality, assess
@@ -68,6 +71,7 @@ class Decision:
     short: tuple[str, ...] = ()  # stages that cannot meet their budget within their bounds
     held: tuple[str, ...] = ()  # stages not sized (no request rate, no profile)
     quality: Mapping[str, Mapping[str, Quality]] = field(default_factory=dict)  # stage -> variant
+    gateway: Mapping[str, Measured] = field(default_factory=dict)  # "routing" | "cache"
 
     @property
     def summary(self) -> str:
@@ -211,6 +215,9 @@ def decide(
             hist = replace(hist, last_change=t)
         new_hist[name] = hist
 
+    gateway: dict[str, Measured] = {}
+    if isinstance(inference := spec.stage("inference"), InferenceStage):
+        new_plan["inference"] = _gateway(ctx, inference, new_plan["inference"], gateway)
     cost = sum(new_plan[s].replicas * float(v.cost_value) for s, v in ctx.chosen_variants.items())
     budget_note = None
     if spec.slo.max_cost_per_hour_value is not None:
@@ -246,6 +253,7 @@ def decide(
         short=tuple(ctx.short),
         held=tuple(ctx.held),
         quality=ctx.quality,
+        gateway=gateway,
     )
 
 
@@ -260,6 +268,32 @@ def _unmeasured_stage(
         return None
     running = ctx.judge_running(name, stage, cur, hist, tele)
     return replace(cur, shadow_variant=running.shadow), running.history
+
+
+def _gateway(
+    ctx: _Tick, stage: InferenceStage, cur: StagePlan, measured: dict[str, Measured]
+) -> StagePlan:
+    """The gateway's routing and cache thresholds (:mod:`.gateway`), their reasons kept and
+    their measurements put in ``measured``."""
+    large = stage.variant(stage.routing.large_variant or "")
+    assessed = ctx.quality["inference"].get(large.name) if large else None
+    routing = tune_routing(
+        stage.routing,
+        cur.routing_threshold,
+        ctx.snapshot.routing,
+        ctx.floor,
+        assessed.value if assessed else 1.0,
+        ctx.tun,
+    )
+    cache = tune_cache(
+        stage.semantic_cache, cur.cache_threshold, ctx.snapshot.cache, ctx.floor, ctx.tun
+    )
+    for name, step in (("routing", routing), ("cache", cache)):
+        if step.reason:
+            ctx.reasons.append(step.reason)
+        if step.measured:
+            measured[name] = step.measured
+    return replace(cur, routing_threshold=routing.value, cache_threshold=cache.value)
 
 
 def _end_displaced_verifications(plan: Plan, history: dict[str, StageHistory]) -> None:

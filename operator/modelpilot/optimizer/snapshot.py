@@ -41,6 +41,17 @@ class ShadowStats:
 
 
 @dataclass(frozen=True)
+class Band:
+    """One band of a gateway score (routing difficulty, cache similarity) over the check
+    window: how many queries fell in it and how their sampled checks agreed."""
+
+    edge: float  # upper edge; the band is (previous edge, edge]
+    count: float  # routed queries, or cache lookups, in the band
+    samples: int = 0  # sampled comparisons in the band
+    agreement: float | None = None  # their mean agreement, 0..1
+
+
+@dataclass(frozen=True)
 class Snapshot:
     time: float  # seconds, when it was taken
     newest_sample: float | None  # timestamp of the newest sample seen; None if none
@@ -48,6 +59,8 @@ class Snapshot:
     e2e_p95_ms: float | None = None
     # (stage, candidate model) -> its shadow traffic; absent when none was mirrored.
     shadow: Mapping[tuple[str, str], ShadowStats] = field(default_factory=dict)
+    routing: tuple[Band, ...] = ()  # by difficulty, ascending; empty when not routed
+    cache: tuple[Band, ...] = ()  # by the nearest entry's similarity, ascending
 
     def stale(self, now: float, max_age: float) -> str | None:
         """Why this snapshot must not be acted on, or None when it is fresh enough."""

@@ -23,6 +23,7 @@ from modelpilot.api.v1alpha1 import (
     KIND,
     VERSION,
     InferenceStage,
+    KnobMode,
     ModelDeploymentSpec,
     ModelStage,
     ResourceRequirements,
@@ -197,7 +198,7 @@ def served_models(spec: ModelDeploymentSpec, name: str, plan: StagePlan) -> list
         return []
     variant = stage.variant(plan.variant or "") or stage.variants[0]
     models = [variant.model]
-    if isinstance(stage, InferenceStage) and stage.routing.mode == "Auto":
+    if isinstance(stage, InferenceStage) and stage.routing.mode != KnobMode.OFF:
         for routed in (stage.routing.small_variant, stage.routing.large_variant):
             if (v := stage.variant(routed or "")) is not None and v.model not in models:
                 models.append(v.model)
@@ -281,8 +282,24 @@ def service_config(spec: ModelDeploymentSpec, name: str, plan: StagePlan) -> con
     if isinstance(stage, InferenceStage):
         config = config.model_copy(
             update={
-                "routing": stage.routing.model_dump(by_alias=True, exclude_none=True),
-                "semanticCache": stage.semantic_cache.model_dump(by_alias=True),
+                # numbers, not quantities: the services parse plain JSON
+                "routing": {
+                    **stage.routing.model_dump(
+                        mode="json",
+                        by_alias=True,
+                        exclude_none=True,
+                        include={"mode", "small_variant", "large_variant"},
+                    ),
+                    "sampleRatio": stage.routing.sample_ratio_value,
+                },
+                "semanticCache": {
+                    **stage.semantic_cache.model_dump(
+                        mode="json", by_alias=True, include={"mode", "max_entries", "ttl_seconds"}
+                    ),
+                    "sampleRatio": stage.semantic_cache.sample_ratio_value,
+                },
+                "routingThreshold": plan.routing_threshold,
+                "cacheThreshold": plan.cache_threshold,
             }
         )
     return config

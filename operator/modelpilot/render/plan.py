@@ -1,4 +1,5 @@
-"""The plan: what each stage runs right now (replicas, variant, batching).
+"""The plan: what each stage runs right now (replicas, variant, batching, the gateway's
+routing and cache thresholds).
 
 It starts from the spec, is changed only by optimizer decisions, and lives in
 ``status.stages`` so an operator restart resumes it instead of starting over.
@@ -10,7 +11,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec, ModelStage, Variant
+from modelpilot.api.v1alpha1 import (
+    STAGES,
+    InferenceStage,
+    KnobMode,
+    ModelDeploymentSpec,
+    ModelStage,
+    Routing,
+    SemanticCache,
+    Variant,
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +30,8 @@ class StagePlan:
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
     shadow_variant: str | None = None  # candidate under verification, mirrored to
+    routing_threshold: float | None = None  # the gateway's, when routing is on
+    cache_threshold: float | None = None  # the gateway's, when its cache is on
 
 
 Plan = dict[str, StagePlan]
@@ -44,6 +56,17 @@ def _starting_variant(
     return min(pool, key=lambda v: (v.cost_value, -q(v))).name
 
 
+def _threshold(knob: Routing | SemanticCache, recorded: Any = None) -> float | None:
+    """A gateway threshold: none when the knob is Off, the user's when Fixed, and when Auto
+    the recorded one (the optimizer's) within the knob's bounds, else the user's start."""
+    if knob.mode == KnobMode.OFF:
+        return None
+    if knob.mode == KnobMode.FIXED or recorded is None:
+        return knob.threshold_value
+    low, high = knob.bounds
+    return min(max(float(recorded), low), high)
+
+
 def initial(spec: ModelDeploymentSpec, quality: Quality | None = None) -> Plan:
     """Where a new ModelDeployment starts: min replicas (at least 1), spec batching, the
     cheapest variant at or above the quality floor (``quality``: see _starting_variant)."""
@@ -58,6 +81,12 @@ def initial(spec: ModelDeploymentSpec, quality: Quality | None = None) -> Plan:
                 max_batch_size=stage.batching.max_batch_size,
                 max_queue_delay_us=stage.batching.max_queue_delay_microseconds,
             )
+            if isinstance(stage, InferenceStage):
+                plan[name] = replace(
+                    plan[name],
+                    routing_threshold=_threshold(stage.routing),
+                    cache_threshold=_threshold(stage.semantic_cache),
+                )
         else:
             plan[name] = StagePlan(replicas=replicas)
     return plan
@@ -110,6 +139,12 @@ def resume(
             max_queue_delay_us=delay,
             shadow_variant=shadow,
         )
+        if isinstance(stage, InferenceStage):
+            plan[name] = replace(
+                plan[name],
+                routing_threshold=_threshold(stage.routing, recorded.get("routingThreshold")),
+                cache_threshold=_threshold(stage.semantic_cache, recorded.get("cacheThreshold")),
+            )
     return plan
 
 
@@ -123,4 +158,8 @@ def status_fields(plan: StagePlan) -> dict[str, Any]:
             maxQueueDelayMicroseconds=plan.max_queue_delay_us,
             shadowVariant=plan.shadow_variant,
         )
+    if plan.routing_threshold is not None:
+        out["routingThreshold"] = plan.routing_threshold
+    if plan.cache_threshold is not None:
+        out["cacheThreshold"] = plan.cache_threshold
     return out

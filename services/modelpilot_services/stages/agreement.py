@@ -87,3 +87,16 @@ def top_overlap(
     top_s = np.argsort(-np.asarray(served_scores), kind="stable")[:k]
     top_c = np.argsort(-np.asarray(candidate_scores), kind="stable")[:k]
     return len(set(top_s.tolist()) & set(top_c.tolist())) / k
+
+
+def answer_overlap(
+    served: Sequence[dict[str, Any]], fresh: Sequence[dict[str, Any]], k: int = TOP_RERANKED
+) -> float:
+    """The share of a served answer's top ``k`` results that a fresh answer's top ``k``
+    holds (results are the gateway's, best first; a result is its document and chunk)."""
+
+    def top(results: Sequence[dict[str, Any]]) -> set[tuple[Any, Any]]:
+        return {(r["document_id"], r["chunk"]) for r in results[:k]}
+
+    want = top(served)
+    return len(want & top(fresh)) / len(want) if want else float(not fresh)

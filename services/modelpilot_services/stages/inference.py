@@ -3,10 +3,11 @@
 ``POST /v1/query`` ``{"query", "top_k", "filter", "route"}`` ->
 ``{"results": [{"document_id", "chunk", "score"}], "variant", "route", "cached"}``.
 
-Routing: with the spec's ``routing.mode: Auto`` a cheap difficulty score, ``1 - best
-retrieval similarity`` (a query far from everything indexed is hard), sends a query to the
-large re-ranker when it is >= the threshold, else to the small one; with routing ``Off``
-both routes are the planned variant's model. ``route`` in the request forces one.
+Routing (:mod:`.routing`): with the spec's ``routing.mode`` Fixed or Auto a cheap difficulty
+score sends a query to the large re-ranker when it is above the threshold, else to the small
+one, and a sampled share is re-ranked by both to measure their agreement; with routing
+``Off`` both routes are the planned variant's model. ``route`` in the request forces one.
+The semantic cache (:mod:`.cache`) answers repeats; a sample of its answers is checked.
 Admin port: ``GET|PATCH /v1/admin/config`` reads or changes the live thresholds
 (``routingThreshold``, ``cacheThreshold``; ``GET`` also shows the routed models) and
 ``/v1/admin/shadow`` mirrors to a verification candidate.
@@ -14,7 +15,7 @@ Admin port: ``GET|PATCH /v1/admin/config`` reads or changes the live thresholds
 Env: ``PORT`` (8084), ``MODELPILOT_EMBEDDING_URL``, ``MODELPILOT_RETRIEVAL_URL``,
 ``MODELPILOT_TRITON_URL``; without service.json (local processes)
 ``MODELPILOT_SMALL_MODEL`` / ``MODELPILOT_LARGE_MODEL``, ``MODELPILOT_ROUTING_THRESHOLD``
-(0.5) and ``MODELPILOT_CACHE_*``.
+(0.5), ``MODELPILOT_SAMPLE_RATIO`` (0.1, both checks) and ``MODELPILOT_CACHE_*``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from modelpilot import contract
 from modelpilot_services.models import minilm
-from modelpilot_services.stages.agreement import top_overlap
-from modelpilot_services.stages.cache import SemanticCache
+from modelpilot_services.stages.agreement import answer_overlap, top_overlap
+from modelpilot_services.stages.cache import CacheCheck, SemanticCache
+from modelpilot_services.stages.routing import Route, Router, difficulty
 from modelpilot_services.stages.shadow import Shadow
 from modelpilot_services.toolkit.http import call_downstream, json_response, parse
 from modelpilot_services.toolkit.metrics import LATENCY_BUCKETS, TritonStats
@@ -71,6 +73,8 @@ class Inference(Service):
         large_model: str = "reranker_large",
         routing_threshold: float = 0.5,
         cache: SemanticCache,
+        sample_ratio: float = 0.1,
+        cache_sample_ratio: float = 0.1,
         timeout_s: float = 30.0,
     ):
         super().__init__()
@@ -78,8 +82,9 @@ class Inference(Service):
         self.retrieval = Upstream(retrieval_url, timeout_s=timeout_s)
         self.triton_url, self.timeout_s = triton_url, timeout_s
         self.models = {"small": small_model, "large": large_model}
-        self.threshold = routing_threshold
+        self.router = Router(self.stage, self.registry, routing_threshold, sample_ratio)
         self.cache = cache
+        self.check = CacheCheck(self.stage, self.registry, cache_sample_ratio)
         self.query_duration = Histogram(
             contract.METRIC_QUERY_DURATION, "End-to-end query latency at the gateway.",
             ["stage"], registry=self.registry, buckets=LATENCY_BUCKETS,
@@ -133,30 +138,48 @@ class Inference(Service):
         embedded = await self._post(self.embedding, "/v1/embed", {"texts": [body.query]})
         vector = np.asarray(embedded["embeddings"][0], dtype=np.float32)
         key = json.dumps([body.top_k, body.filter, body.route], sort_keys=True)
-        cached = self.cache.get(key, vector)
-        self.cache_requests.labels(self.stage, "hit" if cached else "miss").inc()
-        if cached is not None:
+        near = self.cache.nearest(key, vector)
+        if near is not None:
+            self.check.looked_up(near[0])
+        hit = near is not None and near[0] >= self.cache.threshold
+        self.cache_requests.labels(self.stage, "hit" if hit else "miss").inc()
+        if near is not None and hit:
+            similarity, cached = near
+
+            async def recheck() -> float:
+                fresh = await self._answer(body, vector, embedded["model"], cached["route"])
+                return answer_overlap(cached["results"], fresh["results"])
+
+            self.check.sample_hit(similarity, recheck)
             self.query_duration.labels(self.stage).observe(time.perf_counter() - start)
             return json_response({**cached, "cached": True})
 
+        answer = await self._answer(body, vector, embedded["model"])
+        if near is not None:  # a near miss: what the cache would have answered, checked free
+            self.check.record(near[0], answer_overlap(near[1]["results"], answer["results"]))
+        self.cache.put(key, vector, answer)
+        self.query_duration.labels(self.stage).observe(time.perf_counter() - start)
+        return json_response({**answer, "cached": False})
+
+    async def _answer(
+        self, body: Query, vector: Any, embed_model: str, recheck: Route | None = None
+    ) -> dict[str, Any]:
+        """Retrieve, route and re-rank. ``recheck``: recompute a cached answer on its route,
+        off the response path (no routing, metrics or mirroring)."""
         search = {"embedding": vector.tolist(), "top_k": max(CANDIDATES * body.top_k, 10)}
         if body.filter:
             search["filter"] = body.filter
         candidates = (await self._post(self.retrieval, "/v1/search", search))["results"]
-        route = body.route or self.route(candidates)
-        self.routed.labels(self.stage, route).inc()
+        score = difficulty(candidates)
+        route = recheck or body.route or self.router.route(score)
         model = self.models[route]
         results: list[dict[str, Any]] = []
         if candidates:
-            scores = await self.triton.score(model, body.query, [c["chunk"] for c in candidates])
-            order = np.argsort(-scores, kind="stable")[: body.top_k]
             chunks = [c["chunk"] for c in candidates]
-
-            async def overlap(candidate: str) -> list[float]:
-                other = await self.triton.score(candidate, body.query, chunks)
-                return [top_overlap(scores, other)]
-
-            self.shadow.mirror(model, overlap)
+            scores = await self.triton.score(model, body.query, chunks)
+            if recheck is None:
+                self._measure(body.query, chunks, route, score, scores)
+            order = np.argsort(-scores, kind="stable")[: body.top_k]
             results = [
                 {
                     "document_id": candidates[i]["document_id"],
@@ -166,19 +189,31 @@ class Inference(Service):
                 }
                 for i in order
             ]
-        answer = {"results": results, "variant": model, "route": route, "model": embedded["model"]}
-        self.cache.put(key, vector, answer)
-        self.query_duration.labels(self.stage).observe(time.perf_counter() - start)
-        return json_response({**answer, "cached": False})
+        if recheck is None:
+            self.routed.labels(self.stage, route).inc()
+        return {"results": results, "variant": model, "route": route, "model": embed_model}
 
-    def route(self, candidates: list[dict[str, Any]]) -> Literal["small", "large"]:
-        """``large`` when the best match is weak (difficulty = 1 - best similarity)."""
-        best = candidates[0]["score"] if candidates else 0.0
-        return "large" if 1.0 - best >= self.threshold else "small"
+    def _measure(
+        self, query: str, chunks: list[str], route: Route, score: float, scores: Any
+    ) -> None:
+        """Off the response path: the shadow candidate's agreement (verification) and, with
+        routing on, the other route's model's (the router's tuning)."""
+
+        async def shadow(candidate: str) -> list[float]:
+            return [top_overlap(scores, await self.triton.score(candidate, query, chunks))]
+
+        self.shadow.mirror(self.models[route], shadow)
+        other = self.models["large" if route == "small" else "small"]
+        if other != self.models[route]:
+
+            async def routed() -> float:
+                return top_overlap(scores, await self.triton.score(other, query, chunks))
+
+            self.router.sample(score, routed)
 
     def _knobs(self) -> dict[str, Any]:
         return {
-            "routingThreshold": self.threshold,
+            "routingThreshold": self.router.threshold,
             "cacheThreshold": self.cache.threshold,
             "smallModel": self.models["small"],
             "largeModel": self.models["large"],
@@ -192,7 +227,7 @@ class Inference(Service):
         rolls the pods), never a live knob."""
         body = await parse(request, Knobs)
         if body.routingThreshold is not None:
-            self.threshold = body.routingThreshold
+            self.router.threshold = body.routingThreshold
         if body.cacheThreshold is not None:
             self.cache.threshold = body.cacheThreshold
         return json_response(self._knobs())
@@ -203,7 +238,7 @@ def routed_models(config: contract.ServiceConfig) -> tuple[str, str] | None:
     if config.model is None:
         return None
     routing = config.routing or {}
-    if routing.get("mode") != "Auto":
+    if routing.get("mode", "Off") == "Off":
         return config.model, config.model  # routing off: every query to the planned variant
     small = config.variants.get(str(routing.get("smallVariant")), config.model)
     large = config.variants.get(str(routing.get("largeVariant")), config.model)
@@ -213,15 +248,14 @@ def routed_models(config: contract.ServiceConfig) -> tuple[str, str] | None:
 def main() -> None:
     config = service_config(Inference.stage)
     cache_cfg = config.semanticCache or {}
-    enabled = env("MODELPILOT_CACHE_ENABLED", str(cache_cfg.get("enabled", True))).lower()
+    routing = config.routing or {}
+    on = env("MODELPILOT_CACHE_ENABLED", str(cache_cfg.get("mode", "Fixed") != "Off")).lower()
     cache = SemanticCache(
-        threshold=float(
-            env("MODELPILOT_CACHE_THRESHOLD", str(cache_cfg.get("similarityThreshold", 0.95)))
-        ),
+        threshold=config.cacheThreshold or float(env("MODELPILOT_CACHE_THRESHOLD", "0.95")),
         max_entries=int(
             env("MODELPILOT_CACHE_MAX_ENTRIES", str(cache_cfg.get("maxEntries", 10000)))
         )
-        if enabled == "true"
+        if on == "true"
         else 0,
         ttl_s=float(env("MODELPILOT_CACHE_TTL_SECONDS", str(cache_cfg.get("ttlSeconds", 600)))),
         dims=int(env("MODELPILOT_DIMENSIONS", "384")),
@@ -230,14 +264,21 @@ def main() -> None:
         env("MODELPILOT_SMALL_MODEL", "reranker_small"),
         env("MODELPILOT_LARGE_MODEL", "reranker_large"),
     )
+    threshold = config.routingThreshold
     service = Inference(
         env(contract.stage_url_env("embedding"), "http://127.0.0.1:8082"),
         env(contract.stage_url_env("retrieval"), "http://127.0.0.1:8083"),
         env(contract.ENV_TRITON_URL, "localhost:8000"),
         small_model=small,
         large_model=large,
-        routing_threshold=float(env("MODELPILOT_ROUTING_THRESHOLD", "0.5")),
+        routing_threshold=float(env("MODELPILOT_ROUTING_THRESHOLD", "0.5"))
+        if threshold is None
+        else threshold,
         cache=cache,
+        sample_ratio=float(env("MODELPILOT_SAMPLE_RATIO", str(routing.get("sampleRatio", 0.1)))),
+        cache_sample_ratio=float(
+            env("MODELPILOT_SAMPLE_RATIO", str(cache_cfg.get("sampleRatio", 0.1)))
+        ),
         timeout_s=float(env("MODELPILOT_DOWNSTREAM_TIMEOUT", "30")),
     )
     service.shadow.configure(config.shadow)

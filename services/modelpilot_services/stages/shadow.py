@@ -17,9 +17,7 @@ Metrics (labels ``stage``, ``model`` = the candidate):
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -29,10 +27,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from modelpilot import contract
 from modelpilot_services.toolkit.http import ApiError, json_response, parse
+from modelpilot_services.toolkit.offpath import OffPath
 
 log = logging.getLogger(__name__)
 AGREEMENT_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
-MAX_IN_FLIGHT = 4  # shadow work never queues up behind itself: past this, skip the sample
 
 Compare = Callable[[str], Awaitable[Sequence[float]]]
 
@@ -56,7 +54,7 @@ class Shadow:
         self.stage, self.allowed, self.ensure_loaded = stage, tuple(allowed), ensure_loaded
         self.model: str | None = None
         self.ratio = 0.0
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.offpath = OffPath()
         self.agreement = Histogram(
             contract.METRIC_SHADOW_AGREEMENT,
             "Agreement of the shadow candidate's output with the serving model's (0..1)",
@@ -122,13 +120,8 @@ class Shadow:
     def mirror(self, serving: str, compare: Compare) -> None:
         """Maybe mirror this request: ``compare(candidate)`` returns agreement values."""
         model = self.model
-        if model is None or model == serving or random.random() >= self.ratio:
-            return
-        if len(self.tasks) >= MAX_IN_FLIGHT:
-            return
-        task = asyncio.get_running_loop().create_task(self._run(model, compare))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        if model is not None and model != serving:
+            self.offpath.maybe(self.ratio, lambda: self._run(model, compare))
 
     async def _run(self, model: str, compare: Compare) -> None:
         start = time.perf_counter()
