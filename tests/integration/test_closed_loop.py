@@ -707,3 +707,63 @@ def test_routing_and_the_cache_are_tuned_live_from_what_the_gateway_measured(loo
     patch_spec(namespace, {"spec": {"inference": {"routing": {"mode": "Off"},
                                                   "semanticCache": {"mode": "Off"}}}})  # fmt: skip
     wait_for(lambda: md_ready(NAME, namespace), 600, interval=2, what="Ready with routing off")
+
+
+def test_a_variant_whose_model_does_not_load_is_excluded_while_another_keeps_serving(
+    loop: str,
+) -> None:
+    """The serving embedding variant is edited to a model Triton does not have: the new pod
+    starts but is not Ready (no crash loop), the old ones keep serving, the load check
+    reads Triton's message within an interval, a ModelUnavailable Warning says so, and the
+    plan moves to the other variant. Putting the model back makes the variant usable."""
+    namespace = loop
+    variants = md(namespace)["spec"]["embedding"]["variants"]
+    assert len(variants) >= 2, "the variant test adds a second embedding variant"
+    serving = stage_status(namespace, "embedding")["variant"]
+    broken = [dict(v, model="minilm_missing") if v["name"] == serving else v for v in variants]
+    embed = service_url(namespace, "embedding") + "/v1/embed"
+    with Load(embed, {"texts": ["still served while a variant fails to load"]}, rate=2.0) as load:
+        start = time.monotonic()
+        patch_spec(namespace, {"spec": {"embedding": {"variants": broken}}})
+
+        def recorded() -> dict[str, Any] | None:
+            rows = stage_status(namespace, "embedding").get("unavailable") or []
+            return next((r for r in rows if r["variant"] == serving), None)
+
+        row = wait_for_stage(namespace, recorded, 300, f"{serving} recorded as not loading")
+        _record("model_unavailable_detected_s", round(time.monotonic() - start, 1))
+        # The pod that cannot serve runs, unready, and has not restarted: no crash loop.
+        items = kubectl_json(
+            "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=embedding"
+        )["items"]
+        ready = {p["metadata"]["name"] for p in pods(namespace, "embedding")}
+        stuck = [
+            p
+            for p in items
+            if p["metadata"]["name"] not in ready and not p["metadata"].get("deletionTimestamp")
+        ]
+        for p in stuck:  # (unless the plan's move has already begun to remove it)
+            for c in p["status"].get("containerStatuses") or []:
+                assert c["restartCount"] == 0 and "running" in c["state"], c
+        wait_for_stage(
+            namespace,
+            lambda: (
+                md_ready(NAME, namespace)
+                and stage_status(namespace, "embedding")["variant"] != serving
+            ),
+            600,
+            "the plan moved to a variant that loads, Ready",
+        )
+        _record("model_unavailable_to_ready_s", round(time.monotonic() - start, 1))
+    assert not load.failed, load.failed[:5]  # the old pods served throughout
+    assert row["model"] == "minilm_missing" and "minilm_missing" in row["reason"], row
+    (warning,) = [m for m in events(namespace, "ModelUnavailable") if serving in m]
+    assert "does not load" in warning and "minilm_missing" in warning
+    assert not [m for m in events(namespace, "BackOff") if "embedding" in m]  # no crash loop
+    conditions = md(namespace)["status"]["conditions"]
+    assert next(c for c in conditions if c["type"] == "Degraded")["status"] == "False"
+    patch_spec(namespace, {"spec": {"embedding": {"variants": variants}}})
+    wait_for(
+        lambda: recorded() is None, 120, what="the record dropped once the variant's model changed"
+    )
+    wait_for(lambda: md_ready(NAME, namespace), 600, interval=2, what="Ready again")

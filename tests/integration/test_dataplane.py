@@ -21,7 +21,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelpilot import contract
-from modelpilot.adapters.live import LiveSettings, Pod, sync_pods
+from modelpilot.adapters.live import LiveSettings, Pod, check_loads, sync_pods
 from modelpilot_services.devtools.stack import Stack, http_ok
 from modelpilot_services.models import calibration, tritonserve
 from tests.dataplane.client import call, ok
@@ -628,6 +628,45 @@ def test_the_triton_entrypoint_writes_the_repository_and_serves(tmp_path: Path) 
                             "data": ["a pod's first request"]}]}  # fmt: skip
         out = ok("POST", f"{base}/v2/models/minilm_static/infer", body)["outputs"][0]
         assert out["shape"] == [1, 384]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def test_load_checks_read_tritons_reason_for_a_missing_or_broken_model(tmp_path: Path) -> None:
+    """What the Triton sidecar runs in a pod, asked for a model its repository lacks and one
+    whose config Triton rejects: it stays up serving the rest (no crash loop), and the
+    operator's load check reports each with Triton's own message."""
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    broken = tmp_path / "models/broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\n')
+    env = {**os.environ, "MODELPILOT_TRITON_WORKDIR": str(tmp_path / "work")}
+    args = [
+        f"--model-repository={tmp_path / 'models'}", "--model-control-mode=explicit",
+        "--load-model=minilm_static", "--load-model=missing_model", "--load-model=broken",
+        "--exit-on-error=false", f"--http-port={http}", f"--grpc-port={grpc}",
+        f"--metrics-port={metrics}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelpilot_services.models.tritonserve", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{http}"
+        wait_for(lambda: http_ok(f"{base}/v2/models/minilm_static/ready"), 180, what="Triton")
+        pod = Pod(base, f"http://127.0.0.1:{free_port()}", None)
+        found = pod.unavailable(["minilm_static", "missing_model", "broken"])
+        assert set(found) == {"missing_model", "broken"}, found
+        assert "missing_model" in found["missing_model"] and "not found" in found["missing_model"]
+        assert "no_such_backend" in found["broken"], found["broken"]
+        with cf.ThreadPoolExecutor(2) as pool:
+            checked = check_loads([("p-0", pod)], ["minilm_static", "missing_model"], pool)
+        assert list(checked) == ["missing_model"] and checked["missing_model"].endswith("(pod p-0)")
+        assert proc.poll() is None  # still serving
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)

@@ -36,6 +36,7 @@ class FakeKube:
         self.status_writes = 0
         self.applies = 0
         self.pods: dict[str, list[tuple[str, str, dict[str, str]]]] = {}
+        self.not_ready: dict[str, list[tuple[str, str, dict[str, str]]]] = {}
         self._failures: dict[str, BaseException] = {}
         self._version = 0
 
@@ -153,11 +154,14 @@ class FakeKube:
         self.objects[key] = {**body, **({"status": live["status"]} if "status" in live else {})}
         return Applied(obj["kind"], meta["name"], "updated")
 
-    def ready_pods(
+    def running_pods(
         self, namespace: str, labels: Mapping[str, str]
-    ) -> list[tuple[str, str, dict[str, str]]]:
-        self._maybe_fail("ready_pods")
-        return list(self.pods.get(labels.get("app.kubernetes.io/component", ""), []))
+    ) -> list[tuple[str, str, dict[str, str], bool]]:
+        """The ready pods, and the ones in ``not_ready`` (stage -> pods)."""
+        self._maybe_fail("running_pods")
+        stage = labels.get("app.kubernetes.io/component", "")
+        ready = [(*p, True) for p in self.pods.get(stage, [])]
+        return ready + [(*p, False) for p in self.not_ready.get(stage, [])]
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self._maybe_fail("delete")

@@ -28,11 +28,18 @@ CURRENT = {s: config_hash(service_config(SPEC, s, PLAN[s])) for s in contract.MO
 
 
 class FakeKube:
-    def __init__(self, pods: dict[str, list[tuple[str, str, dict[str, str]]]]) -> None:
-        self.pods, self.events = pods, []  # type: ignore[var-annotated]
+    def __init__(
+        self,
+        pods: dict[str, list[tuple[str, str, dict[str, str]]]],
+        not_ready: dict[str, list[tuple[str, str, dict[str, str]]]] | None = None,
+    ) -> None:
+        self.pods, self.not_ready, self.events = pods, not_ready or {}, []  # type: ignore[var-annotated]
 
-    def ready_pods(self, namespace: str, labels: dict[str, str]) -> list[Any]:
-        return self.pods.get(labels["app.kubernetes.io/component"], [])
+    def running_pods(self, namespace: str, labels: dict[str, str]) -> list[Any]:
+        stage = labels["app.kubernetes.io/component"]
+        return [(*p, True) for p in self.pods.get(stage, [])] + [
+            (*p, False) for p in self.not_ready.get(stage, [])
+        ]
 
     def event(self, owner: Any, type_: str, reason: str, message: str) -> None:
         self.events.append((reason, message))
@@ -41,8 +48,17 @@ class FakeKube:
 class FakePod:
     """A pod whose settings are a value: ``sync`` corrects them, or fails like HTTP would."""
 
-    def __init__(self, runs: live.LiveSettings | None, error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        runs: live.LiveSettings | None,
+        error: Exception | None = None,
+        missing: dict[str, str] | None = None,
+    ) -> None:
         self.runs, self.error, self.synced = runs, error, 0
+        self.missing = missing or {}  # model -> Triton's message
+
+    def unavailable(self, models: list[str]) -> dict[str, str]:
+        return {m: why for m, why in self.missing.items() if m in models}
 
     def sync(self, want: live.LiveSettings) -> list[str]:
         self.synced += 1
@@ -136,3 +152,23 @@ def test_stages_without_triton_are_not_synced(cluster: dict[str, Any]) -> None:
     kube = FakeKube({s: [] for s in contract.STAGES})
     result = Actuator(kube, Defaults()).sync_live(MD, SPEC, PLAN)  # type: ignore[arg-type]
     assert sorted(result) == sorted(contract.MODEL_STAGES)
+
+
+def test_load_checks_cover_pods_that_are_not_ready_and_name_the_pod(
+    cluster: dict[str, Any],
+) -> None:
+    """The pod a model keeps from Ready is the one to ask: it is checked, never synced."""
+    served = want("embedding").models[0]
+    ready = FakePod(want("embedding"))
+    stuck = FakePod(None, missing={served: "Request for unknown model"})
+    older = FakePod(None, missing={served: "an older template's"})
+    cluster["pods"].update({"10.0.0.1": ready, "10.0.0.2": stuck, "10.0.0.3": older})
+    notes = {CONFIG_HASH: CURRENT["embedding"]}
+    kube = FakeKube(
+        {"embedding": [("a", "10.0.0.1", notes)]},
+        {"embedding": [("b", "10.0.0.2", notes), ("c", "10.0.0.3", {CONFIG_HASH: "old"})]},
+    )
+    result = Actuator(kube, Defaults()).sync_live(MD, SPEC, PLAN)["embedding"]  # type: ignore[arg-type]
+    assert (ready.synced, stuck.synced, older.synced) == (1, 0, 0)
+    assert result.unavailable == {served: "Request for unknown model (pod b)"}
+    assert result.on_plan == 1 and result.rolling == 0  # a not-ready older pod is no rollout

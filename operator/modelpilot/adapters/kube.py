@@ -148,20 +148,24 @@ class Kube:
             action = "unchanged"
         return Applied(obj["kind"], meta["name"], action)
 
-    def ready_pods(
+    def running_pods(
         self, namespace: str, labels: Mapping[str, str]
-    ) -> list[tuple[str, str, dict[str, str]]]:
-        """(name, IP, annotations) of every Ready, not terminating pod matching ``labels``."""
+    ) -> list[tuple[str, str, dict[str, str], bool]]:
+        """(name, IP, annotations, Ready) of every pod matching ``labels`` that has an IP and
+        is not terminating."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
         pods = (
             client.CoreV1Api(self.api).list_namespaced_pod(namespace, label_selector=selector).items
         )
         return [
-            (p.metadata.name, p.status.pod_ip, dict(p.metadata.annotations or {}))
+            (
+                p.metadata.name,
+                p.status.pod_ip,
+                dict(p.metadata.annotations or {}),
+                any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []),
+            )
             for p in pods
-            if p.status.pod_ip
-            and p.metadata.deletion_timestamp is None
-            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+            if p.status.pod_ip and p.metadata.deletion_timestamp is None
         ]
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:

@@ -14,9 +14,9 @@ stops the others.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -136,6 +136,31 @@ class Pod:
         else:
             self._call("PUT", url, self.admin_headers, shadow.model_dump())
 
+    def unavailable(self, models: Sequence[str]) -> dict[str, str]:
+        """The ``models`` Triton does not serve and will not without a change, each with
+        Triton's own message: not in the repository, or failed to load (a model still
+        loading, or not asked to load yet, is not a finding)."""
+        out: dict[str, str] = {}
+        index: dict[str, Any] | None = None
+        for model in models:
+            r = self.http.get(f"{self.triton}/v2/models/{model}/ready", timeout=self.timeout_s)
+            if r.status_code == 200:
+                continue
+            if index is None:  # a read, though a POST (and restricted: the token)
+                url = f"{self.triton}/v2/repository/index"
+                r = self.http.post(
+                    url, json={}, headers=self.triton_headers, timeout=self.timeout_s
+                )
+                r.raise_for_status()
+                index = {row.get("name"): row for row in r.json()}
+            row = index.get(model)
+            if row is None:  # not in the repository: Triton says why
+                r = self.http.get(f"{self.triton}/v2/models/{model}", timeout=self.timeout_s)
+                out[model] = _error(r) or f"HTTP {r.status_code} for model {model}"
+            elif row.get("state") == "UNAVAILABLE" and row.get("reason"):
+                out[model] = str(row["reason"])[:500]
+        return out
+
     def thresholds(self) -> dict[str, Any]:
         """The gateway's live knobs (admin config)."""
         return dict(self._call("GET", self.admin + contract.ADMIN_CONFIG_PATH, self.admin_headers))
@@ -176,6 +201,7 @@ class StageSync:
 
     pods: tuple[PodSync, ...]
     rolling: int = 0  # ready pods of an older template, which the rollout replaces
+    unavailable: Mapping[str, str] = field(default_factory=dict)  # model -> why (load check)
 
     @property
     def message(self) -> str | None:
@@ -198,18 +224,24 @@ class StageSync:
         return tuple(p for p in self.pods if p.error is not None)
 
 
+def _error(r: requests.Response) -> str | None:
+    """The message of Triton's ``{"error": ...}`` body, if it has one."""
+    try:
+        detail = r.json().get("error")
+    except ValueError:
+        return None
+    detail = detail.get("message") if isinstance(detail, dict) else detail
+    return str(detail)[:500] if detail else None
+
+
 def describe(exc: BaseException) -> str:
     """A stable one-line cause (no object addresses or timings), so that status and Events
     change only when the cause does."""
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         r = exc.response
-        try:
-            detail = r.json().get("error")
-            detail = detail.get("message") if isinstance(detail, dict) else detail
-        except ValueError:
-            detail = None
+        detail = _error(r)
         return f"HTTP {r.status_code} from {r.request.method} {r.url}" + (
-            f": {str(detail)[:200]}" if detail else ""
+            f": {detail[:200]}" if detail else ""
         )
     if isinstance(exc, requests.RequestException) and exc.request is not None:
         return f"{type(exc).__name__} on {exc.request.method} {exc.request.url}"
@@ -241,3 +273,26 @@ def sync_pods(
             pod.writes.close()
 
     return StageSync(tuple(pool.map(lambda p: one(*p), pods)), rolling)
+
+
+def check_loads(
+    pods: Sequence[tuple[str, Pod]], models: Sequence[str], pool: ThreadPoolExecutor
+) -> dict[str, str]:
+    """Load checks on every ``(name, pod)`` of the current template, ready or not: the
+    ``models`` some pod's Triton does not serve and will not, with Triton's message and the
+    pod. A pod that does not answer (still starting) is no finding."""
+
+    def one(name: str, pod: Pod) -> dict[str, str]:
+        try:
+            return {m: f"{why} (pod {name})" for m, why in pod.unavailable(models).items()}
+        except Exception:  # unreachable or starting: the readiness probe reports that
+            return {}
+        finally:
+            pod.http.close()
+            pod.writes.close()
+
+    found: dict[str, str] = {}
+    for result in pool.map(lambda p: one(*p), pods):
+        for model, why in result.items():
+            found.setdefault(model, why)
+    return found

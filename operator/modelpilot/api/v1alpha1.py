@@ -756,6 +756,16 @@ class GatewayMeasurement(_Model):
     samples: int = Field(default=0, description="Sampled comparisons behind agreement.")
 
 
+class UnavailableVariant(_Model):
+    """A variant whose Triton model does not load: the optimizer does not use it until
+    ``until`` or until the variant's model changes in the spec."""
+
+    variant: str = Field(max_length=63, description="The variant.")
+    model: str = Field(max_length=253, description="Its Triton model.")
+    reason: str = Field(max_length=1024, description="Triton's message, and the pod.")
+    until: int = Field(description="Unix time at which it is tried again.")
+
+
 class StageStatus(_Model):
     replicas: int = Field(default=0, description="Replicas the operator has set.")
     ready_replicas: int = Field(
@@ -790,6 +800,11 @@ class StageStatus(_Model):
     )
     cache: GatewayMeasurement | None = Field(
         default=None, description="Gateway: the cache as measured (hit ratio, hit agreement)."
+    )
+    unavailable: list[UnavailableVariant] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Variants whose model Triton could not load (load checks).",
     )
     pods_on_plan: int | None = Field(
         default=None,

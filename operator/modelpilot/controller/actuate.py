@@ -2,7 +2,8 @@
 
 ``Actuator.apply`` server-side applies the rendered children (and prunes those a spec change
 made unwanted); ``Actuator.sync_live`` brings every ready pod's live settings (the fields in
-:data:`modelpilot.contract.LIVE_FIELDS`) to the plan. Which fields are live and which roll
+:data:`modelpilot.contract.LIVE_FIELDS`) to the plan, and checks on every pod of the plan's
+template that Triton serves the plan's models (load checks). Which fields are live and which roll
 pods is decided once, in the contract; render's config hash reads the same table.
 """
 
@@ -14,7 +15,7 @@ import logging
 import secrets
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from modelpilot import contract
@@ -156,13 +157,19 @@ class Actuator:
             want = live.LiveSettings.of(config)
             if want is None:
                 continue
-            current, rolling, template = [], 0, config_hash(config)
-            for pod, ip, notes in self.kube.ready_pods(namespace, selector(name, stage)):
+            current, checked, rolling, template = [], [], 0, config_hash(config)
+            for pod, ip, notes, ready in self.kube.running_pods(namespace, selector(name, stage)):
                 if notes.get(CONFIG_HASH) != template:
-                    rolling += 1  # an older template: the rollout replaces it, not a push
+                    rolling += ready  # an older template: the rollout replaces it, not a push
                     continue
-                current.append((pod, live.pod_at(ip, token)))
+                checked.append((pod, live.pod_at(ip, token)))
+                if ready:
+                    current.append((pod, live.pod_at(ip, token)))
             result = live.sync_pods(current, want, self.pool, rolling=rolling)
+            # Load checks: a pod of the plan's template that is not Ready may be one whose
+            # model does not load (Triton runs with --exit-on-error=false: no crash loop).
+            unavailable = live.check_loads(checked, want.models, self.pool)
+            result = replace(result, unavailable=unavailable)
             if result.corrected:
                 what = "; ".join(f"{p.pod}: {', '.join(p.corrected)}" for p in result.corrected)
                 self.kube.event(md, "Normal", "LiveUpdated", f"{stage}: applied the plan to {what}")

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import os
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,7 +22,7 @@ from modelpilot.adapters.prometheus import NotAllowed, PrometheusConfig, Telemet
 from modelpilot.api.v1alpha1 import GROUP, PLURAL, VERSION, ModelDeploymentSpec
 from modelpilot.contract import MODEL_STAGES
 from modelpilot.controller.actuate import Actuator
-from modelpilot.controller.conditions import merge_patch
+from modelpilot.controller.conditions import merge_patch, rfc3339
 from modelpilot.controller.optimizer_loop import OptimizerLoop
 from modelpilot.controller.reconcile import Reconciler, TransientError
 from modelpilot.optimizer import profiles
@@ -239,12 +240,34 @@ def _sync_live(memo: kopf.Memo, namespace: str, name: str) -> None:
         status = md.get("status") or {}
         plan = plans.resume(spec, status.get("stages") or {}, memo.reconciler.quality(spec))
         synced = memo.actuator.sync_live(md, spec, plan)
-        stages = {
-            stage: {"podsOnPlan": result.on_plan, "liveMessage": result.message}
-            for stage, result in synced.items()
-        }
+        stages, found = {}, []
+        for stage, result in synced.items():
+            records, new = plans.record_unavailable(
+                spec.model_stage(stage),
+                (status.get("stages") or {}).get(stage),
+                result.unavailable,
+                time.time(),
+                spec.optimizer.verification.retry_after_seconds,
+            )
+            stages[stage] = {
+                "podsOnPlan": result.on_plan,
+                "liveMessage": result.message,
+                "unavailable": records,
+            }
+            found += [(stage, r) for r in new]
         if merge_patch(status, {"stages": stages}) != status:
             memo.reconciler.kube.patch_status(namespace, name, {"stages": stages})
+        for stage, r in found:
+            memo.reconciler.kube.event(
+                md,
+                "Warning",
+                "ModelUnavailable",
+                f"{stage}/{r['variant']}: model {r['model']} does not load: {r['reason']}; "
+                f"not used until {rfc3339(r['until'])} or until its model changes",
+            )
+    if found:  # the plan moves off it now, not at the next change
+        with _lock(memo, namespace, name):
+            memo.reconciler.reconcile(namespace, name)
 
 
 def _model_pod(labels: kopf.Labels, **_: Any) -> bool:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from modelpilot.adapters.kube import Kube
 from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec, OptimizerMode
+from modelpilot.contract import MODEL_STAGES
 from modelpilot.controller import conditions as cond
 from modelpilot.controller.reconcile import Reconciler
 from modelpilot.optimizer.history import History
@@ -100,7 +101,13 @@ class OptimizerLoop:
                 snapshot = self.snapshot_source(url, namespace, name, now)
             except Exception as exc:  # any failure to read telemetry means: hold
                 snapshot, problem = None, f"Prometheus at {url} unreachable: {exc}"[:500]
-        decision = decide(spec, plan, snapshot, history, self.profiles, now)
+        stages = status.get("stages") or {}
+        unavailable = {
+            s: plans.unavailable(spec.model_stage(s), stages.get(s)) for s in MODEL_STAGES
+        }
+        decision = decide(
+            spec, plan, snapshot, history, self.profiles, now, unavailable=unavailable
+        )
         self.histories[(namespace, name)] = decision.history
         self._record(md, spec, plan, decision, snapshot, problem, now)
         return decision

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from modelpilot.adapters.kube import Kube
 from modelpilot.api.v1alpha1 import STAGES, ModelDeploymentSpec
+from modelpilot.contract import MODEL_STAGES
 from modelpilot.controller import conditions as cond
 from modelpilot.controller.actuate import Actuator, ApplyRejected
 from modelpilot.optimizer.profiles import Profiles
@@ -70,6 +71,20 @@ def _observed(
             >= (dep["metadata"].get("generation") or 0),
         )
     return out
+
+
+def _serving_unavailable(
+    spec: ModelDeploymentSpec, plan: plans.Plan, stages: Mapping[str, Any]
+) -> str | None:
+    """Why a stage must serve a variant whose model does not load (no other variant of it
+    does), or None."""
+    out = []
+    for name in MODEL_STAGES:
+        recorded, variant = stages.get(name) or {}, plan[name].variant
+        if variant in plans.unavailable(spec.model_stage(name), recorded):
+            why = next(r["reason"] for r in recorded["unavailable"] if r["variant"] == variant)
+            out.append(f"{name}/{variant}: no variant of the stage loads: {why}")
+    return "; ".join(out)[:1024] or None
 
 
 def _stage_status(
@@ -204,12 +219,13 @@ class Reconciler:
             now,
             gen,
         )
+        stuck = _serving_unavailable(spec, plan, status.get("stages") or {})
         conditions = cond.set_condition(
             conditions,
             "Degraded",
-            "False",
-            "ReconcileSucceeded",
-            "children match the spec",
+            "True" if stuck else "False",
+            "ModelUnavailable" if stuck else "ReconcileSucceeded",
+            stuck or "children match the spec",
             now,
             gen,
         )

@@ -113,6 +113,7 @@ class _Tick:
     quality: dict[str, dict[str, Quality]]  # model stage -> variant -> its assessed quality
     rules: Verification
     gated: bool  # variant switches wait for a verification
+    unavailable: Mapping[str, frozenset[str]]  # stage -> variants whose model does not load
     reasons: list[str] = field(default_factory=list)
     verifications: list[tuple[str, str, str]] = field(default_factory=list)
     excluded: dict[str, set[str]] = field(default_factory=dict)  # rejected candidates
@@ -161,8 +162,11 @@ def decide(
     profiles: Profiles,
     now: float,
     tun: Tunables | None = None,
+    unavailable: Mapping[str, frozenset[str]] | None = None,
 ) -> Decision:
-    """Decide the next plan. See the module docstring for the model and the guarantees."""
+    """Decide the next plan. See the module docstring for the model and the guarantees.
+    ``unavailable``: per stage, the variants whose model a load check found not loading
+    (never chosen nor verified)."""
     tun = tun or Tunables()
     t = int(now)
     if spec.optimizer.mode == OptimizerMode.OFF:
@@ -185,6 +189,7 @@ def decide(
         quality={s: assess(s, spec.model_stage(s), profiles, tun) for s in MODEL_STAGES},
         rules=rules,
         gated=spec.optimizer.mode == OptimizerMode.AUTO and rules.enabled,
+        unavailable=unavailable or {},
     )
     reasons = ctx.reasons
     new_plan: Plan = dict(plan)
@@ -343,6 +348,9 @@ def _model_stage(
         running = ctx.judge_running(name, stage, cur, hist, tele)
         hist = running.history
     ctx.excluded[name] = hist.rejected_at(t) - {cur.variant or ""}
+    if missing := ctx.unavailable.get(name, frozenset()) - {cur.variant or ""}:
+        ctx.excluded[name] |= missing
+        reasons.append(f"{name}: not using {', '.join(sorted(missing))}: model does not load")
     size = stage_sizer(stage, budget, calib_pm / 1000, tun, tele.items_per_request or 1.0)
     batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
     options = variant_options(

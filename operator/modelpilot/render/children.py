@@ -218,6 +218,10 @@ def _triton_container(
             "--model-repository=/models",
             "--model-control-mode=explicit",
             *(f"--load-model={m}" for m in models),
+            # A model that does not load leaves the others serving and the pod not Ready
+            # (the service's readiness names the model), not a crash loop: the operator's
+            # load check reads Triton's reason and moves the plan off the variant.
+            "--exit-on-error=false",
             "--allow-metrics=true",
             # Model control only with the admin token, on both protocols.
             f"--http-restricted-api={restricted}:{header}",

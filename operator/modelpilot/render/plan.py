@@ -40,19 +40,65 @@ Plan = dict[str, StagePlan]
 Quality = Mapping[str, Mapping[str, float]]  # stage -> variant -> quality
 
 
+def unavailable(stage: ModelStage, recorded: Mapping[str, Any] | None) -> frozenset[str]:
+    """The stage's variants recorded in ``status.stages.<stage>.unavailable`` (their model
+    did not load) that still name the same model: a variant whose model the user changed
+    is tried again."""
+    out = set()
+    for row in (recorded or {}).get("unavailable") or []:
+        v = stage.variant(str(row.get("variant")))
+        if v is not None and v.model == row.get("model"):
+            out.add(v.name)
+    return frozenset(out)
+
+
+def record_unavailable(
+    stage: ModelStage,
+    recorded: Mapping[str, Any] | None,
+    found: Mapping[str, str],
+    now: float,
+    retry_s: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The stage's ``unavailable`` records after a load check found ``found`` (model ->
+    Triton's message): earlier records stay until ``until`` or until their variant's model
+    changes (a variant that no longer serves is no longer checked, so forgetting it at once
+    would try it again at once); each variant of a model found is added. Returns (records,
+    the new ones)."""
+    keep = [
+        dict(r)
+        for r in (recorded or {}).get("unavailable") or []
+        if int(r.get("until") or 0) > now and r.get("variant") in unavailable(stage, recorded)
+    ]
+    have = {(r["variant"], r["model"]) for r in keep}
+    new = [
+        {"variant": v.name, "model": v.model, "reason": found[v.model][:1024],
+         "until": int(now) + retry_s}
+        for v in stage.variants
+        if v.model in found and (v.name, v.model) not in have
+    ]  # fmt: skip
+    return keep + new, new
+
+
 def _starting_variant(
-    spec: ModelDeploymentSpec, name: str, stage: ModelStage, quality: Quality | None
+    spec: ModelDeploymentSpec,
+    name: str,
+    stage: ModelStage,
+    quality: Quality | None,
+    exclude: frozenset[str] = frozenset(),
 ) -> str:
     """The cheapest variant that meets the quality floor, by ``quality`` (the operator's
-    assessment: measured where a profile has it) or else the declared figures."""
+    assessment: measured where a profile has it) or else the declared figures, among those
+    not excluded (while any is not)."""
     floor = float(spec.slo.min_quality_value)
     known = quality.get(name, {}) if quality else {}
 
     def q(v: Variant) -> float:
         return known.get(v.name, float(v.quality_value))
 
-    ok = [v for v in stage.variants if q(v) >= floor]
-    pool = ok or [stage.reference]
+    usable = [v for v in stage.variants if v.name not in exclude] or list(stage.variants)
+    ok = [v for v in usable if q(v) >= floor]
+    best = stage.reference if stage.reference in usable else max(usable, key=q)
+    pool = ok or [best]
     return min(pool, key=lambda v: (v.cost_value, -q(v))).name
 
 
@@ -67,17 +113,23 @@ def _threshold(knob: Routing | SemanticCache, recorded: Any = None) -> float | N
     return min(max(float(recorded), low), high)
 
 
-def initial(spec: ModelDeploymentSpec, quality: Quality | None = None) -> Plan:
+def initial(
+    spec: ModelDeploymentSpec,
+    quality: Quality | None = None,
+    exclude: Mapping[str, frozenset[str]] | None = None,
+) -> Plan:
     """Where a new ModelDeployment starts: min replicas (at least 1), spec batching, the
-    cheapest variant at or above the quality floor (``quality``: see _starting_variant)."""
+    cheapest variant at or above the quality floor (``quality``: see _starting_variant)
+    that is not in ``exclude`` (stage -> variants whose model does not load)."""
     plan: Plan = {}
     for name in STAGES:
         stage = spec.stage(name)
         replicas = max(stage.replicas.min, min(1, stage.replicas.max))
         if isinstance(stage, ModelStage):
+            skip = (exclude or {}).get(name, frozenset())
             plan[name] = StagePlan(
                 replicas=replicas,
-                variant=_starting_variant(spec, name, stage, quality),
+                variant=_starting_variant(spec, name, stage, quality, skip),
                 max_batch_size=stage.batching.max_batch_size,
                 max_queue_delay_us=stage.batching.max_queue_delay_microseconds,
             )
@@ -100,9 +152,15 @@ def resume(
     """The plan recorded in status, clamped to the current spec's bounds.
 
     A spec edit can shrink bounds or remove a variant: the recorded value is then clamped
-    or reset to the starting point, never carried over out of bounds.
+    or reset to the starting point, never carried over out of bounds. A variant whose model
+    does not load (:func:`unavailable`) neither serves nor is shadowed while another can.
     """
-    start = initial(spec, quality)
+    exclude = {
+        name: unavailable(stage, stages_status.get(name))
+        for name in STAGES
+        if isinstance(stage := spec.stage(name), ModelStage)
+    }
+    start = initial(spec, quality, exclude)
     plan: Plan = {}
     for name in STAGES:
         stage = spec.stage(name)
@@ -114,7 +172,9 @@ def resume(
             plan[name] = StagePlan(replicas=replicas)
             continue
         variant = recorded.get("variant")
-        if variant is None or stage.variant(variant) is None:
+        skip = exclude.get(name, frozenset())
+        gone = variant is None or stage.variant(variant) is None
+        if gone or (variant in skip and base.variant not in skip):  # another one loads
             variant = base.variant
         mbs = min(
             int(recorded.get("maxBatchSize") or stage.batching.max_batch_size),
@@ -129,7 +189,9 @@ def resume(
             stage.batching.max_queue_delay_microseconds,
         )
         shadow = recorded.get("shadowVariant")
-        if shadow is not None and (stage.variant(shadow) is None or shadow == variant):
+        if shadow is not None and (
+            stage.variant(shadow) is None or shadow == variant or shadow in skip
+        ):
             shadow = None
         plan[name] = replace(
             base,
