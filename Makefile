@@ -73,6 +73,10 @@ crds: $(VENV)/.stamp ## regenerate crds/ and the chart's CRD from the pydantic m
 profile: $(VENV)/.stamp ## measure each model variant (latency per batch, quality) -> profiles/cpu.json
 	$(PY) -m modelpilot_services.devtools.profile --out profiles/cpu.json $(ARGS)
 
+.PHONY: routing-study
+routing-study: $(VENV)/.stamp ## which per-query score predicts small/large re-ranker disagreement (real queries)
+	$(PY) -m modelpilot_services.devtools.routing_study $(ARGS)
+
 TRACE ?=
 .PHONY: bench
 bench: $(VENV)/.stamp ## replay traces (TRACE=path.csv, default: all built-in) under every policy

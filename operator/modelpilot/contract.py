@@ -67,16 +67,13 @@ METRIC_ROUTED_REQUESTS = "modelpilot_routed_requests"  # counter {route: small|l
 METRIC_SHADOW_AGREEMENT = "modelpilot_shadow_agreement"  # histogram {model} 0..1
 METRIC_SHADOW_DURATION = "modelpilot_shadow_duration_seconds"  # histogram {model}
 METRIC_SHADOW_ERRORS = "modelpilot_shadow_errors"  # counter {model}
-# routing and cache checks: a score's distribution over its bands (histogram, ``le``) and
-# the agreement measured in each band (summary {band}: _sum / _count = mean agreement)
-METRIC_ROUTING_DIFFICULTY = "modelpilot_routing_difficulty"  # histogram: routed queries
-METRIC_ROUTING_AGREEMENT = "modelpilot_routing_agreement"  # summary {band}: small vs large
+# routing and cache checks (summaries: _sum / _count = mean agreement, top-3 overlap)
+METRIC_ROUTING_AGREEMENT = "modelpilot_routing_agreement"  # summary: small vs large
 METRIC_CACHE_SIMILARITY = "modelpilot_cache_similarity"  # histogram: nearest cached entry
 METRIC_CACHE_AGREEMENT = "modelpilot_cache_agreement"  # summary {band}: cached vs fresh
 STAGE_LABEL = "stage"
-# The bands a routing difficulty or a cache similarity falls in, by upper edge (Prometheus'
-# ``le``): the thresholds the optimizer sets are these edges, so every choice is measured.
-ROUTING_BANDS = tuple(round(i / 20, 2) for i in range(1, 21))
+# The bands a cache lookup's similarity falls in, by upper edge (Prometheus' ``le``): the
+# thresholds the optimizer sets are these edges, so every choice is measured.
 CACHE_BANDS = tuple(round(0.5 + i / 100, 2) for i in range(1, 51))
 
 
@@ -122,7 +119,7 @@ class ServiceConfig(BaseModel):
     # inference (the gateway)
     routing: dict[str, Any] | None = None
     semanticCache: dict[str, Any] | None = None
-    routingThreshold: float | None = None  # difficulty above which a query goes large
+    smallShare: float | None = None  # share of queries routed to the small variant
     cacheThreshold: float | None = None  # similarity at or above which the cache answers
 
     def json_text(self) -> str:
@@ -133,5 +130,5 @@ class ServiceConfig(BaseModel):
 # gateway's thresholds); the rest of service.json rolls the pods. render's config hash
 # leaves exactly these out.
 LIVE_FIELDS = frozenset(
-    {"maxBatchSize", "maxQueueDelayMicroseconds", "shadow", "routingThreshold", "cacheThreshold"}
+    {"maxBatchSize", "maxQueueDelayMicroseconds", "shadow", "smallShare", "cacheThreshold"}
 )

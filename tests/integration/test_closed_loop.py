@@ -637,10 +637,10 @@ def test_the_operator_killed_mid_rollout_comes_back_and_converges(loop: str) -> 
 
 def test_routing_and_the_cache_are_tuned_live_from_what_the_gateway_measured(loop: str) -> None:
     """Routing Auto with the large re-ranker added: the gateway re-ranks sampled queries with
-    both models; the optimizer reads their agreement by difficulty band from Prometheus and
-    moves the threshold as far toward the small model as minQuality allows, says why in an
-    Event, and the gateway pod runs the new threshold without a restart. The cache, Auto,
-    is loosened toward its lowest threshold while its checked hits agree."""
+    both models; the optimizer reads their agreement from Prometheus and moves the small
+    share as far as minQuality allows, says why in an Event, and the gateway pod runs the
+    new share without a restart. The cache, Auto, is loosened toward its lowest threshold
+    while its checked hits agree."""
     namespace = loop
     spec = sample("local")["spec"]["inference"]
     large = {"name": "reranker-large", "model": "reranker_large", "precision": "fp32",
@@ -655,7 +655,7 @@ def test_routing_and_the_cache_are_tuned_live_from_what_the_gateway_measured(loo
                         "mode": "Auto",
                         "smallVariant": "reranker-small",
                         "largeVariant": "reranker-large",
-                        "threshold": "0.5",
+                        "smallShare": "0.5",
                         "sampleRatio": "1",
                     },
                     "semanticCache": {
@@ -672,7 +672,7 @@ def test_routing_and_the_cache_are_tuned_live_from_what_the_gateway_measured(loo
 
     def routed_pod() -> dict[str, Any] | None:
         for pod in pods(namespace, "inference"):
-            knobs = pod_client(pod, token).thresholds()
+            knobs = pod_client(pod, token).knobs()
             if knobs["smallModel"] != knobs["largeModel"]:
                 return pod
         return None
@@ -688,21 +688,21 @@ def test_routing_and_the_cache_are_tuned_live_from_what_the_gateway_measured(loo
 
         def tuned() -> dict[str, Any] | None:
             st = stage_status(namespace, "inference")
-            moved = st.get("routingThreshold") not in (None, 0.5)
+            moved = st.get("smallShare") not in (None, 0.5)
             return st if moved and st.get("routing") and st.get("cache") else None
 
-        st = wait_for_stage(namespace, tuned, 900, "the routing threshold tuned")
+        st = wait_for_stage(namespace, tuned, 900, "the small share tuned")
     assert not load.failed, load.failed[:5]
-    _record("routing_threshold_tuned", st["routingThreshold"])
+    _record("routing_small_share_tuned", st["smallShare"])
     _record("routing_measured", st["routing"])
     _record("cache_measured", st["cache"])
-    # Small agrees with large on most queries (README: ~0.9 top-3 overlap), so under
+    # Small agrees with large on most queries (README: 0.87 top-3 overlap), so under
     # minQuality 0.8 every query may go small; the prediction holds the floor.
-    assert st["routingThreshold"] == 1.0
+    assert st["smallShare"] == 1.0
     assert st["routing"]["share"] == 1.0 and st["routing"]["agreement"] >= 0.8
-    assert any("routing threshold 0.5 -> 1" in m for m in events(namespace, "Optimized"))
+    assert any("small share 50% -> 100%" in m for m in events(namespace, "Optimized"))
     (now,) = [p for p in pods(namespace, "inference") if p["metadata"]["uid"] == uid]
-    assert pod_client(now, token).thresholds()["routingThreshold"] == 1.0  # live, same pod
+    assert pod_client(now, token).knobs()["smallShare"] == 1.0  # live, same pod
     assert st["cacheThreshold"] < 0.99 and st["cache"]["agreement"] >= 0.8
     patch_spec(namespace, {"spec": {"inference": {"routing": {"mode": "Off"},
                                                   "semanticCache": {"mode": "Off"}}}})  # fmt: skip

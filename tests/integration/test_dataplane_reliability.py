@@ -197,7 +197,7 @@ ENDPOINTS: dict[str, tuple[str, str, st.SearchStrategy[Any]]] = {
         body(
             {},
             {
-                "routingThreshold": st.floats(-1, 2),
+                "smallShare": st.floats(-1, 2),
                 "cacheThreshold": st.floats(-1, 2),
             },
         ),
@@ -262,7 +262,7 @@ def _restore_admin_state(plane: Any, state: tuple[Any, Any]) -> None:
         ok("DELETE", url)
     else:
         ok("PUT", url, shadow)
-    thresholds = {k: knobs[k] for k in ("routingThreshold", "cacheThreshold")}
+    thresholds = {k: knobs[k] for k in ("smallShare", "cacheThreshold")}
     ok("PATCH", plane.admin_url("inference") + "/v1/admin/config", thresholds)
 
 

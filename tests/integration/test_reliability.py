@@ -122,8 +122,8 @@ def _hostile() -> list[tuple[str, Any]]:
         ),
         ("routing-mode", lambda m: m[s]["inference"]["routing"].update(mode="Maybe")),
         (
-            "routing-threshold-above-max",
-            lambda m: m[s]["inference"]["routing"].update(threshold="0.9", maxThreshold="0.8"),
+            "routing-share-above-max",
+            lambda m: m[s]["inference"]["routing"].update(smallShare="0.9", maxSmallShare="0.8"),
         ),
         (
             "cache-min-above-threshold",

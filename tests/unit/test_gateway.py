@@ -14,7 +14,7 @@ from modelpilot.optimizer.gateway import (
     tune_cache,
     tune_routing,
 )
-from modelpilot.optimizer.snapshot import Band
+from modelpilot.optimizer.snapshot import Agreement, Band
 from modelpilot.optimizer.tunables import Tunables
 from modelpilot.render import plan as plans
 from modelpilot.render.children import service_config
@@ -28,82 +28,67 @@ def bands(*rows: tuple[float, float, int, float | None]) -> tuple[Band, ...]:
     return tuple(Band(edge, count, samples, agreement) for edge, count, samples, agreement in rows)
 
 
-# Difficulty bands: easy queries agree, hard ones do not (a score that predicts).
-PREDICTIVE = bands(
-    (0.25, 40, 40, 1.0), (0.5, 30, 30, 0.9), (0.75, 20, 20, 0.6), (1.0, 10, 10, 0.3)
-)  # fmt: skip
-AUTO = Routing(mode="Auto", smallVariant="s", largeVariant="l", threshold="0.5")
+AUTO = Routing(mode="Auto", smallVariant="s", largeVariant="l", smallShare="0.5")
+AGREE_90 = Agreement(samples=100, mean=0.9)  # quality(s) = 1 - 0.1 s
 
 
-def test_predicted_routing_quality_is_the_share_weighted_loss_of_the_small_bands() -> None:
-    agree = [1.0, 0.9, 0.6, 0.3]
-    assert routing_quality(PREDICTIVE, agree, 0.0, 1.0) == (0.0, 1.0)
-    share, q = routing_quality(PREDICTIVE, agree, 0.5, 1.0)
-    assert share == pytest.approx(0.7) and q == pytest.approx(1 - 0.3 * 0.1)
-    share, q = routing_quality(PREDICTIVE, agree, 1.0, 0.9)
-    assert share == pytest.approx(1.0) and q == pytest.approx(0.9 * (1 - 0.03 - 0.08 - 0.07))
+def test_predicted_routing_quality_loses_the_disagreement_of_the_small_share() -> None:
+    assert routing_quality(0.0, 0.9, 1.0) == 1.0
+    assert routing_quality(0.5, 0.9, 1.0) == pytest.approx(0.95)
+    assert routing_quality(1.0, 0.9, 0.9) == pytest.approx(0.81)
 
 
 @pytest.mark.parametrize(
     ("floor", "current", "want"),
     [
-        # quality at 0.25: 1.0; 0.5: 0.97; 0.75: 0.89; 1.0: 0.82
-        (0.95, 0.5, 0.5),  # 0.97 >= 0.95 + margin, 0.75 would give 0.89: stays
-        (0.8, 0.5, 1.0),  # everything small still holds 0.82: all the way up
-        (0.9, 0.5, 0.5),  # 0.75 gives 0.89 < 0.9: stays
-        (0.98, 0.5, 0.25),  # 0.97 < 0.98: down to the highest threshold that holds
-        (0.99, 1.0, 0.25),
-        (0.96, 0.25, 0.5),  # 0.97 >= 0.96 + 0.01: up
-        (0.965, 0.25, 0.25),  # 0.97 < 0.965 + 0.01: the deadband keeps 0.25
-        (0.965, 0.5, 0.5),  # ... and keeps 0.5 (0.97 >= 0.965): no back and forth
+        (0.8, 0.5, 1.0),  # everything small still predicts 0.9: all the way up
+        (0.95, 0.5, 0.5),  # 0.55 would predict 0.945 < 0.95 + margin
+        (0.93, 0.5, 0.6),  # 0.6 predicts 0.94 >= 0.93 + 0.01
+        (0.97, 0.5, 0.3),  # 0.5 predicts 0.95 < 0.97: down to the highest that holds
+        (0.999, 1.0, 0.0),
+        (0.935, 0.6, 0.6),  # 0.65 predicts 0.935 < 0.945: the deadband keeps 0.6 ...
+        (0.94, 0.6, 0.6),  # ... and 0.6 itself (0.94 >= 0.94): no back and forth
     ],
 )
 def test_auto_routes_as_much_to_small_as_the_quality_floor_allows(
     floor: float, current: float, want: float
 ) -> None:
-    step = tune_routing(AUTO, current, PREDICTIVE, floor, 1.0, TUN)
+    step = tune_routing(AUTO, current, AGREE_90, floor, 1.0, TUN)
     assert step.value == pytest.approx(want)
     assert step.measured is not None and step.measured.agreement is not None
-    if want > 0.25:  # 0.25 routes only the band that always agrees: the floor-keeping minimum
-        assert step.measured.agreement >= floor - 1e-9
+    assert step.measured.agreement >= floor - 1e-9 or want == 0.0
     assert (step.reason is not None) == (want != current)
 
 
 def test_raising_the_floor_lowers_the_small_share() -> None:
     shares = []
-    for floor in (0.8, 0.85, 0.9, 0.95, 0.99):
-        step = tune_routing(AUTO, 0.5, PREDICTIVE, floor, 1.0, TUN)
+    for floor in (0.8, 0.9, 0.93, 0.95, 0.97, 0.99):
+        step = tune_routing(AUTO, 0.5, AGREE_90, floor, 1.0, TUN)
         assert step.measured is not None
         shares.append(step.measured.share)
     assert shares == sorted(shares, reverse=True) and shares[0] > shares[-1]
 
 
+def test_a_large_variant_below_the_reference_leaves_less_room_for_the_small_one() -> None:
+    assert tune_routing(AUTO, 0.5, AGREE_90, 0.9, 1.0, TUN).value == pytest.approx(0.9)
+    assert tune_routing(AUTO, 0.5, AGREE_90, 0.9, 0.95, TUN).value == pytest.approx(0.5)
+
+
 def test_routing_stays_within_its_bounds_and_fixed_and_off_never_move() -> None:
-    bounded = AUTO.model_copy(update={"min_threshold": "0.3", "max_threshold": "0.6"})
-    assert tune_routing(bounded, 0.5, PREDICTIVE, 0.8, 1.0, TUN).value == pytest.approx(0.6)
-    assert tune_routing(bounded, 0.5, PREDICTIVE, 0.999, 1.0, TUN).value == pytest.approx(0.3)
+    bounded = AUTO.model_copy(update={"min_small_share": "0.3", "max_small_share": "0.6"})
+    assert tune_routing(bounded, 0.5, AGREE_90, 0.8, 1.0, TUN).value == pytest.approx(0.6)
+    assert tune_routing(bounded, 0.5, AGREE_90, 0.999, 1.0, TUN).value == pytest.approx(0.3)
     fixed = AUTO.model_copy(update={"mode": "Fixed"})
-    step = tune_routing(fixed, 0.5, PREDICTIVE, 0.8, 1.0, TUN)
+    step = tune_routing(fixed, 0.5, AGREE_90, 0.8, 1.0, TUN)
     assert step.value == 0.5 and step.reason is None
-    assert tune_routing(AUTO.model_copy(update={"mode": "Off"}), 0.5, PREDICTIVE, 0.8, 1.0, TUN) \
-        .value is None  # fmt: skip
+    off = AUTO.model_copy(update={"mode": "Off"})
+    assert tune_routing(off, 0.5, AGREE_90, 0.8, 1.0, TUN).value is None
 
 
 def test_routing_holds_with_too_few_samples_and_says_so() -> None:
-    few = bands((0.5, 100, 10, 1.0), (1.0, 100, 10, 1.0))
-    step = tune_routing(AUTO, 0.5, few, 0.8, 1.0, TUN)
+    step = tune_routing(AUTO, 0.5, Agreement(20, 1.0), 0.8, 1.0, TUN)
     assert step.value == 0.5 and step.reason is not None and "20 of 30" in step.reason
-    assert tune_routing(AUTO, None, (), 0.8, 1.0, TUN).value == 0.5  # the spec's start
-
-
-def test_a_sparse_band_is_judged_by_the_pooled_agreement() -> None:
-    # One sample in the hardest band happens to agree: with the prior it counts for little.
-    rows = bands((0.5, 50, 100, 0.7), (1.0, 50, 1, 1.0))
-    shrunk = Tunables(gateway_min_samples=30, band_prior=10.0)
-    raw = Tunables(gateway_min_samples=30, band_prior=0.0)
-    up = tune_routing(AUTO, 0.5, rows, 0.8, 1.0, raw)
-    held = tune_routing(AUTO, 0.5, rows, 0.8, 1.0, shrunk)
-    assert up.value == 1.0 and held.value == 0.5
+    assert tune_routing(AUTO, None, None, 0.8, 1.0, TUN).value == 0.5  # the spec's start
 
 
 # Similarity bands: near-duplicates agree, looser matches less.
@@ -146,28 +131,28 @@ def test_auto_loosens_the_cache_while_hits_agree_and_tightens_after_bad_hits(
 def test_off_knobs_are_none_and_the_plan_carries_thresholds_to_the_gateway() -> None:
     spec = spec_of("full")
     start = plans.initial(spec)["inference"]
-    assert (start.routing_threshold, start.cache_threshold) == (0.5, 0.95)
-    resumed = plans.resume(spec, {"inference": {"routingThreshold": 0.05, "cacheThreshold": 0.9}})[
+    assert (start.small_share, start.cache_threshold) == (0.5, 0.95)
+    resumed = plans.resume(spec, {"inference": {"smallShare": 0.05, "cacheThreshold": 0.9}})[
         "inference"
     ]
-    assert resumed.routing_threshold == 0.2  # clamped to minThreshold
+    assert resumed.small_share == 0.2  # clamped to minSmallShare
     assert resumed.cache_threshold == 0.9
     config = service_config(spec, "inference", resumed)
-    assert (config.routingThreshold, config.cacheThreshold) == (0.2, 0.9)
+    assert (config.smallShare, config.cacheThreshold) == (0.2, 0.9)
     assert config.routing == {
         "mode": "Auto",
         "smallVariant": "reranker-small",
         "largeVariant": "reranker-large-gpu",
         "sampleRatio": 0.1,
     }
-    assert plans.status_fields(resumed)["routingThreshold"] == 0.2
+    assert plans.status_fields(resumed)["smallShare"] == 0.2
     off = spec_of("minimal")
-    assert plans.initial(off)["inference"].routing_threshold is None
+    assert plans.initial(off)["inference"].small_share is None
     assert service_config(off, "inference", plans.initial(off)["inference"]).cacheThreshold is None
 
 
 def test_prometheus_bands_are_the_histogram_differences_and_the_summary_means() -> None:
-    h, s = contract.METRIC_ROUTING_DIFFICULTY, contract.METRIC_ROUTING_AGREEMENT
+    h, s = contract.METRIC_CACHE_SIMILARITY, contract.METRIC_CACHE_AGREEMENT
 
     def query(promql: str) -> list[dict[str, object]]:
         if f"{h}_bucket" in promql:
@@ -182,6 +167,16 @@ def test_prometheus_bands_are_the_histogram_differences_and_the_summary_means() 
     got = Telemetry("http://unused", query=query).bands('namespace="x"', h, s)
     assert got == (Band(0.5, 30, 10, 0.9), Band(1.0, 70, 0, None))
     assert Telemetry("http://unused", query=lambda q: []).bands("x", h, s) == ()
+
+
+def test_prometheus_routing_agreement_is_the_pooled_summary_mean() -> None:
+    def query(promql: str) -> list[dict[str, object]]:
+        value = "40" if "_count" in promql else "36"
+        return [{"metric": {}, "value": [0, value]}]
+
+    telemetry = Telemetry("http://unused", query=query)
+    assert telemetry.agreement("x", contract.METRIC_ROUTING_AGREEMENT) == Agreement(40, 0.9)
+    assert Telemetry("http://unused", query=lambda q: []).agreement("x", "m") is None
 
 
 def test_near_misses_far_below_the_lowest_threshold_do_not_weigh_on_the_hits() -> None:

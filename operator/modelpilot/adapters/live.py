@@ -3,7 +3,7 @@
 The fields in :data:`modelpilot.contract.LIVE_FIELDS` change without a restart: Triton's
 dynamic batching (its model-control API reloads a model with an overriding config; in-flight
 requests finish on the old instance), the services' shadow candidate and the gateway's
-routing and cache thresholds (their admin API).
+small share and cache threshold (their admin API).
 A pod that starts reads the same settings from its mounted ``service.json``; this module
 corrects the pods that run something else, level-triggered: it compares each ready pod's
 actual settings with the plan and writes only where they differ. Pods are handled
@@ -40,7 +40,7 @@ class LiveSettings:
     max_batch_size: int
     max_queue_delay_us: int
     shadow: contract.Shadow | None
-    thresholds: tuple[tuple[str, float], ...] = ()  # the gateway's (admin config name, value)
+    knobs: tuple[tuple[str, float], ...] = ()  # the gateway's (admin config name, value)
 
     @classmethod
     def of(cls, config: contract.ServiceConfig) -> LiveSettings | None:
@@ -52,7 +52,7 @@ class LiveSettings:
         models = [*config.models]
         if config.shadow is not None and config.shadow.model not in models:
             models.append(config.shadow.model)
-        knobs = {"routingThreshold": config.routingThreshold}
+        knobs = {"smallShare": config.smallShare}
         knobs["cacheThreshold"] = config.cacheThreshold
         return cls(
             tuple(models),
@@ -161,11 +161,11 @@ class Pod:
                 out[model] = str(row["reason"])[:500]
         return out
 
-    def thresholds(self) -> dict[str, Any]:
+    def knobs(self) -> dict[str, Any]:
         """The gateway's live knobs (admin config)."""
         return dict(self._call("GET", self.admin + contract.ADMIN_CONFIG_PATH, self.admin_headers))
 
-    def set_thresholds(self, values: dict[str, float]) -> None:
+    def set_knobs(self, values: dict[str, float]) -> None:
         self._call("PATCH", self.admin + contract.ADMIN_CONFIG_PATH, self.admin_headers, values)
 
     def sync(self, want: LiveSettings) -> list[str]:
@@ -179,11 +179,11 @@ class Pod:
             if self.batching(model) != (want.max_batch_size, want.max_queue_delay_us):
                 self.set_batching(model, want.max_batch_size, want.max_queue_delay_us)
                 corrected.append(f"batching of {model}")
-        if want.thresholds:
-            have = self.thresholds()
-            off = {k: v for k, v in want.thresholds if have.get(k) != v}
+        if want.knobs:
+            have = self.knobs()
+            off = {k: v for k, v in want.knobs if have.get(k) != v}
             if off:
-                self.set_thresholds(off)
+                self.set_knobs(off)
                 corrected.extend(sorted(off))
         return corrected
 

@@ -38,6 +38,7 @@ from modelpilot import contract as C  # the metric names
 from modelpilot.optimizer.snapshot import (
     RATE_WINDOW_S,
     SHORT_RATE_WINDOW_S,
+    Agreement,
     Band,
     ShadowStats,
     Snapshot,
@@ -309,8 +310,8 @@ class Telemetry:
         return out
 
     def bands(self, sel: str, histogram: str, summary: str) -> tuple[Band, ...]:
-        """A gateway score's bands over the check window: the histogram's count per bucket
-        and the summary's mean agreement per ``band`` label (the same edges)."""
+        """The cache's bands over the check window: the histogram's count per bucket and the
+        summary's mean agreement per ``band`` label (the same edges)."""
         w = self.shadow_window
         cumulative = {
             row["metric"]["le"]: _finite(row["value"][1]) or 0.0
@@ -342,6 +343,15 @@ class Telemetry:
             )
             below = n
         return tuple(out) if below > 0 else ()
+
+    def agreement(self, sel: str, summary: str) -> Agreement | None:
+        """A summary's samples and mean over the check window; None without samples."""
+        w = self.shadow_window
+        n = self._scalar(f"sum(increase({summary}_count{{{sel}}}[{w}]))")
+        total = self._scalar(f"sum(increase({summary}_sum{{{sel}}}[{w}]))")
+        if not n:
+            return None
+        return Agreement(round(n), None if total is None else total / n)
 
     def snapshot(self, namespace: str, name: str, now: float) -> Snapshot:
         """Query Prometheus once per metric family for the ModelDeployment ``name`` in
@@ -417,7 +427,7 @@ class Telemetry:
             stages=stages,
             e2e_p95_ms=ms(e2e),
             shadow=self.shadow(sel),
-            routing=self.bands(sel, C.METRIC_ROUTING_DIFFICULTY, C.METRIC_ROUTING_AGREEMENT),
+            routing=self.agreement(sel, C.METRIC_ROUTING_AGREEMENT),
             cache=self.bands(sel, C.METRIC_CACHE_SIMILARITY, C.METRIC_CACHE_AGREEMENT),
         )
 

@@ -490,21 +490,23 @@ def _not_above(low: str, high: str, message: str) -> JsonDict:
 
 
 class Routing(_Model):
-    """Small/large routing: a query whose difficulty is above the threshold goes to
-    largeVariant, any other to smallVariant."""
+    """Small/large routing by share: ``smallShare`` of the queries (by a hash of the query
+    text, so a repeated query takes the same route) go to smallVariant, the rest to
+    largeVariant. No cheap per-query score predicts when the two disagree (README), so the
+    share is the knob."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                _not_above("minThreshold", "threshold", "minThreshold must be <= threshold"),
-                _not_above("threshold", "maxThreshold", "threshold must be <= maxThreshold"),
+                _not_above("minSmallShare", "smallShare", "minSmallShare must be <= smallShare"),
+                _not_above("smallShare", "maxSmallShare", "smallShare must be <= maxSmallShare"),
             ]
         }
     )
     mode: KnobMode = Field(
         default=KnobMode.OFF,
-        description="Off: every query to the planned variant; Fixed: route at threshold; "
-        "Auto: the optimizer moves the threshold under slo.minQuality.",
+        description="Off: every query to the planned variant; Fixed: smallShare to "
+        "smallVariant; Auto: the optimizer moves smallShare under slo.minQuality.",
     )
     small_variant: str | None = Field(
         default=None, alias="smallVariant", max_length=63, description="Variant for easy queries."
@@ -512,22 +514,22 @@ class Routing(_Model):
     large_variant: str | None = Field(
         default=None, alias="largeVariant", max_length=63, description="Variant for hard queries."
     )
-    threshold: str = _quantity_field(
-        "Difficulty in [0, 1] above which a query goes to largeVariant: Fixed keeps it, "
-        "Auto starts from it.",
-        _in_unit_interval("threshold", open_low=False),
+    small_share: str = _quantity_field(
+        "Share of queries routed to smallVariant, in [0, 1]: Fixed keeps it, Auto starts from it.",
+        _in_unit_interval("smallShare", open_low=False),
+        alias="smallShare",
         default="0.5",
     )
-    min_threshold: str = _quantity_field(
-        "Lowest threshold Auto may set, in [0, 1].",
-        _in_unit_interval("minThreshold", open_low=False),
-        alias="minThreshold",
+    min_small_share: str = _quantity_field(
+        "Lowest share Auto may set, in [0, 1].",
+        _in_unit_interval("minSmallShare", open_low=False),
+        alias="minSmallShare",
         default="0",
     )
-    max_threshold: str = _quantity_field(
-        "Highest threshold Auto may set, in [0, 1].",
-        _in_unit_interval("maxThreshold", open_low=False),
-        alias="maxThreshold",
+    max_small_share: str = _quantity_field(
+        "Highest share Auto may set, in [0, 1].",
+        _in_unit_interval("maxSmallShare", open_low=False),
+        alias="maxSmallShare",
         default="1",
     )
     sample_ratio: str = _quantity_field(
@@ -539,12 +541,14 @@ class Routing(_Model):
     )
 
     @property
-    def threshold_value(self) -> float:
-        return float(parse_quantity(self.threshold))
+    def start(self) -> float:
+        """The share as the user set it: Fixed keeps it, Auto starts from it."""
+        return float(parse_quantity(self.small_share))
 
     @property
     def bounds(self) -> tuple[float, float]:
-        return float(parse_quantity(self.min_threshold)), float(parse_quantity(self.max_threshold))
+        low, high = self.min_small_share, self.max_small_share
+        return float(parse_quantity(low)), float(parse_quantity(high))
 
     @property
     def sample_ratio_value(self) -> float:
@@ -606,7 +610,8 @@ class SemanticCache(_Model):
     )
 
     @property
-    def threshold_value(self) -> float:
+    def start(self) -> float:
+        """The threshold as the user set it: Fixed keeps it, Auto starts from it."""
         return float(parse_quantity(self.similarity_threshold))
 
     @property
@@ -785,10 +790,10 @@ class StageStatus(_Model):
         alias="shadowVariant",
         description="Candidate variant under verification (receiving shadow traffic).",
     )
-    routing_threshold: float | None = Field(
+    small_share: float | None = Field(
         default=None,
-        alias="routingThreshold",
-        description="Gateway: difficulty above which a query goes to the large variant.",
+        alias="smallShare",
+        description="Gateway: share of queries routed to the small variant.",
     )
     cache_threshold: float | None = Field(
         default=None,

@@ -1,27 +1,26 @@
-"""The gateway's two thresholds, tuned from what the gateway measured (a pure step).
+"""The gateway's two knobs, tuned from what the gateway measured (a pure step).
 
-Routing: a query whose difficulty is above the routing threshold goes to the large
-re-ranker, any other to the small one. The gateway counts queries by difficulty band and
-re-ranks a sample with both models; from those, the quality of any threshold ``t`` is
-predicted, large being the measure of quality:
+Routing: ``smallShare`` of the queries go to the small re-ranker (by a hash of the query),
+the rest to the large one. The gateway re-ranks a sample with both models and measures
+their agreement ``a`` (top-3 overlap); large being the measure of quality, a share ``s``
+predicts
 
-    quality(t) = q_large * (1 - sum over bands <= t of share_b * (1 - agreement_b))
+    quality(s) = q_large * (1 - s * (1 - a))
 
-Auto sets the highest threshold (the most queries to the small model) whose predicted quality
-stays at or above ``slo.minQuality``, within the spec's bounds.
+and Auto sets the highest share, in steps of ``Tunables.share_step`` within the spec's
+bounds, whose predicted quality stays at or above ``slo.minQuality``.
 
 Cache: a lookup whose nearest entry's similarity is at or above the cache threshold is a hit.
 The gateway counts lookups by similarity band and compares cached answers with fresh ones
 (sampled hits, every near miss); Auto sets the lowest threshold (the most hits) whose hits
-agree with a fresh answer at ``slo.minQuality`` or better.
+agree with a fresh answer at ``slo.minQuality`` or better. A band's agreement is shrunk
+toward the mean of the bands a threshold in bounds can reach by ``Tunables.band_prior``
+samples (a band with few samples is judged mostly by its neighbours' pool).
 
-Neither measurement depends on the threshold in force, so a change is predicted, not tried.
-A band's agreement is shrunk toward the pooled mean by ``Tunables.band_prior`` samples (a
-band with few samples is judged mostly by the others; the cache pools only the bands above
-its lowest threshold); with fewer than ``gateway_min_samples`` in the pool the threshold
-holds. ``knob_margin`` is a deadband: a
-threshold moves toward more small-routed queries or hits only when the prediction clears the
-floor by the margin, and back only when it falls below the floor.
+Neither measurement depends on the knob's value in force, so a change is predicted, not
+tried. With fewer than ``gateway_min_samples`` a knob holds. ``knob_margin`` is a deadband:
+a knob moves toward more small-routed queries or more hits only when the prediction clears
+the floor by the margin, and back only when it falls below the floor.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from modelpilot.api.v1alpha1 import KnobMode, Routing, SemanticCache
-from modelpilot.optimizer.snapshot import Band
+from modelpilot.optimizer.snapshot import Agreement, Band
 from modelpilot.optimizer.tunables import Tunables
 
 _EPS = 1e-9
@@ -38,17 +37,16 @@ _EPS = 1e-9
 
 @dataclass(frozen=True)
 class Measured:
-    """A threshold's effect as predicted from the bands: share of queries routed small (or
-    answered from the cache) and their quality (blended quality, or hit agreement)."""
+    """A knob's effect as predicted from the measurements."""
 
-    share: float
-    agreement: float | None
+    share: float  # routed small, or answered from the cache
+    agreement: float | None  # predicted quality, or hit agreement
     samples: int
 
 
 @dataclass(frozen=True)
 class KnobStep:
-    value: float | None  # the threshold to run; None when the knob is Off
+    value: float | None  # the share or threshold to run; None when the knob is Off
     reason: str | None = None  # set when it changes, or holds for want of samples
     measured: Measured | None = None  # at ``value``; None without measurements
 
@@ -71,15 +69,9 @@ def _candidates(edges: Sequence[float], low: float, high: float) -> list[float]:
     return sorted({low, high} | {e for e in edges if low - _EPS <= e <= high + _EPS})
 
 
-def routing_quality(
-    bands: Sequence[Band], agreements: Sequence[float], t: float, q_large: float
-) -> tuple[float, float]:
-    """(share of queries routed small, predicted quality) at threshold ``t``."""
-    total = sum(b.count for b in bands) or 1.0
-    small = [i for i, b in enumerate(bands) if b.edge <= t + _EPS]
-    share = sum(bands[i].count for i in small) / total
-    loss = sum(bands[i].count / total * (1.0 - agreements[i]) for i in small)
-    return share, q_large * (1.0 - loss)
+def routing_quality(share: float, agreement: float, q_large: float) -> float:
+    """Predicted quality when ``share`` of the queries go small."""
+    return q_large * (1.0 - share * (1.0 - agreement))
 
 
 def cache_quality(
@@ -97,55 +89,53 @@ def cache_quality(
 
 
 def _fixed_or_hold(knob: Routing | SemanticCache, current: float | None) -> float:
-    return knob.threshold_value if knob.mode == KnobMode.FIXED or current is None else current
+    return knob.start if knob.mode == KnobMode.FIXED or current is None else current
 
 
 def tune_routing(
     routing: Routing,
     current: float | None,
-    bands: Sequence[Band],
+    measured: Agreement | None,
     floor: float,
     q_large: float,
     tun: Tunables,
 ) -> KnobStep:
-    """The routing threshold to run (see the module docstring)."""
+    """The small share to run (see the module docstring)."""
     if routing.mode == KnobMode.OFF:
         return KnobStep(None)
     cur = _fixed_or_hold(routing, current)
-    measured = _agreements(bands, tun)
-    if measured is None:
-        n = sum(b.samples for b in bands)
+    n = measured.samples if measured else 0
+    if measured is None or measured.mean is None or n < max(1, tun.gateway_min_samples):
         why = None
         if routing.mode == KnobMode.AUTO:
             why = (
-                f"inference: routing threshold holds at {cur:g}, {n} of "
+                f"inference: small share holds at {cur:.0%}, {n} of "
                 f"{tun.gateway_min_samples} small/large agreement samples"
             )
         return KnobStep(cur, why)
-    agreements, n = measured
+    a = measured.mean
 
-    def quality(t: float) -> float:
-        return routing_quality(bands, agreements, t, q_large)[1]
+    def quality(s: float) -> float:
+        return routing_quality(s, a, q_large)
 
     new = cur
     if routing.mode == KnobMode.AUTO:
         low, high = routing.bounds
-        options = _candidates([b.edge for b in bands], low, high)
-        if quality(cur) < floor - _EPS:  # lower until it holds (quality falls as t rises)
-            new = max((t for t in options if quality(t) >= floor - _EPS), default=low)
+        steps = round(1 / tun.share_step)
+        options = _candidates([i / steps for i in range(steps + 1)], low, high)
+        if quality(cur) < floor - _EPS:  # lower until it holds (quality falls as s rises)
+            new = max((s for s in options if quality(s) >= floor - _EPS), default=low)
         else:
-            up = max((t for t in options if quality(t) >= floor + tun.knob_margin), default=low)
+            up = max((s for s in options if quality(s) >= floor + tun.knob_margin), default=low)
             new = max(cur, up)
-    share, q = routing_quality(bands, agreements, new, q_large)
     reason = None
     if new != cur:
-        was, _ = routing_quality(bands, agreements, cur, q_large)
         reason = (
-            f"inference: routing threshold {cur:g} -> {new:g}: {share:.0%} of queries to the "
-            f"small re-ranker (was {was:.0%}), predicted quality {q:.3f} vs minQuality "
-            f"{floor:g} from {n} sampled small/large comparisons"
+            f"inference: small share {cur:.0%} -> {new:.0%}: predicted quality "
+            f"{quality(new):.3f} vs minQuality {floor:g} (was {quality(cur):.3f}); the small "
+            f"re-ranker agrees with the large one {a:.3f} on {n} sampled queries"
         )
-    return KnobStep(new, reason, Measured(share, q, n))
+    return KnobStep(new, reason, Measured(new, quality(new), n))
 
 
 def tune_cache(

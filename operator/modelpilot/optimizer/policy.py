@@ -13,7 +13,8 @@ A decision is a short pipeline of pure steps, each in its own module:
 - every allowed variant sized (:mod:`.sizing`, the queueing model) and the one to serve
   chosen (:mod:`.variants`); a switch waits for its verification (:mod:`.verification`);
 - replicas stabilized (:mod:`.stabilize`: up at once, down only after a window);
-- the gateway's routing and cache thresholds tuned under the quality floor (:mod:`.gateway`);
+- the gateway's small share and cache threshold tuned under the quality floor
+  (:mod:`.gateway`);
 - the whole plan held to the cost budget (:mod:`.budget`).
 
 Stability. Scale-up is immediate (bounded by ``maxScaleUpStep``); scale-down goes only to the
@@ -278,13 +279,13 @@ def _unmeasured_stage(
 def _gateway(
     ctx: _Tick, stage: InferenceStage, cur: StagePlan, measured: dict[str, Measured]
 ) -> StagePlan:
-    """The gateway's routing and cache thresholds (:mod:`.gateway`), their reasons kept and
-    their measurements put in ``measured``."""
+    """The gateway's small share and cache threshold (:mod:`.gateway`), their reasons kept
+    and their measurements put in ``measured``."""
     large = stage.variant(stage.routing.large_variant or "")
     assessed = ctx.quality["inference"].get(large.name) if large else None
     routing = tune_routing(
         stage.routing,
-        cur.routing_threshold,
+        cur.small_share,
         ctx.snapshot.routing,
         ctx.floor,
         assessed.value if assessed else 1.0,
@@ -298,7 +299,7 @@ def _gateway(
             ctx.reasons.append(step.reason)
         if step.measured:
             measured[name] = step.measured
-    return replace(cur, routing_threshold=routing.value, cache_threshold=cache.value)
+    return replace(cur, small_share=routing.value, cache_threshold=cache.value)
 
 
 def _end_displaced_verifications(plan: Plan, history: dict[str, StageHistory]) -> None:

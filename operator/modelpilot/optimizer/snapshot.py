@@ -41,9 +41,17 @@ class ShadowStats:
 
 
 @dataclass(frozen=True)
+class Agreement:
+    """Sampled comparisons over the check window and their mean agreement, 0..1."""
+
+    samples: int
+    mean: float | None
+
+
+@dataclass(frozen=True)
 class Band:
-    """One band of a gateway score (routing difficulty, cache similarity) over the check
-    window: how many queries fell in it and how their sampled checks agreed."""
+    """One band of the cache's lookup similarity over the check window: how many lookups
+    fell in it and how their checked answers agreed."""
 
     edge: float  # upper edge; the band is (previous edge, edge]
     count: float  # routed queries, or cache lookups, in the band
@@ -59,7 +67,7 @@ class Snapshot:
     e2e_p95_ms: float | None = None
     # (stage, candidate model) -> its shadow traffic; absent when none was mirrored.
     shadow: Mapping[tuple[str, str], ShadowStats] = field(default_factory=dict)
-    routing: tuple[Band, ...] = ()  # by difficulty, ascending; empty when not routed
+    routing: Agreement | None = None  # small vs large on sampled queries; None: not routed
     cache: tuple[Band, ...] = ()  # by the nearest entry's similarity, ascending
 
     def stale(self, now: float, max_age: float) -> str | None:

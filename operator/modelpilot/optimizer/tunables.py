@@ -68,10 +68,11 @@ class Tunables:
     # Mirrored calls expected by now above which not one sample means the pods do not mirror
     # (a Poisson count with this mean is 0 less than once in 100 times).
     mirror_evidence: float = 5.0
-    # The gateway's thresholds (routing, semantic cache).
-    gateway_min_samples: int = 30  # agreement samples, all bands together, before any move
+    # The gateway's knobs (small share, cache threshold).
+    gateway_min_samples: int = 30  # agreement samples before a knob moves
+    share_step: float = 0.05  # the small shares Auto chooses from
     band_prior: float = 10.0  # a band's agreement is shrunk to the pooled mean by this many
-    # A threshold moves toward more small-routed queries or more cache hits only when the
+    # A knob moves toward more small-routed queries or more cache hits only when the
     # predicted quality clears the floor by this much, and back only when it falls below the
     # floor: a measurement near the floor does not move it back and forth.
     knob_margin: float = 0.01

@@ -302,7 +302,7 @@ def service_config(spec: ModelDeploymentSpec, name: str, plan: StagePlan) -> con
                     ),
                     "sampleRatio": stage.semantic_cache.sample_ratio_value,
                 },
-                "routingThreshold": plan.routing_threshold,
+                "smallShare": plan.small_share,
                 "cacheThreshold": plan.cache_threshold,
             }
         )

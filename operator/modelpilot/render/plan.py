@@ -1,5 +1,5 @@
 """The plan: what each stage runs right now (replicas, variant, batching, the gateway's
-routing and cache thresholds).
+small share and cache threshold).
 
 It starts from the spec, is changed only by optimizer decisions, and lives in
 ``status.stages`` so an operator restart resumes it instead of starting over.
@@ -30,7 +30,7 @@ class StagePlan:
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
     shadow_variant: str | None = None  # candidate under verification, mirrored to
-    routing_threshold: float | None = None  # the gateway's, when routing is on
+    small_share: float | None = None  # the gateway's share routed small, when routing is on
     cache_threshold: float | None = None  # the gateway's, when its cache is on
 
 
@@ -102,13 +102,14 @@ def _starting_variant(
     return min(pool, key=lambda v: (v.cost_value, -q(v))).name
 
 
-def _threshold(knob: Routing | SemanticCache, recorded: Any = None) -> float | None:
-    """A gateway threshold: none when the knob is Off, the user's when Fixed, and when Auto
-    the recorded one (the optimizer's) within the knob's bounds, else the user's start."""
+def _knob(knob: Routing | SemanticCache, recorded: Any = None) -> float | None:
+    """A gateway knob's value (small share, cache threshold): none when the knob is Off, the
+    user's when Fixed, and when Auto the recorded one (the optimizer's) within the knob's
+    bounds, else the user's start."""
     if knob.mode == KnobMode.OFF:
         return None
     if knob.mode == KnobMode.FIXED or recorded is None:
-        return knob.threshold_value
+        return knob.start
     low, high = knob.bounds
     return min(max(float(recorded), low), high)
 
@@ -136,8 +137,8 @@ def initial(
             if isinstance(stage, InferenceStage):
                 plan[name] = replace(
                     plan[name],
-                    routing_threshold=_threshold(stage.routing),
-                    cache_threshold=_threshold(stage.semantic_cache),
+                    small_share=_knob(stage.routing),
+                    cache_threshold=_knob(stage.semantic_cache),
                 )
         else:
             plan[name] = StagePlan(replicas=replicas)
@@ -204,8 +205,8 @@ def resume(
         if isinstance(stage, InferenceStage):
             plan[name] = replace(
                 plan[name],
-                routing_threshold=_threshold(stage.routing, recorded.get("routingThreshold")),
-                cache_threshold=_threshold(stage.semantic_cache, recorded.get("cacheThreshold")),
+                small_share=_knob(stage.routing, recorded.get("smallShare")),
+                cache_threshold=_knob(stage.semantic_cache, recorded.get("cacheThreshold")),
             )
     return plan
 
@@ -220,8 +221,8 @@ def status_fields(plan: StagePlan) -> dict[str, Any]:
             maxQueueDelayMicroseconds=plan.max_queue_delay_us,
             shadowVariant=plan.shadow_variant,
         )
-    if plan.routing_threshold is not None:
-        out["routingThreshold"] = plan.routing_threshold
+    if plan.small_share is not None:
+        out["smallShare"] = plan.small_share
     if plan.cache_threshold is not None:
         out["cacheThreshold"] = plan.cache_threshold
     return out

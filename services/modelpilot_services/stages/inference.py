@@ -3,18 +3,18 @@
 ``POST /v1/query`` ``{"query", "top_k", "filter", "route"}`` ->
 ``{"results": [{"document_id", "chunk", "score"}], "variant", "route", "cached"}``.
 
-Routing (:mod:`.routing`): with the spec's ``routing.mode`` Fixed or Auto a cheap difficulty
-score sends a query to the large re-ranker when it is above the threshold, else to the small
-one, and a sampled share is re-ranked by both to measure their agreement; with routing
-``Off`` both routes are the planned variant's model. ``route`` in the request forces one.
+Routing (:mod:`.routing`): with the spec's ``routing.mode`` Fixed or Auto the small share of
+the queries (by a hash of the text) goes to the small re-ranker, the rest to the large one,
+and a sampled share is re-ranked by both to measure their agreement; with routing ``Off``
+both routes are the planned variant's model. ``route`` in the request forces one.
 The semantic cache (:mod:`.cache`) answers repeats; a sample of its answers is checked.
 Admin port: ``GET|PATCH /v1/admin/config`` reads or changes the live thresholds
-(``routingThreshold``, ``cacheThreshold``; ``GET`` also shows the routed models) and
+(``smallShare``, ``cacheThreshold``; ``GET`` also shows the routed models) and
 ``/v1/admin/shadow`` mirrors to a verification candidate.
 
 Env: ``PORT`` (8084), ``MODELPILOT_EMBEDDING_URL``, ``MODELPILOT_RETRIEVAL_URL``,
 ``MODELPILOT_TRITON_URL``; without service.json (local processes)
-``MODELPILOT_SMALL_MODEL`` / ``MODELPILOT_LARGE_MODEL``, ``MODELPILOT_ROUTING_THRESHOLD``
+``MODELPILOT_SMALL_MODEL`` / ``MODELPILOT_LARGE_MODEL``, ``MODELPILOT_SMALL_SHARE``
 (0.5), ``MODELPILOT_SAMPLE_RATIO`` (0.1, both checks) and ``MODELPILOT_CACHE_*``.
 """
 
@@ -33,7 +33,7 @@ from modelpilot import contract
 from modelpilot_services.models import minilm
 from modelpilot_services.stages.agreement import answer_overlap, top_overlap
 from modelpilot_services.stages.cache import CacheCheck, SemanticCache
-from modelpilot_services.stages.routing import Route, Router, difficulty
+from modelpilot_services.stages.routing import Route, Router
 from modelpilot_services.stages.shadow import Shadow
 from modelpilot_services.toolkit.http import call_downstream, json_response, parse
 from modelpilot_services.toolkit.metrics import LATENCY_BUCKETS, TritonStats
@@ -56,7 +56,7 @@ class Query(BaseModel):
 
 class Knobs(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    routingThreshold: float | None = Field(default=None, ge=0, le=1)
+    smallShare: float | None = Field(default=None, ge=0, le=1)
     cacheThreshold: float | None = Field(default=None, ge=0, le=1)
 
 
@@ -71,7 +71,7 @@ class Inference(Service):
         *,
         small_model: str = "reranker_small",
         large_model: str = "reranker_large",
-        routing_threshold: float = 0.5,
+        small_share: float = 0.5,
         cache: SemanticCache,
         sample_ratio: float = 0.1,
         cache_sample_ratio: float = 0.1,
@@ -82,7 +82,7 @@ class Inference(Service):
         self.retrieval = Upstream(retrieval_url, timeout_s=timeout_s)
         self.triton_url, self.timeout_s = triton_url, timeout_s
         self.models = {"small": small_model, "large": large_model}
-        self.router = Router(self.stage, self.registry, routing_threshold, sample_ratio)
+        self.router = Router(self.stage, self.registry, small_share, sample_ratio)
         self.cache = cache
         self.check = CacheCheck(self.stage, self.registry, cache_sample_ratio)
         self.query_duration = Histogram(
@@ -170,15 +170,14 @@ class Inference(Service):
         if body.filter:
             search["filter"] = body.filter
         candidates = (await self._post(self.retrieval, "/v1/search", search))["results"]
-        score = difficulty(candidates)
-        route = recheck or body.route or self.router.route(score)
+        route = recheck or body.route or self.router.route(body.query)
         model = self.models[route]
         results: list[dict[str, Any]] = []
         if candidates:
             chunks = [c["chunk"] for c in candidates]
             scores = await self.triton.score(model, body.query, chunks)
             if recheck is None:
-                self._measure(body.query, chunks, route, score, scores)
+                self._measure(body.query, chunks, route, scores)
             order = np.argsort(-scores, kind="stable")[: body.top_k]
             results = [
                 {
@@ -193,9 +192,7 @@ class Inference(Service):
             self.routed.labels(self.stage, route).inc()
         return {"results": results, "variant": model, "route": route, "model": embed_model}
 
-    def _measure(
-        self, query: str, chunks: list[str], route: Route, score: float, scores: Any
-    ) -> None:
+    def _measure(self, query: str, chunks: list[str], route: Route, scores: Any) -> None:
         """Off the response path: the shadow candidate's agreement (verification) and, with
         routing on, the other route's model's (the router's tuning)."""
 
@@ -209,11 +206,11 @@ class Inference(Service):
             async def routed() -> float:
                 return top_overlap(scores, await self.triton.score(other, query, chunks))
 
-            self.router.sample(score, routed)
+            self.router.sample(routed)
 
     def _knobs(self) -> dict[str, Any]:
         return {
-            "routingThreshold": self.router.threshold,
+            "smallShare": self.router.share,
             "cacheThreshold": self.cache.threshold,
             "smallModel": self.models["small"],
             "largeModel": self.models["large"],
@@ -223,11 +220,11 @@ class Inference(Service):
         return json_response(self._knobs())
 
     async def patch_config(self, request: web.Request) -> web.Response:
-        """The thresholds only: which models serve is the pod template's (a variant switch
+        """The knobs only: which models serve is the pod template's (a variant switch
         rolls the pods), never a live knob."""
         body = await parse(request, Knobs)
-        if body.routingThreshold is not None:
-            self.router.threshold = body.routingThreshold
+        if body.smallShare is not None:
+            self.router.share = body.smallShare
         if body.cacheThreshold is not None:
             self.cache.threshold = body.cacheThreshold
         return json_response(self._knobs())
@@ -264,16 +261,14 @@ def main() -> None:
         env("MODELPILOT_SMALL_MODEL", "reranker_small"),
         env("MODELPILOT_LARGE_MODEL", "reranker_large"),
     )
-    threshold = config.routingThreshold
+    share = config.smallShare
     service = Inference(
         env(contract.stage_url_env("embedding"), "http://127.0.0.1:8082"),
         env(contract.stage_url_env("retrieval"), "http://127.0.0.1:8083"),
         env(contract.ENV_TRITON_URL, "localhost:8000"),
         small_model=small,
         large_model=large,
-        routing_threshold=float(env("MODELPILOT_ROUTING_THRESHOLD", "0.5"))
-        if threshold is None
-        else threshold,
+        small_share=float(env("MODELPILOT_SMALL_SHARE", "0.5")) if share is None else share,
         cache=cache,
         sample_ratio=float(env("MODELPILOT_SAMPLE_RATIO", str(routing.get("sampleRatio", 0.1)))),
         cache_sample_ratio=float(

@@ -1,22 +1,24 @@
-"""Small/large routing at the gateway, and the measurement the optimizer tunes it from.
+"""Small/large routing at the gateway by share, and the measurement the optimizer tunes it from.
 
-A query's difficulty is a cheap score in [0, 1]; above the threshold it goes to the large
-re-ranker, at or below to the small one. A sampled share of routed queries is re-ranked by
-the other model too, off the response path, and their top-3 overlap is recorded in the
-query's difficulty band. Every query's difficulty is counted by band. Neither depends on
-the threshold, so the optimizer can predict the quality of any threshold from them.
+A query goes to the small re-ranker when a hash of its text, read as a number in [0, 1),
+is below the live small share, else to the large one: the share routed small is the knob,
+and a repeated query always takes the same route. (No cheap per-query score predicts
+when the two re-rankers disagree: ``make routing-study`` measured the candidates on real
+queries; README, "Routing and the semantic cache".) A sampled share of routed queries is
+re-ranked by the other model too, off the response path, and the two rankings' top-3
+overlap is recorded: the optimizer predicts the quality of any share from it.
 
-Metrics (label ``stage``): ``modelpilot_routing_difficulty`` histogram over
-``contract.ROUTING_BANDS``; ``modelpilot_routing_agreement`` summary by ``band``.
+Metric (label ``stage``): ``modelpilot_routing_agreement`` summary.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Literal
 
-from prometheus_client import CollectorRegistry, Histogram, Summary
+from prometheus_client import CollectorRegistry, Summary
 
 from modelpilot import contract
 from modelpilot_services.toolkit.offpath import OffPath
@@ -25,35 +27,30 @@ log = logging.getLogger(__name__)
 Route = Literal["small", "large"]
 
 
-def difficulty(candidates: Sequence[dict[str, Any]]) -> float:
-    """1 - the best retrieval similarity: a query far from everything indexed is hard."""
-    best = float(candidates[0]["score"]) if candidates else 0.0
-    return min(1.0, max(0.0, 1.0 - best))
+def position(query: str) -> float:
+    """Where ``query`` falls in [0, 1): a uniform, stable hash of its text."""
+    digest = hashlib.blake2b(query.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
 
 
 class Router:
-    """Routes by difficulty against a live threshold; measures small/large agreement."""
+    """Routes ``share`` of the queries small; measures small/large agreement."""
 
     def __init__(
-        self, stage: str, registry: CollectorRegistry, threshold: float, sample_ratio: float
+        self, stage: str, registry: CollectorRegistry, share: float, sample_ratio: float
     ) -> None:
-        self.stage, self.threshold, self.sample_ratio = stage, threshold, sample_ratio
+        self.stage, self.share, self.sample_ratio = stage, share, sample_ratio
         self.offpath = OffPath()
-        self.difficulty = Histogram(
-            contract.METRIC_ROUTING_DIFFICULTY, "Routed queries by difficulty band.",
-            ["stage"], buckets=contract.ROUTING_BANDS, registry=registry,
-        )  # fmt: skip
         self.agreement = Summary(
             contract.METRIC_ROUTING_AGREEMENT,
             "Top-3 overlap of the small re-ranker with the large one on sampled queries.",
-            ["stage", "band"], registry=registry,
+            ["stage"], registry=registry,
         )  # fmt: skip
 
-    def route(self, score: float) -> Route:
-        self.difficulty.labels(self.stage).observe(score)
-        return "large" if score > self.threshold else "small"
+    def route(self, query: str) -> Route:
+        return "small" if position(query) < self.share else "large"
 
-    def sample(self, score: float, compare: Callable[[], Awaitable[float]]) -> None:
+    def sample(self, compare: Callable[[], Awaitable[float]]) -> None:
         """Maybe run ``compare`` (small vs large agreement) off the response path."""
 
         async def job() -> None:
@@ -62,7 +59,6 @@ class Router:
             except Exception as exc:  # a failed check is a missing sample, not an error
                 log.warning("routing agreement check failed: %s", exc)
                 return
-            band = contract.band_of(score, contract.ROUTING_BANDS)
-            self.agreement.labels(self.stage, band).observe(value)
+            self.agreement.labels(self.stage).observe(value)
 
         self.offpath.maybe(self.sample_ratio, job)
