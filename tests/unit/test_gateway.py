@@ -7,18 +7,21 @@ import pytest
 
 from modelpilot import contract
 from modelpilot.adapters.prometheus import Telemetry
-from modelpilot.api.v1alpha1 import Routing, SemanticCache
+from modelpilot.api.v1alpha1 import ModelDeploymentSpec, Routing, SemanticCache
 from modelpilot.optimizer.gateway import (
     cache_quality,
     routing_quality,
     tune_cache,
     tune_routing,
 )
-from modelpilot.optimizer.snapshot import Agreement, Band
+from modelpilot.optimizer.history import History
+from modelpilot.optimizer.policy import decide
+from modelpilot.optimizer.snapshot import Agreement, Band, Snapshot
 from modelpilot.optimizer.tunables import Tunables
 from modelpilot.render import plan as plans
 from modelpilot.render.children import service_config
 from tests.helpers import spec_of
+from tests.unit.optimizer_cases import PROFILES, SPEC_DOC, snap
 
 pytestmark = pytest.mark.unit
 TUN = Tunables(gateway_min_samples=30, band_prior=0.0, knob_margin=0.01)
@@ -187,3 +190,33 @@ def test_near_misses_far_below_the_lowest_threshold_do_not_weigh_on_the_hits() -
     step = tune_cache(CACHE, 0.95, rows, 0.8, prior)
     assert step.value == pytest.approx(0.8) and step.measured is not None
     assert step.measured.agreement == pytest.approx(1.0)
+
+
+def test_a_tuned_share_is_carried_from_tick_to_tick_and_sizes_the_routed_stage() -> None:
+    """Once the share is set, later ticks keep it without a change (no Event per tick, no
+    reset of the scale-down cooldown), and the routed stage is sized for the mix: fewer
+    replicas than all-large at the same rate."""
+
+    def run(mode: str) -> tuple[list[float | None], list[str], int]:
+        doc = {**SPEC_DOC, "slo": {"latencyP95Ms": 200, "minQuality": "0.95"}}
+        doc["inference"] = {
+            **SPEC_DOC["inference"],
+            "routing": {"mode": mode, "smallVariant": "small", "largeVariant": "big",
+                        "smallShare": "0"},
+        }  # fmt: skip
+        spec = ModelDeploymentSpec.model_validate(doc)
+        plan, history, shares, reasons = plans.initial(spec), History(), [], []
+        for i in range(12):
+            now = 1_000_000 + 15 * i
+            tick = Snapshot(now, now, snap(now, 2000.0).stages, routing=Agreement(1000, 0.93))
+            d = decide(spec, plan, tick, history, PROFILES, now)
+            plan, history = d.plan, d.history
+            shares.append(plan["inference"].small_share)
+            reasons += [r for r in d.reasons if "small share" in r]
+        return shares, reasons, plan["inference"].replicas
+
+    shares, reasons, routed = run("Auto")
+    # quality(s) = 1 - 0.07 s >= 0.95 + 0.01: s <= 0.57 -> 0.55, set once and kept
+    assert shares == [0.55] * 12 and len(reasons) == 1
+    _, _, large_only = run("Off")
+    assert routed < large_only

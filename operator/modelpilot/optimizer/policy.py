@@ -46,7 +46,7 @@ from modelpilot.optimizer.calibration import learn
 from modelpilot.optimizer.forecast import forecast
 from modelpilot.optimizer.gateway import Measured, tune_cache, tune_routing
 from modelpilot.optimizer.history import History, StageHistory
-from modelpilot.optimizer.profiles import Profiles
+from modelpilot.optimizer.profiles import Profiles, routed
 from modelpilot.optimizer.quality import Quality, assess
 from modelpilot.optimizer.sizing import Sizing, stage_budgets, stage_sizer
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
@@ -334,7 +334,12 @@ def _model_stage(
     """A model stage's next plan: calibrate, judge a running verification, size every
     variant, choose one (a switch waits for its verification), stabilize the replicas.
     None: hold the stage as it is."""
-    profiles, tun, t, reasons = ctx.profiles, ctx.tun, ctx.t, ctx.reasons
+    profiles, tun, t, reasons = (
+        _serving_profiles(ctx.profiles, stage, cur),
+        ctx.tun,
+        ctx.t,
+        ctx.reasons,
+    )
     budget = ctx.budgets[name]
     cur_var = stage.variant(cur.variant or "")
     cur_prof = profiles.model(cur_var.model) if cur_var else None
@@ -399,10 +404,30 @@ def _model_stage(
     hist = replace(hist, calibration_permille=calib_pm)
     ctx.chosen_variants[name] = variant
     ctx.sizings[name] = sizing
-    plan = StagePlan(
-        replicas, variant.name, sizing.max_batch_size, sizing.max_queue_delay_us, gated.shadow
+    plan = replace(
+        cur,  # what this step does not decide (the gateway's knobs) carries over
+        replicas=replicas,
+        variant=variant.name,
+        max_batch_size=sizing.max_batch_size,
+        max_queue_delay_us=sizing.max_queue_delay_us,
+        shadow_variant=gated.shadow,
     )
     return plan, hist
+
+
+def _serving_profiles(profiles: Profiles, stage: ModelStage, cur: StagePlan) -> Profiles:
+    """The profiles a stage is sized with: a gateway that routes a small share has the large
+    variant's replicas serve that share with the small model (``profiles.routed``)."""
+    if not isinstance(stage, InferenceStage) or not cur.small_share:
+        return profiles
+    small = stage.variant(stage.routing.small_variant or "")
+    large = stage.variant(stage.routing.large_variant or "")
+    if small is None or large is None or small.model == large.model:
+        return profiles
+    small_prof, large_prof = profiles.model(small.model), profiles.model(large.model)
+    if small_prof is None or large_prof is None:
+        return profiles
+    return profiles.replacing(routed(small_prof, large_prof, cur.small_share))
 
 
 def _explain(

@@ -32,7 +32,7 @@ import bisect
 import functools
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,23 @@ class ModelProfile:
         return 1000.0 * batch / self.latency_ms(batch)
 
 
+def routed(small: ModelProfile, large: ModelProfile, share: float) -> ModelProfile:
+    """The profile of a replica that serves ``share`` of its requests with ``small`` and the
+    rest with ``large`` (the gateway's routing): at each batch size the share-weighted
+    execution time (close to the two sub-batches run one after the other, as execution time
+    is close to affine in the batch)."""
+    sizes = sorted({p.batch for p in small.points} | {p.batch for p in large.points})
+    points = tuple(
+        BatchPoint(
+            b,
+            share * small.latency_ms(b) + (1 - share) * large.latency_ms(b),
+            share * small.latency_ms(b, "p95") + (1 - share) * large.latency_ms(b, "p95"),
+        )
+        for b in sizes
+    )
+    return ModelProfile(large.name, large.stage, large.quality, points, large.reference)
+
+
 @dataclass(frozen=True)
 class ServiceProfile:
     capacity_rps: float
@@ -95,6 +112,10 @@ class Profiles:
 
     def model(self, name: str) -> ModelProfile | None:
         return self.models.get(name)
+
+    def replacing(self, profile: ModelProfile) -> Profiles:
+        """These profiles with ``profile`` in place of the model of the same name."""
+        return replace(self, models={**self.models, profile.name: profile})
 
 
 def parse(doc: Mapping[str, Any]) -> Profiles:

@@ -38,10 +38,10 @@ from modelpilot.sim.policies import (
 REFERENCE = {"embedding": "minilm-fp32", "inference": "reranker-large"}
 
 
-def bench_spec(slo_ms: int) -> ModelDeploymentSpec:
+def bench_spec(slo_ms: int, min_quality: str = "0.8", routing: str = "Off") -> ModelDeploymentSpec:
     """The pipeline the bench runs: the measured embedding and re-ranker variants, equal cost
     per replica (each a one-CPU pod), a quality floor that admits int8 embeddings but not
-    the static model."""
+    the static model; ``routing`` (Off, Auto) between the two re-rankers."""
 
     def variant(name: str, model: str, precision: str, quality: str) -> dict[str, str]:
         return {
@@ -54,7 +54,7 @@ def bench_spec(slo_ms: int) -> ModelDeploymentSpec:
 
     return ModelDeploymentSpec.model_validate(
         {
-            "slo": {"latencyP95Ms": slo_ms, "minQuality": "0.8"},
+            "slo": {"latencyP95Ms": slo_ms, "minQuality": min_quality},
             "optimizer": {
                 "intervalSeconds": 15,
                 # HPA's 300 s guards against CPU noise; ModelPilot decides on a 60 s rate
@@ -83,6 +83,12 @@ def bench_spec(slo_ms: int) -> ModelDeploymentSpec:
                     variant("reranker-large", "reranker_large", "fp32", "1"),
                     variant("reranker-small", "reranker_small", "int8", "0.95"),
                 ],
+                "routing": {
+                    "mode": routing,
+                    "smallVariant": "reranker-small",
+                    "largeVariant": "reranker-large",
+                    "smallShare": "0",
+                },
             },
         }
     )
@@ -96,10 +102,18 @@ def run_trace(
     show_progress: bool,
     candidates: int = 10,
     retrieval_ms: float = 2.0,
+    spec: ModelDeploymentSpec | None = None,
+    only: tuple[str, ...] = (),
 ) -> dict[str, Result]:
     """Replay ``trace`` through embedding -> retrieval (``retrieval_ms``) -> re-ranking of
-    ``candidates`` pairs per query, under every policy."""
-    spec = bench_spec(slo_ms)
+    ``candidates`` pairs per query, under every policy (or those named in ``only``)."""
+    spec = spec or bench_spec(slo_ms)
+    routing = spec.inference.routing
+    routes = (
+        (routing.small_variant or "", routing.large_variant or "")
+        if routing.mode != "Off"
+        else None
+    )
     items = {"embedding": 1, "inference": candidates}
     tun = Tunables()
     start_rate = trace.max_rate(0, 60)
@@ -138,7 +152,7 @@ def run_trace(
         Reactive(spec, profiles, trace.past_mean(10.0), items, retrieval_ms, interval=5.0),
     ]
     jobs = []
-    for policy in policies:
+    for policy in [p for p in policies if not only or p.name in only]:
         stages = []
         for name, (stage, models, warm_start, _) in stage_cfgs.items():
             first = warm_start
@@ -154,6 +168,7 @@ def run_trace(
                     hop_ms=retrieval_ms if name == "embedding" else 0.0,
                     min_replicas=stage.replicas.min,
                     max_replicas=stage.replicas.max,
+                    routes=routes if name == "inference" else None,
                 )
             )
         jobs.append((trace, policy, Config(slo_ms=slo_ms, stages=stages, startup_s=startup_s)))
@@ -196,15 +211,45 @@ def summarize(results: dict[str, Result], slo_ms: int) -> dict[str, dict[str, fl
 _QUALITY: dict[tuple[str, str], float] = {}  # (stage, variant) -> measured quality
 
 
-def _quality(r: Result) -> float:
+def _quality(r: Result, small: str = "reranker-small") -> float:
     """Measured quality relative to the reference pipeline: per stage the mean over serving
-    time, multiplied across stages (each stage's loss compounds)."""
+    time, multiplied across stages (each stage's loss compounds); a routing stage loses
+    what its small share disagrees (the optimizer's own prediction, ``gateway.py``)."""
     out = 1.0
     for stage in {s for s, _ in r.variant_seconds}:
         spans = {v: t for (s, v), t in r.variant_seconds.items() if s == stage}
         total = sum(spans.values())
         if total:
             out *= sum(_QUALITY.get((stage, v), 1.0) * t for v, t in spans.items()) / total
+        if stage in r.small_share:
+            out *= 1.0 - r.small_share[stage] * (1.0 - _QUALITY.get((stage, small), 1.0))
+    return out
+
+
+def routing_table(
+    trace: traces.Trace,
+    profiles: profiles_mod.Profiles,
+    slo_ms: int,
+    startup_s: float,
+    candidates: int,
+    retrieval_ms: float,
+    min_quality: str = "0.95",
+) -> dict[str, dict[str, float]]:
+    """ModelPilot on one trace under a floor the small re-ranker alone misses, routing Off
+    vs Auto: what routing saves, and the quality it keeps."""
+    out = {}
+    for mode in ("Off", "Auto"):
+        spec = bench_spec(slo_ms, min_quality, mode)
+        r = run_trace(
+            trace, profiles, slo_ms, startup_s, False, candidates, retrieval_ms, spec,
+            only=("modelpilot",),
+        )["modelpilot"]  # fmt: skip
+        out[mode] = {
+            "window_attainment": round(r.window_attainment(slo_ms), 4),
+            "cost": round(r.cost, 3),
+            "quality": round(_quality(r), 4),
+            "small_share": round(r.small_share.get("inference", 0.0), 3),
+        }
     return out
 
 
@@ -303,7 +348,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['quality']:>9.3f}{s['actions']:>9d}"
             )
         report[trace.name] = {"trace": trace.name, "policies": summary}
+    first = trace_list[0]
+    t0 = time.perf_counter()
+    routed = routing_table(
+        first, profiles, args.slo_ms, args.startup_s, args.candidates, retrieval_ms
+    )
+    print(
+        f"\nrouting on trace {first.name}, minQuality 0.95 (the small re-ranker alone measures "
+        f"{_QUALITY.get(('inference', 'reranker-small'), 1.0):.3f}), ModelPilot, "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    print(f"{'routing':<12}{'win-att':>9}{'cost':>9}{'quality':>9}{'small':>8}")
+    for mode, s in routed.items():
+        print(
+            f"{mode:<12}{s['window_attainment']:>9.4f}{s['cost']:>9.2f}{s['quality']:>9.3f}"
+            f"{s['small_share']:>8.2f}"
+        )
     final = next(iter(report.values())) if len(report) == 1 else {"trace": "all", "traces": report}
+    final["routing"] = {"trace": first.name, "minQuality": 0.95, "modes": routed}
     print(json.dumps(final))
     return 0
 

@@ -9,8 +9,12 @@ candidate pairs), or when the oldest request has waited ``max_queue_delay``. A b
 ``b`` items takes the variant's measured latency at ``b`` times log-normal noise fitted to
 the measured p95/p50. A request leaving a stage reaches the next one ``hop_ms`` later
 (a fixed-latency step between them, e.g. the ANN search). New replicas are ready only after
-``startup_s``; a variant switch is a surge rollout. Policies observe each stage's windowed
-metrics at their own tick interval as of the last scrape, as they would from Prometheus.
+``startup_s``; a variant switch is a surge rollout. A stage that routes (the re-ranker with
+a small share in its plan) serves that share of each batch's requests with the small
+variant's measured latency and the rest with the large one's, one after the other on the
+replica's core, as Triton's two models' batchers would. Policies observe each stage's
+windowed metrics at their own tick interval as of the last scrape, as they would from
+Prometheus.
 
 The stages advance together tick by tick: up to a tick, a stage dispatches only batches
 whose dispatch time it can already decide, then hands its finished requests to the next
@@ -47,6 +51,7 @@ class StageConfig:
     hop_ms: float = 0.0  # fixed latency before the next stage
     min_replicas: int = 1
     max_replicas: int = 64
+    routes: tuple[str, str] | None = None  # (small, large) variants, when the stage routes
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Result:
     actions: int
     timeline: dict[str, list[float]] = field(default_factory=dict)
     variant_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+    small_share: dict[str, float] = field(default_factory=dict)  # stage -> share routed small
 
     def attainment(self, slo_ms: float) -> float:
         return float(np.mean(self.latencies_ms <= slo_ms)) if len(self.latencies_ms) else 1.0
@@ -130,9 +136,10 @@ class _Stage:
         self.end = np.full(n, np.inf)  # when each arrival left this stage
         self.busy = np.zeros(seconds + 2)
         self.noise, self.noise_i = noise, 0
-        # (variant, requests in the batch) -> median service seconds: millions of batches
-        # draw from a few hundred distinct sizes, and interpolating each cost a fifth of a run.
-        self.service_s: dict[tuple[str, int], float] = {}
+        # (variant, requests in the batch, of them small) -> median service seconds: millions of
+        # batches draw from a few hundred distinct sizes, and interpolating each cost a fifth
+        # of a run.
+        self.service_s: dict[tuple[str, int, int], float] = {}
         self.replicas: dict[int, _Replica] = {}
         self.heap: list[tuple[float, int]] = []  # (free at, replica id)
         self.next_id = 0
@@ -142,6 +149,8 @@ class _Stage:
         self.intervals: list[tuple[float, float, str]] = []  # (created, removed, variant)
         self.finished: list[tuple[float, int, int]] = []  # (finish, first index, count)
         self.actions = 0
+        self.small = 0  # requests served by the small route
+        self.route_rng = np.random.default_rng(len(noise))  # which requests route small
         self.add(cfg.start.replicas, cfg.start.variant or "", 0.0, 0.0)
 
     def add(self, count: int, variant: str, now: float, delay: float) -> None:
@@ -199,6 +208,7 @@ class _Stage:
             want.max_queue_delay_us
             if want.max_queue_delay_us is not None
             else cur.max_queue_delay_us,
+            small_share=want.small_share if cfg.routes else None,
         )
         if want != cur:
             self.actions += 1
@@ -229,8 +239,8 @@ class _Stage:
         cur = self.current
         b = max(1, (cur.max_batch_size or 1) // items)  # whole requests per batch
         delay = (cur.max_queue_delay_us or 0) / 1e6
-        model_of = self.cfg.variant_models
         service_s = self.service_s
+        share = cur.small_share if self.cfg.routes else None
         while True:
             # Retire replicas whose time has come, recording their lifetime.
             while heap:
@@ -271,10 +281,13 @@ class _Stage:
                 k = bisect.bisect_right(arr, dispatch, head) - head
             k = max(1, min(k, b))
             heapq.heappop(heap)
-            key = (rep.variant, k)
+            # Each request of the batch goes small with probability ``share``.
+            to_small = -1 if share is None else int(self.route_rng.binomial(k, share))
+            self.small += max(0, to_small)
+            key = (rep.variant, k, to_small)
             base = service_s.get(key)
             if base is None:
-                base = service_s[key] = model_of[rep.variant].latency_ms(k * items) / 1000
+                base = service_s[key] = self._batch_s(rep.variant, k, to_small)
             service = base * self.noise[self.noise_i & 0xFFFF]
             self.noise_i += 1
             finish = dispatch + service
@@ -287,6 +300,16 @@ class _Stage:
             self.head = head + k
             self.finished.append((finish, head, k))
             heapq.heappush(heap, (finish, rid))
+
+    def _batch_s(self, variant: str, k: int, to_small: int) -> float:
+        """Median seconds for ``k`` requests: on the variant, or ``to_small`` of them on the
+        small route and the rest on the large one (``to_small`` -1: the stage does not route)."""
+        models, items = self.cfg.variant_models, self.cfg.items
+        if to_small < 0 or self.cfg.routes is None:
+            return models[variant].latency_ms(k * items) / 1000
+        small, large = self.cfg.routes
+        parts = ((small, to_small), (large, k - to_small))
+        return sum(models[v].latency_ms(n * items) for v, n in parts if n) / 1000
 
     def release(self, until: float) -> tuple[list[float], list[int]]:
         """Requests that finished by ``until``, in finishing order: (times, request ids)."""
@@ -377,6 +400,7 @@ def simulate(
         sum(st.actions for st in stages),
         timeline,
         variant_seconds,
+        {st.cfg.name: st.small / max(1, st.head) for st in stages if st.cfg.routes},
     )
 
 

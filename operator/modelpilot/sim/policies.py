@@ -17,7 +17,7 @@ from modelpilot.optimizer.policy import decide
 from modelpilot.optimizer.profiles import Profiles
 from modelpilot.optimizer.quality import assess_all
 from modelpilot.optimizer.sizing import stage_sizer
-from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.optimizer.snapshot import Agreement, Snapshot, StageTelemetry
 from modelpilot.optimizer.tunables import Tunables
 from modelpilot.optimizer.variants import cheapest, variant_options
 from modelpilot.render import plan as plans
@@ -194,6 +194,15 @@ class ModelPilot:
         self.history = History()
         self.items = dict(items)  # what Triton's statistics report per stage
         self.fixed = dict(fixed_p95_ms)  # stages replayed as a fixed latency (retrieval)
+        # What the gateway's sampled comparisons report: the small re-ranker's measured
+        # agreement with the large one (the profile's quality against it), once it routes.
+        self.routing: Agreement | None = None
+        routing = spec.inference.routing
+        if routing.mode != "Off" and routing.small_variant:
+            small = spec.inference.variant(routing.small_variant)
+            prof = profiles.model(small.model) if small else None
+            if prof is not None and prof.quality is not None:
+                self.routing = Agreement(10_000, prof.quality)
 
     def snapshot(self, obs: Mapping[str, Observation], e2e_p95_ms: float | None) -> Snapshot:
         now = next(iter(obs.values())).now
@@ -209,7 +218,13 @@ class ModelPilot:
             for name, o in obs.items()
         }
         stages.update({name: StageTelemetry(p95_ms=ms) for name, ms in self.fixed.items()})
-        return Snapshot(time=now, newest_sample=now, stages=stages, e2e_p95_ms=e2e_p95_ms)
+        return Snapshot(
+            time=now,
+            newest_sample=now,
+            stages=stages,
+            e2e_p95_ms=e2e_p95_ms,
+            routing=self.routing,
+        )
 
     def decide_all(
         self,
@@ -223,7 +238,13 @@ class ModelPilot:
         out = {}
         for name in obs:
             p = d.plan[name]
-            out[name] = StagePlan(p.replicas, p.variant, p.max_batch_size, p.max_queue_delay_us)
+            out[name] = StagePlan(
+                p.replicas,
+                p.variant,
+                p.max_batch_size,
+                p.max_queue_delay_us,
+                small_share=p.small_share,
+            )
         return out
 
 
