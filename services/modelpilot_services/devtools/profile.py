@@ -9,9 +9,9 @@ profile and leaves its latency curves as they are.
 
 Latency: each batch size is timed repeatedly on one intra-op thread (one replica = one CPU),
 reporting p50/p95 per batch. Quality: on a fixed corpus of real text (paragraphs of this
-Python's own help topics, ``calibration.corpus``), the mean overlap of each query's 10 nearest neighbours
-with the reference variant's (recall@10 vs fp32), and the share of known-answer queries
-whose source document ranks in the top 3.
+Python's own help topics, ``calibration.corpus``), the mean overlap of each query's 10
+nearest neighbours with the reference variant's (recall@10 vs fp32), and the share of
+known-answer queries whose source document ranks in the top 3.
 """
 
 from __future__ import annotations
