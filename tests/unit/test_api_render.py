@@ -96,7 +96,12 @@ def test_invalid_specs_are_rejected_by_the_models(mutate: Any, message: str) -> 
 def test_initial_plan_picks_the_cheapest_variant_meeting_the_quality_floor() -> None:
     p = plan.initial(spec_of("full"))
     assert p["embedding"].variant == "minilm-int8"  # static (0.86) is below minQuality 0.9
-    assert p["inference"].variant == "reranker-small"
+    # routing on: the large variant's replicas serve both routes
+    assert p["inference"].variant == "reranker-large-gpu"
+    off = sample("full")["spec"]
+    off["inference"]["routing"] = {"mode": "Off"}
+    p_off = plan.initial(ModelDeploymentSpec.model_validate(off))
+    assert p_off["inference"].variant == "reranker-small"  # the cheapest over the floor
     assert p["embedding"].max_batch_size == 64 and p["embedding"].max_queue_delay_us == 2000
     assert {s.replicas for s in p.values()} == {1}
 
@@ -221,7 +226,7 @@ def test_network_policy_admits_only_the_operator_to_admin_and_triton_ports() -> 
     ("routing", "models"),
     [
         ({"mode": "Auto", "smallVariant": "reranker-small", "largeVariant": "reranker-large-gpu"},
-         ["reranker_small", "reranker_large"]),
+         ["reranker_large", "reranker_small"]),
         ({"mode": "Off"}, ["reranker_small"]),
     ],
 )  # fmt: skip
@@ -232,7 +237,8 @@ def test_the_gateway_sidecar_loads_every_model_it_routes_to(
     raw["inference"]["routing"] = routing
     spec = ModelDeploymentSpec.model_validate(raw)
     p = plan.initial(spec)
-    assert p["inference"].variant == "reranker-small"
+    on = routing["mode"] == "Auto"
+    assert p["inference"].variant == ("reranker-large-gpu" if on else "reranker-small")
     dep = _deployment(render(OWNER, spec, p), "full-inference")
     triton = dep["spec"]["template"]["spec"]["containers"][1]
     assert [
@@ -241,7 +247,7 @@ def test_the_gateway_sidecar_loads_every_model_it_routes_to(
     config = render_service_config(spec, "inference", p["inference"])
     assert config.models == models
     assert routed_models(config) == (
-        (models[0], models[-1]) if routing["mode"] == "Auto" else (models[0], models[0])
+        ("reranker_small", "reranker_large") if on else ("reranker_small", "reranker_small")
     )
 
 
@@ -249,7 +255,7 @@ def test_a_starting_triton_runs_the_planned_batching_from_the_mounted_config() -
     """Both sides of service.json: what render writes is what the sidecar starts with."""
     spec = spec_of("full")
     p = plan.initial(spec)
-    p["inference"] = plan.StagePlan(1, "reranker-small", 4, 250)
+    p["inference"] = plan.StagePlan(1, "reranker-large-gpu", 4, 250, small_share=0.5)
     config = render_service_config(spec, "inference", p["inference"])
     batching = tritonserve.planned_batching(
         contract.ServiceConfig.model_validate_json(config.json_text())

@@ -275,3 +275,25 @@ def test_a_mirrored_comparison_counts_as_a_sample_a_skip_or_an_error(
     assert (value("modelpilot_shadow_agreement_count", labels) or 0.0) == samples
     assert (value("modelpilot_shadow_duration_seconds_count", labels) or 0.0) == timed
     assert (value("modelpilot_shadow_errors_total", labels) or 0.0) == errors
+
+
+def test_a_serving_model_outside_the_images_catalog_starts_the_service() -> None:
+    """A user's model, or one missing from Triton: the service runs (not ready until Triton
+    serves it) instead of exiting into a crash loop; only shadow candidates are checked."""
+    from modelpilot_services.stages.embedding import Embedding
+
+    service = Embedding("127.0.0.1:1", "their_model", ("minilm_fp32",))
+    assert service.model == "their_model" and service.shadow.allowed == ("minilm_fp32",)
+
+
+def test_a_repeats_similarity_over_one_in_float32_counts_in_the_top_band() -> None:
+    from modelpilot_services.stages.cache import CacheCheck
+
+    registry = CollectorRegistry()
+    check = CacheCheck("inference", registry, sample_ratio=1.0)
+    check.looked_up(1.0000001)
+    check.record(1.0000001, 1.0)
+    name = "modelpilot_cache_similarity_bucket"
+    assert registry.get_sample_value(name, {"stage": "inference", "le": "1.0"}) == 1
+    agreement = "modelpilot_cache_agreement_count"
+    assert registry.get_sample_value(agreement, {"stage": "inference", "band": "1"}) == 1

@@ -58,8 +58,9 @@ def test_auto_routes_as_much_to_small_as_the_quality_floor_allows(
 ) -> None:
     step = tune_routing(AUTO, current, AGREE_90, floor, 1.0, TUN)
     assert step.value == pytest.approx(want)
-    assert step.measured is not None and step.measured.agreement is not None
-    assert step.measured.agreement >= floor - 1e-9 or want == 0.0
+    assert step.measured is not None and step.measured.quality is not None
+    assert step.measured.agreement == 0.9  # what was measured, beside what is expected
+    assert step.measured.quality >= floor - 1e-9 or want == 0.0
     assert (step.reason is not None) == (want != current)
 
 
@@ -90,7 +91,7 @@ def test_routing_stays_within_its_bounds_and_fixed_and_off_never_move() -> None:
 
 def test_routing_holds_with_too_few_samples_and_says_so() -> None:
     step = tune_routing(AUTO, 0.5, Agreement(20, 1.0), 0.8, 1.0, TUN)
-    assert step.value == 0.5 and step.reason is not None and "20 of 30" in step.reason
+    assert step.value == 0.5 and step.reason is not None and "until 30" in step.reason
     assert tune_routing(AUTO, None, None, 0.8, 1.0, TUN).value == 0.5  # the spec's start
 
 
@@ -143,7 +144,7 @@ def test_off_knobs_are_none_and_the_plan_carries_thresholds_to_the_gateway() -> 
     config = service_config(spec, "inference", resumed)
     assert (config.smallShare, config.cacheThreshold) == (0.2, 0.9)
     assert config.routing == {
-        "mode": "Auto",
+        "enabled": True,
         "smallVariant": "reranker-small",
         "largeVariant": "reranker-large-gpu",
         "sampleRatio": 0.1,

@@ -14,7 +14,7 @@ from modelpilot.optimizer.history import History
 from modelpilot.optimizer.policy import decide
 from modelpilot.render import plan as plans
 from modelpilot.render.children import Defaults
-from tests.helpers import sample
+from tests.helpers import sample, spec_of
 from tests.unit.fake_kube import FakeKube
 from tests.unit.optimizer_cases import PROFILES, make_spec, snap
 
@@ -90,3 +90,20 @@ def test_a_stage_whose_every_variant_fails_to_load_is_degraded_with_tritons_mess
     assert degraded is not None and degraded["status"] == "True"
     assert degraded["reason"] == "ModelUnavailable"
     assert "embedding/minilm-fp32" in degraded["message"] and "not found" in degraded["message"]
+
+
+def test_a_routed_variant_that_does_not_load_pauses_routing() -> None:
+    """The gateway's pods load both routed models; one that does not load would keep every
+    new pod from Ready. Routing pauses (the planned variant serves alone) until it loads."""
+    from modelpilot.render.children import served_models, service_config
+
+    spec = spec_of("full")  # routing Auto: reranker-small / reranker-large-gpu
+    routed = plans.initial(spec)["inference"]
+    assert routed.small_share == 0.5 and routed.variant == "reranker-large-gpu"
+    missing = {"inference": {"unavailable": [row("reranker-small", "reranker_small")]}}
+    paused = plans.resume(spec, missing)["inference"]
+    assert paused.small_share is None and paused.variant == "reranker-large-gpu"
+    assert served_models(spec, "inference", paused) == ["reranker_large"]
+    config = service_config(spec, "inference", paused)
+    assert config.routing is not None and config.routing["enabled"] is False
+    assert config.smallShare is None

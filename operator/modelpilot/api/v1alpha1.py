@@ -482,8 +482,9 @@ class KnobMode(StrEnum):
 
 
 def _not_above(low: str, high: str, message: str) -> JsonDict:
+    """The start Auto moves from lies within its bounds (Fixed and Off ignore the bounds)."""
     return cel(
-        f"!has(self.{low}) || !has(self.{high}) || "
+        f"!has(self.mode) || self.mode != 'Auto' || !has(self.{low}) || !has(self.{high}) || "
         f"quantity(self.{low}).compareTo(quantity(self.{high})) <= 0",
         message,
     )
@@ -751,12 +752,16 @@ class GatewayMeasurement(_Model):
 
     share: float | None = Field(
         default=None,
-        description="Routing: share of queries routed small; cache: share answered from it.",
+        description="Routing: the share routed small; cache: the share of lookups with an "
+        "entry that hit, expected at the threshold in force.",
     )
     agreement: float | None = Field(
         default=None,
-        description="Routing: mean top-3 overlap of small with large on sampled small-routed "
-        "queries; cache: of cached answers with recomputed ones.",
+        description="Routing: measured mean top-3 overlap of the small re-ranker with the "
+        "large one on sampled queries; cache: expected agreement of hits with fresh answers.",
+    )
+    quality: float | None = Field(
+        default=None, description="Routing: the blended quality expected at the share."
     )
     samples: int = Field(default=0, description="Sampled comparisons behind agreement.")
 

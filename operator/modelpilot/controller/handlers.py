@@ -31,6 +31,10 @@ from modelpilot.render.children import MANAGED_BY, Defaults
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
+# A model that did not load is tried again no sooner than this, whatever retryAfterSeconds
+# says (0 would drop and re-add the record, with its Event and reconcile, on every pass).
+LOAD_RETRY_MIN_S = 300
+
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -247,7 +251,7 @@ def _sync_live(memo: kopf.Memo, namespace: str, name: str) -> None:
                 (status.get("stages") or {}).get(stage),
                 result.unavailable,
                 time.time(),
-                spec.optimizer.verification.retry_after_seconds,
+                max(spec.optimizer.verification.retry_after_seconds, LOAD_RETRY_MIN_S),
             )
             stages[stage] = {
                 "podsOnPlan": result.on_plan,

@@ -220,11 +220,17 @@ def _gateway_measurements(status: Mapping[str, Any], decision: Decision) -> dict
     """status.stages.inference.routing / .cache where their figures (to 2 decimals) changed:
     the sample count alone moving is no reason to write status."""
     have = ((status.get("stages") or {}).get("inference")) or {}
-    out = {}
-    for name, m in decision.gateway.items():
+    out: dict[str, Any] = {}
+    for name in ("routing", "cache"):
+        m = decision.gateway.get(name)
+        if m is None:  # Off, or holding: what status showed is no longer in force
+            if have.get(name) is not None:
+                out[name] = None
+            continue
         row = {
             "share": round(m.share, 2),
             "agreement": None if m.agreement is None else round(m.agreement, 2),
+            "quality": None if m.quality is None else round(m.quality, 3),
         }
         old = have.get(name) or {}
         if {k: old.get(k) for k in row} != row:

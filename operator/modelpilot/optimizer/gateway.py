@@ -37,11 +37,12 @@ _EPS = 1e-9
 
 @dataclass(frozen=True)
 class Measured:
-    """A knob's effect as predicted from the measurements."""
+    """A knob's value's effect: what was measured and what the value is expected to give."""
 
-    share: float  # routed small, or answered from the cache
-    agreement: float | None  # predicted quality, or hit agreement
-    samples: int
+    share: float  # expected share routed small, or of lookups (with an entry) that hit
+    agreement: float | None  # measured: small vs large; expected: hits vs fresh answers
+    samples: int  # the sampled comparisons behind it
+    quality: float | None = None  # routing: the expected blended quality
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ def _agreements(
         return None
     pooled = sum(b.samples * (b.agreement or 0.0) for b in pool) / n
     k = tun.band_prior
-    return [((b.agreement or 0.0) * b.samples + pooled * k) / (b.samples + k) for b in bands], n
+    return [
+        ((b.agreement or 0.0) * b.samples + pooled * k) / (b.samples + k)
+        if b.samples + k
+        else pooled
+        for b in bands
+    ], n
 
 
 def _candidates(edges: Sequence[float], low: float, high: float) -> list[float]:
@@ -108,9 +114,10 @@ def tune_routing(
     if measured is None or measured.mean is None or n < max(1, tun.gateway_min_samples):
         why = None
         if routing.mode == KnobMode.AUTO:
+            # (no running count: a reason that changed every tick would be a status write)
             why = (
-                f"inference: small share holds at {cur:.0%}, {n} of "
-                f"{tun.gateway_min_samples} small/large agreement samples"
+                f"inference: small share holds at {cur:.0%} until "
+                f"{tun.gateway_min_samples} small/large comparisons are sampled"
             )
         return KnobStep(cur, why)
     a = measured.mean
@@ -131,11 +138,11 @@ def tune_routing(
     reason = None
     if new != cur:
         reason = (
-            f"inference: small share {cur:.0%} -> {new:.0%}: predicted quality "
+            f"inference: small share {cur:.0%} -> {new:.0%}: expected quality "
             f"{quality(new):.3f} vs minQuality {floor:g} (was {quality(cur):.3f}); the small "
             f"re-ranker agrees with the large one {a:.3f} on {n} sampled queries"
         )
-    return KnobStep(new, reason, Measured(new, quality(new), n))
+    return KnobStep(new, reason, Measured(new, a, n, quality(new)))
 
 
 def tune_cache(
@@ -153,12 +160,11 @@ def tune_cache(
     # Near misses far below the lowest threshold say nothing of the bands a hit can be in.
     measured = _agreements(bands, tun, above=low)
     if measured is None:
-        n = sum(b.samples for b in bands if b.edge > low + _EPS)
         why = None
         if cache.mode == KnobMode.AUTO:
             why = (
-                f"inference: cache threshold holds at {cur:g}, {n} of "
-                f"{tun.gateway_min_samples} cached/fresh comparisons"
+                f"inference: cache threshold holds at {cur:g} until "
+                f"{tun.gateway_min_samples} cached/fresh comparisons are sampled"
             )
         return KnobStep(cur, why)
     agreements, n = measured
@@ -183,7 +189,7 @@ def tune_cache(
         was, was_agreement = cache_quality(bands, agreements, cur)
         reason = (
             f"inference: cache threshold {cur:g} -> {new:g}: hits {share:.0%} of lookups with "
-            f"an entry (was {was:.0%}), predicted hit agreement "
+            f"an entry (was {was:.0%}), expected hit agreement "
             f"{_fmt(agreement)} (was {_fmt(was_agreement)}) vs minQuality {floor:g} "
             f"from {n} cached/fresh comparisons"
         )

@@ -44,7 +44,7 @@ from modelpilot.contract import MODEL_STAGES
 from modelpilot.optimizer.budget import enforce_budget
 from modelpilot.optimizer.calibration import learn
 from modelpilot.optimizer.forecast import forecast
-from modelpilot.optimizer.gateway import Measured, tune_cache, tune_routing
+from modelpilot.optimizer.gateway import KnobStep, Measured, tune_cache, tune_routing
 from modelpilot.optimizer.history import History, StageHistory
 from modelpilot.optimizer.profiles import Profiles, routed
 from modelpilot.optimizer.quality import Quality, assess
@@ -283,14 +283,18 @@ def _gateway(
     and their measurements put in ``measured``."""
     large = stage.variant(stage.routing.large_variant or "")
     assessed = ctx.quality["inference"].get(large.name) if large else None
-    routing = tune_routing(
-        stage.routing,
-        cur.small_share,
-        ctx.snapshot.routing,
-        ctx.floor,
-        assessed.value if assessed else 1.0,
-        ctx.tun,
-    )
+    routed = {stage.routing.small_variant, stage.routing.large_variant}
+    if cur.small_share is None or routed & ctx.unavailable.get("inference", frozenset()):
+        routing = KnobStep(None)  # off, or paused while a routed variant does not load
+    else:
+        routing = tune_routing(
+            stage.routing,
+            cur.small_share,
+            ctx.snapshot.routing,
+            ctx.floor,
+            assessed.value if assessed else 1.0,
+            ctx.tun,
+        )
     cache = tune_cache(
         stage.semantic_cache, cur.cache_threshold, ctx.snapshot.cache, ctx.floor, ctx.tun
     )
@@ -357,6 +361,10 @@ def _model_stage(
     if missing := ctx.unavailable.get(name, frozenset()) - {cur.variant or ""}:
         ctx.excluded[name] |= missing
         reasons.append(f"{name}: not using {', '.join(sorted(missing))}: model does not load")
+    if isinstance(stage, InferenceStage) and cur.small_share is not None:
+        # Routing: the large variant's replicas serve both routes (sized for the mix below).
+        large = stage.routing.large_variant
+        ctx.excluded[name] |= {v.name for v in stage.variants if v.name != large}
     size = stage_sizer(stage, budget, calib_pm / 1000, tun, tele.items_per_request or 1.0)
     batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
     options = variant_options(

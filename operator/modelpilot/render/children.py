@@ -192,13 +192,14 @@ def _service_container(owner: Owner, name: str, stage: Stage, defaults: Defaults
 
 def served_models(spec: ModelDeploymentSpec, name: str, plan: StagePlan) -> list[str]:
     """The Triton models a model stage serves under ``plan`` (its sidecar loads them at
-    start): the planned variant's, and with routing on the gateway's small and large."""
+    start): the planned variant's, and while the plan routes (a small share) the gateway's
+    small and large."""
     stage = spec.stage(name)
     if not isinstance(stage, ModelStage):
         return []
     variant = stage.variant(plan.variant or "") or stage.variants[0]
     models = [variant.model]
-    if isinstance(stage, InferenceStage) and stage.routing.mode != KnobMode.OFF:
+    if isinstance(stage, InferenceStage) and plan.small_share is not None:
         for routed in (stage.routing.small_variant, stage.routing.large_variant):
             if (v := stage.variant(routed or "")) is not None and v.model not in models:
                 models.append(v.model)
@@ -286,19 +287,21 @@ def service_config(spec: ModelDeploymentSpec, name: str, plan: StagePlan) -> con
     if isinstance(stage, InferenceStage):
         config = config.model_copy(
             update={
-                # numbers, not quantities: the services parse plain JSON
+                # On or off, not Fixed or Auto (a mode change then rolls no pod); numbers,
+                # not quantities: the services parse plain JSON.
                 "routing": {
+                    "enabled": plan.small_share is not None,
                     **stage.routing.model_dump(
-                        mode="json",
                         by_alias=True,
                         exclude_none=True,
-                        include={"mode", "small_variant", "large_variant"},
+                        include={"small_variant", "large_variant"},
                     ),
                     "sampleRatio": stage.routing.sample_ratio_value,
                 },
                 "semanticCache": {
+                    "enabled": stage.semantic_cache.mode != KnobMode.OFF,
                     **stage.semantic_cache.model_dump(
-                        mode="json", by_alias=True, include={"mode", "max_entries", "ttl_seconds"}
+                        by_alias=True, include={"max_entries", "ttl_seconds"}
                     ),
                     "sampleRatio": stage.semantic_cache.sample_ratio_value,
                 },

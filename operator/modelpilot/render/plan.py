@@ -114,6 +114,19 @@ def _knob(knob: Routing | SemanticCache, recorded: Any = None) -> float | None:
     return min(max(float(recorded), low), high)
 
 
+def _routing(
+    stage: InferenceStage, skip: frozenset[str], recorded: Any = None
+) -> tuple[float | None, str | None]:
+    """(small share, the variant the stage must plan) for the gateway: routing on pins the
+    plan to largeVariant (its replicas serve both routes); a routed variant whose model does
+    not load pauses routing."""
+    routed = (stage.routing.small_variant, stage.routing.large_variant)
+    share = _knob(stage.routing, recorded)
+    if share is None or any(v in skip for v in routed):
+        return None, None
+    return share, stage.routing.large_variant
+
+
 def initial(
     spec: ModelDeploymentSpec,
     quality: Quality | None = None,
@@ -135,9 +148,11 @@ def initial(
                 max_queue_delay_us=stage.batching.max_queue_delay_microseconds,
             )
             if isinstance(stage, InferenceStage):
+                share, pinned = _routing(stage, skip)
                 plan[name] = replace(
                     plan[name],
-                    small_share=_knob(stage.routing),
+                    variant=pinned or plan[name].variant,
+                    small_share=share,
                     cache_threshold=_knob(stage.semantic_cache),
                 )
         else:
@@ -203,9 +218,12 @@ def resume(
             shadow_variant=shadow,
         )
         if isinstance(stage, InferenceStage):
+            share, pinned = _routing(stage, skip, recorded.get("smallShare"))
             plan[name] = replace(
                 plan[name],
-                small_share=_knob(stage.routing, recorded.get("smallShare")),
+                variant=pinned or plan[name].variant,
+                shadow_variant=None if pinned else plan[name].shadow_variant,
+                small_share=share,
                 cache_threshold=_knob(stage.semantic_cache, recorded.get("cacheThreshold")),
             )
     return plan
@@ -221,8 +239,6 @@ def status_fields(plan: StagePlan) -> dict[str, Any]:
             maxQueueDelayMicroseconds=plan.max_queue_delay_us,
             shadowVariant=plan.shadow_variant,
         )
-    if plan.small_share is not None:
-        out["smallShare"] = plan.small_share
-    if plan.cache_threshold is not None:
-        out["cacheThreshold"] = plan.cache_threshold
+        # None too: a knob turned Off clears what status showed (a merge patch deletes it)
+        out.update(smallShare=plan.small_share, cacheThreshold=plan.cache_threshold)
     return out

@@ -102,10 +102,11 @@ class CacheCheck:
         )  # fmt: skip
 
     def looked_up(self, similarity: float) -> None:
-        self.similarity.labels(self.stage).observe(similarity)
+        # float32 puts a repeat's own similarity a hair over 1: it belongs in the top band
+        self.similarity.labels(self.stage).observe(min(similarity, 1.0))
 
     def record(self, similarity: float, agreement: float) -> None:
-        band = contract.band_of(similarity, contract.CACHE_BANDS)
+        band = contract.band_of(min(similarity, 1.0), contract.CACHE_BANDS)
         self.agreement.labels(self.stage, band).observe(agreement)
 
     def sample_hit(self, similarity: float, compare: Callable[[], Awaitable[float]]) -> None:

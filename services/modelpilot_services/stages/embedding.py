@@ -6,7 +6,8 @@ variant and records its neighbour recall@10 against the serving model over recen
 texts, the ring seeded with calibration texts (see ``shadow`` and ``agreement``).
 
 The serving model is ``model`` from the operator's service.json (a variant switch rolls the
-pods); local processes take ``MODELPILOT_MODEL`` (``minilm_fp32``). Env: ``PORT`` (8082),
+pods); local processes take ``MODELPILOT_MODEL`` (``minilm_fp32``). Until Triton serves it
+the service is not ready, and says which model it waits for. Env: ``PORT`` (8082),
 ``MODELPILOT_TRITON_URL`` (localhost:8000), ``MODELPILOT_MODELS`` (the models a shadow may
 name, comma-separated; default every embedding model).
 """
@@ -42,9 +43,10 @@ class Embedding(Service):
     stage = "embedding"
 
     def __init__(self, triton_url: str, model: str, allowed: tuple[str, ...]):
+        """``model`` serves whatever it is: a model Triton does not serve keeps the service
+        up and not ready (the operator's load check reports it), never a crash loop.
+        ``allowed``: the models the admin API may name as a shadow candidate."""
         super().__init__()
-        if model not in allowed:
-            raise SystemExit(f"model {model!r} is not one of {allowed}")
         self.triton_url, self.model, self.allowed = triton_url, model, allowed
         self.registry.register(TritonStats(self.stage, triton_url, lambda: [self.model]))
         self.app.router.add_post("/v1/embed", self.embed)

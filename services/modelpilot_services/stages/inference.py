@@ -155,7 +155,9 @@ class Inference(Service):
             return json_response({**cached, "cached": True})
 
         answer = await self._answer(body, vector, embedded["model"])
-        if near is not None:  # a near miss: what the cache would have answered, checked free
+        if near is not None and near[1]["route"] == answer["route"]:
+            # a near miss: what the cache would have answered, checked at no extra call (on
+            # the same route only: a small/large difference is the router's, not the cache's)
             self.check.record(near[0], answer_overlap(near[1]["results"], answer["results"]))
         self.cache.put(key, vector, answer)
         self.query_duration.labels(self.stage).observe(time.perf_counter() - start)
@@ -235,7 +237,7 @@ def routed_models(config: contract.ServiceConfig) -> tuple[str, str] | None:
     if config.model is None:
         return None
     routing = config.routing or {}
-    if routing.get("mode", "Off") == "Off":
+    if not routing.get("enabled"):
         return config.model, config.model  # routing off: every query to the planned variant
     small = config.variants.get(str(routing.get("smallVariant")), config.model)
     large = config.variants.get(str(routing.get("largeVariant")), config.model)
@@ -246,7 +248,7 @@ def main() -> None:
     config = service_config(Inference.stage)
     cache_cfg = config.semanticCache or {}
     routing = config.routing or {}
-    on = env("MODELPILOT_CACHE_ENABLED", str(cache_cfg.get("mode", "Fixed") != "Off")).lower()
+    on = env("MODELPILOT_CACHE_ENABLED", str(cache_cfg.get("enabled", True))).lower()
     cache = SemanticCache(
         threshold=config.cacheThreshold or float(env("MODELPILOT_CACHE_THRESHOLD", "0.95")),
         max_entries=int(
