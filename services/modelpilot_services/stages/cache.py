@@ -100,6 +100,11 @@ class CacheCheck:
             "Top-3 overlap of a cached answer with a fresh one, by the cached entry's similarity.",
             ["stage", "band"], registry=registry,
         )  # fmt: skip
+        # Every series exists from the start at 0: increase() does not count the first value
+        # of a series Prometheus has not seen before, so a band's first checks would be lost.
+        self.similarity.labels(stage)
+        for edge in contract.CACHE_BANDS:
+            self.agreement.labels(stage, contract.band_of(edge, contract.CACHE_BANDS))
 
     def looked_up(self, similarity: float) -> None:
         # float32 puts a repeat's own similarity a hair over 1: it belongs in the top band

@@ -46,6 +46,7 @@ class Router:
             "Top-3 overlap of the small re-ranker with the large one on sampled queries.",
             ["stage"], registry=registry,
         )  # fmt: skip
+        self.agreement.labels(stage)  # at 0 from the start: increase() then counts the first
 
     def route(self, query: str) -> Route:
         return "small" if position(query) < self.share else "large"
