@@ -592,25 +592,19 @@ def test_metrics_follow_prometheus_conventions_beside_tritons(data_plane: Stack)
     assert os.path.exists(data_plane.log("triton"))
 
 
-def test_the_triton_entrypoint_writes_the_repository_and_serves(tmp_path: Path) -> None:
-    """What the Triton sidecar runs in a pod: an empty /models becomes a repository and the
-    named model serves, with tritonserver's own arguments passed through."""
+@contextlib.contextmanager
+def _sidecar_triton(tmp_path: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """What the Triton sidecar runs in a pod (the image's entrypoint), on free local ports,
+    the repository under ``tmp_path/models``; yields its URL once minilm_static serves."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     env = {**os.environ, "MODELPILOT_TRITON_WORKDIR": str(tmp_path / "work")}
+    argv = [
+        f"--model-repository={tmp_path / 'models'}", "--model-control-mode=explicit",
+        "--load-model=minilm_static", *args, f"--http-port={http}", f"--grpc-port={grpc}",
+        f"--metrics-port={metrics}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "modelpilot_services.models.tritonserve",
-            f"--model-repository={tmp_path / 'models'}",
-            "--model-control-mode=explicit",
-            "--load-model=minilm_static",
-            f"--http-port={http}",
-            f"--grpc-port={grpc}",
-            f"--metrics-port={metrics}",
-            "--http-address=127.0.0.1",
-            "--grpc-address=127.0.0.1",
-        ],
+        [sys.executable, "-m", "modelpilot_services.models.tritonserve", *argv],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -619,41 +613,32 @@ def test_the_triton_entrypoint_writes_the_repository_and_serves(tmp_path: Path) 
     try:
         base = f"http://127.0.0.1:{http}"
         wait_for(lambda: http_ok(f"{base}/v2/models/minilm_static/ready"), 180, what="Triton")
+        yield base, proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def test_the_triton_entrypoint_writes_the_repository_and_serves(tmp_path: Path) -> None:
+    """What the Triton sidecar runs in a pod: an empty /models becomes a repository and the
+    named model serves, with tritonserver's own arguments passed through."""
+    with _sidecar_triton(tmp_path) as (base, _):
         assert (tmp_path / "models/minilm_int8/config.pbtxt").exists()
         body = {"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES",
                             "data": ["a pod's first request"]}]}  # fmt: skip
         out = ok("POST", f"{base}/v2/models/minilm_static/infer", body)["outputs"][0]
         assert out["shape"] == [1, 384]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
 
 
 def test_load_checks_read_tritons_reason_for_a_missing_or_broken_model(tmp_path: Path) -> None:
     """What the Triton sidecar runs in a pod, asked for a model its repository lacks and one
     whose config Triton rejects: it stays up serving the rest (no crash loop), and the
     operator's load check reports each with Triton's own message."""
-    http, grpc, metrics = free_port(), free_port(), free_port()
     broken = tmp_path / "models/broken"
     (broken / "1").mkdir(parents=True)
     (broken / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\n')
-    env = {**os.environ, "MODELPILOT_TRITON_WORKDIR": str(tmp_path / "work")}
-    args = [
-        f"--model-repository={tmp_path / 'models'}", "--model-control-mode=explicit",
-        "--load-model=minilm_static", "--load-model=missing_model", "--load-model=broken",
-        "--exit-on-error=false", f"--http-port={http}", f"--grpc-port={grpc}",
-        f"--metrics-port={metrics}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelpilot_services.models.tritonserve", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        base = f"http://127.0.0.1:{http}"
-        wait_for(lambda: http_ok(f"{base}/v2/models/minilm_static/ready"), 180, what="Triton")
+    missing = ("--load-model=missing_model", "--load-model=broken", "--exit-on-error=false")
+    with _sidecar_triton(tmp_path, *missing) as (base, proc):
         pod = Pod(base, f"http://127.0.0.1:{free_port()}", None)
         found = pod.unavailable(["minilm_static", "missing_model", "broken"])
         assert set(found) == {"missing_model", "broken"}, found
@@ -663,9 +648,6 @@ def test_load_checks_read_tritons_reason_for_a_missing_or_broken_model(tmp_path:
             checked = check_loads([("p-0", pod)], ["minilm_static", "missing_model"], pool)
         assert list(checked) == ["missing_model"] and checked["missing_model"].endswith("(pod p-0)")
         assert proc.poll() is None  # still serving
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
 
 
 def test_a_restarted_pod_restores_its_shadow_candidate_loaded(
