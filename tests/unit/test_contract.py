@@ -3,6 +3,7 @@ queries read, and what render writes is what the services parse."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -18,7 +19,7 @@ from modelpilot_services.stages.cache import SemanticCache
 from modelpilot_services.stages.embedding import Embedding
 from modelpilot_services.stages.inference import Inference
 from modelpilot_services.toolkit.metrics import TritonStats
-from tests.helpers import sample
+from tests.helpers import ROOT, sample
 
 pytestmark = pytest.mark.unit
 
@@ -78,3 +79,11 @@ def test_what_render_writes_is_what_the_services_parse() -> None:
         config = service_config(spec, stage, plan.initial(spec)[stage])
         parsed = contract.ServiceConfig.model_validate_json(config.json_text())
         assert parsed == config and parsed.stage == stage
+
+
+def test_every_series_the_chart_dashboard_plots_is_one_the_services_export() -> None:
+    doc = json.loads((ROOT / "charts/modelpilot/dashboards/pipeline.json").read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    plotted = {name for e in exprs for name in re.findall(r"\b(modelpilot_[a-z_]+)\{", e)}
+    assert {"modelpilot_routing_agreement_sum", "modelpilot_cache_agreement_sum"} <= plotted
+    assert not plotted - _exported(), sorted(plotted - _exported())
