@@ -94,6 +94,16 @@ def cache_quality(
     return n / total, sum(bands[i].count * agreements[i] for i in hits) / n
 
 
+def _hold(
+    knob: Routing | SemanticCache, cur: float, holds: str, compared: str, tun: Tunables
+) -> KnobStep:
+    """Keep ``cur`` for want of samples; in Auto, say so (without a running count: a reason
+    that changed every tick would be a status write every tick)."""
+    n = tun.gateway_min_samples
+    why = f"inference: {holds} until {n} {compared} comparisons are sampled"
+    return KnobStep(cur, why if knob.mode == KnobMode.AUTO else None)
+
+
 def _fixed_or_hold(knob: Routing | SemanticCache, current: float | None) -> float:
     return knob.start if knob.mode == KnobMode.FIXED or current is None else current
 
@@ -112,14 +122,7 @@ def tune_routing(
     cur = _fixed_or_hold(routing, current)
     n = measured.samples if measured else 0
     if measured is None or measured.mean is None or n < max(1, tun.gateway_min_samples):
-        why = None
-        if routing.mode == KnobMode.AUTO:
-            # (no running count: a reason that changed every tick would be a status write)
-            why = (
-                f"inference: small share holds at {cur:.0%} until "
-                f"{tun.gateway_min_samples} small/large comparisons are sampled"
-            )
-        return KnobStep(cur, why)
+        return _hold(routing, cur, f"small share holds at {cur:.0%}", "small/large", tun)
     a = measured.mean
 
     def quality(s: float) -> float:
@@ -160,13 +163,7 @@ def tune_cache(
     # Near misses far below the lowest threshold say nothing of the bands a hit can be in.
     measured = _agreements(bands, tun, above=low)
     if measured is None:
-        why = None
-        if cache.mode == KnobMode.AUTO:
-            why = (
-                f"inference: cache threshold holds at {cur:g} until "
-                f"{tun.gateway_min_samples} cached/fresh comparisons are sampled"
-            )
-        return KnobStep(cur, why)
+        return _hold(cache, cur, f"cache threshold holds at {cur:g}", "cached/fresh", tun)
     agreements, n = measured
 
     def ok(c: float, margin: float = 0.0) -> bool:
