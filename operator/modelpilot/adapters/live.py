@@ -52,8 +52,7 @@ class LiveSettings:
         models = [*config.models]
         if config.shadow is not None and config.shadow.model not in models:
             models.append(config.shadow.model)
-        knobs = {"smallShare": config.smallShare}
-        knobs["cacheThreshold"] = config.cacheThreshold
+        knobs = {"smallShare": config.smallShare, "cacheThreshold": config.cacheThreshold}
         return cls(
             tuple(models),
             config.maxBatchSize,

@@ -283,9 +283,9 @@ def _gateway(
     and their measurements put in ``measured``."""
     large = stage.variant(stage.routing.large_variant or "")
     assessed = ctx.quality["inference"].get(large.name) if large else None
-    routed = {stage.routing.small_variant, stage.routing.large_variant}
-    if cur.small_share is None or routed & ctx.unavailable.get("inference", frozenset()):
-        routing = KnobStep(None)  # off, or paused while a routed variant does not load
+    if cur.small_share is None:
+        # Off, or paused by the plan (plans.resume) while a routed variant does not load.
+        routing = KnobStep(None)
     else:
         routing = tune_routing(
             stage.routing,
@@ -338,12 +338,8 @@ def _model_stage(
     """A model stage's next plan: calibrate, judge a running verification, size every
     variant, choose one (a switch waits for its verification), stabilize the replicas.
     None: hold the stage as it is."""
-    profiles, tun, t, reasons = (
-        _serving_profiles(ctx.profiles, stage, cur),
-        ctx.tun,
-        ctx.t,
-        ctx.reasons,
-    )
+    profiles = _serving_profiles(ctx.profiles, stage, cur)
+    tun, t, reasons = ctx.tun, ctx.t, ctx.reasons
     budget = ctx.budgets[name]
     cur_var = stage.variant(cur.variant or "")
     cur_prof = profiles.model(cur_var.model) if cur_var else None

@@ -64,10 +64,11 @@ def record_unavailable(
     changes (a variant that no longer serves is no longer checked, so forgetting it at once
     would try it again at once); each variant of a model found is added. Returns (records,
     the new ones)."""
+    still = unavailable(stage, recorded)
     keep = [
         dict(r)
         for r in (recorded or {}).get("unavailable") or []
-        if int(r.get("until") or 0) > now and r.get("variant") in unavailable(stage, recorded)
+        if int(r.get("until") or 0) > now and r.get("variant") in still
     ]
     have = {(r["variant"], r["model"]) for r in keep}
     new = [
