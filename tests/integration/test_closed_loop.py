@@ -736,7 +736,8 @@ def test_a_variant_whose_model_does_not_load_is_excluded_while_another_keeps_ser
 
         row = wait_for_stage(namespace, recorded, 300, f"{serving} recorded as not loading")
         _record("model_unavailable_detected_s", round(time.monotonic() - start, 1))
-        # The pod that cannot serve runs, unready, and has not restarted: no crash loop.
+        # The pod that cannot serve runs unready and has not restarted: no crash loop. (Another
+        # unready pod may be one the plan's move has just created, still being created.)
         items = kubectl_json(
             "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=embedding"
         )["items"]
@@ -748,7 +749,9 @@ def test_a_variant_whose_model_does_not_load_is_excluded_while_another_keeps_ser
         ]
         for p in stuck:  # (unless the plan's move has already begun to remove it)
             for c in p["status"].get("containerStatuses") or []:
-                assert c["restartCount"] == 0 and "running" in c["state"], c
+                waiting = c["state"].get("waiting", {}).get("reason")
+                assert c["restartCount"] == 0 and "terminated" not in c["state"], c
+                assert waiting in (None, "ContainerCreating"), c
         wait_for_stage(
             namespace,
             lambda: (
