@@ -91,6 +91,10 @@ services-down: ## stop the local data plane
 bench-serving: $(VENV)/.stamp ## each service's added latency over direct Triton calls; variant table
 	$(PY) -m modelpilot_services.devtools.bench_serving
 
+.PHONY: bench-batching
+bench-batching: $(VENV)/.stamp tools ## the batching tuner vs an exhaustive sweep on a real tritonserver (sweep cached in bench/)
+	PYTHONPATH=. $(PY) hack/bench_batching.py $(ARGS)
+
 .PHONY: bench-node
 bench-node: $(VENV)/.stamp tools ## the real node: cluster-up time, node memory, embedding pod apply -> Ready
 	PYTHONPATH=. $(PY) hack/bench_node.py
