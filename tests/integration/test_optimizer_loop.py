@@ -81,13 +81,16 @@ def test_auto_mode_scales_the_loaded_stage_and_explains_why(
     namespace: str, loaded_stage: Stage, operator_process: Any
 ) -> None:
     kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(model_deployment("Auto")))
+    # The Deployment is scaled and the plan recorded in status by two writes: wait for both.
     wait_for(
-        lambda: replicas(namespace, "embedding") > 1,
+        lambda: (
+            replicas(namespace, "embedding") > 1
+            and status(namespace).get("stages", {}).get("embedding", {}).get("replicas", 0) > 1
+        ),
         180,
-        what="the optimizer to scale embedding up under load",
+        what="the optimizer to scale embedding up under load, in the Deployment and status",
     )
     st = status(namespace)
-    assert st["stages"]["embedding"]["replicas"] > 1
     assert "scale up" in " ".join(st["lastDecision"]["reasons"])
     metrics = next(c for c in st["conditions"] if c["type"] == "MetricsAvailable")
     assert metrics["status"] == "True"
