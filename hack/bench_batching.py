@@ -228,7 +228,11 @@ def spec_for(model: str, budget_ms: float, interval_s: int) -> ModelDeploymentSp
             "ingestion": stage,
             "embedding": stage
             | {
-                "batching": {"maxBatchSize": max(BATCHES), "maxQueueDelayMicroseconds": 10000},
+                "batching": {
+                    "maxBatchSize": max(BATCHES),
+                    "maxQueueDelayMicroseconds": max(DELAYS_US),
+                    "maxInstances": max(INSTANCES),
+                },
                 "variants": [variant],
             },
             "retrieval": stage,
@@ -274,11 +278,12 @@ class Tuner:
     @property
     def setting(self) -> Setting:
         e = self.plan["embedding"]
-        return Setting(e.max_batch_size or 1, e.max_queue_delay_us or 0)
+        return Setting(e.max_batch_size or 1, e.max_queue_delay_us or 0, e.instances or 1)
 
     def apply(self, why: str) -> None:
         s = self.setting
-        self.pod.sync(LiveSettings((self.replica.model,), s.batch, s.delay_us, None))
+        live = LiveSettings((self.replica.model,), s.batch, s.delay_us, None, instances=s.instances)
+        self.pod.sync(live)
         self.path.append((round(time.monotonic() - self.started, 1), s, why))
 
     def tick(self) -> None:
@@ -312,7 +317,7 @@ def tune(
 ) -> dict[str, Any]:
     """The tuner live under a climbing load, then a stationary phase; its final setting's
     sustainable rate measured as a sweep point's."""
-    replica.configure(Setting(1, 0))  # instance count 1: not a knob of the tuner (yet)
+    replica.configure(Setting(1, 0))  # a known start; the tuner then applies the spec's
     spec = spec_for(replica.model, args.budget_ms, args.interval_s)
     ramp: list[dict[str, Any]] = []
     with Tuner(replica, telemetry, spec) as tuner:
@@ -401,7 +406,8 @@ def table(doc: dict[str, Any], tuned: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(doc: dict[str, Any], model: str, tuned: dict[str, Any], out: Path) -> None:
-    """The sweep's heat map per instance count, the tuner's path over the first."""
+    """The sweep's heat map per instance count, the tuner's path over it (each setting on
+    its instance count's map)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,16 +427,19 @@ def plot(doc: dict[str, Any], model: str, tuned: dict[str, Any], out: Path) -> N
         ax.set_yticks(range(len(DELAYS_US)), [str(d) for d in DELAYS_US])
         ax.set_xlabel("max_batch_size")
         ax.set_title(f"{model}, {n} instance{'s' if n > 1 else ''}: sustainable req/s")
-        if n == 1:
+        if n == INSTANCES[0]:
             ax.set_ylabel("max_queue_delay_microseconds")
-            xs = [BATCHES.index(p["batch"]) for p in tuned["path"]]
-            ys = [
-                DELAYS_US.index(p["delay_us"]) if p["delay_us"] in DELAYS_US else np.nan
-                for p in tuned["path"]
-            ]
-            ax.plot(xs, ys, "o-", color="white", label="tuner's path")
-            ax.plot(xs[-1:], ys[-1:], "*", color="red", markersize=14, label="tuner's final")
-            ax.legend(loc="upper left", fontsize=8)
+        path = [p for p in tuned["path"] if p["instances"] == n]
+        xs = [BATCHES.index(p["batch"]) if p["batch"] in BATCHES else np.nan for p in path]
+        ys = [
+            DELAYS_US.index(p["delay_us"]) if p["delay_us"] in DELAYS_US else np.nan for p in path
+        ]
+        ax.plot(xs, ys, "o-", color="white", label="tuner's settings")
+        if tuned["final"]["instances"] == n:
+            final = tuned["final"]
+            x, y = BATCHES.index(final["batch"]), DELAYS_US.index(final["delay_us"])
+            ax.plot([x], [y], "*", color="red", markersize=14, label="tuner's final")
+        ax.legend(loc="upper left", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.8)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -110,6 +110,7 @@ class ServiceConfig(BaseModel):
     models: list[str] = Field(default_factory=list)
     maxBatchSize: int | None = None
     maxQueueDelayMicroseconds: int | None = None
+    instances: int | None = None  # Triton instance_group count of each model it runs
     shadow: Shadow | None = None
     # retrieval
     dimensions: int | None = None
@@ -130,5 +131,12 @@ class ServiceConfig(BaseModel):
 # gateway's thresholds); the rest of service.json rolls the pods. render's config hash
 # leaves exactly these out.
 LIVE_FIELDS = frozenset(
-    {"maxBatchSize", "maxQueueDelayMicroseconds", "shadow", "smallShare", "cacheThreshold"}
+    {
+        "maxBatchSize",
+        "maxQueueDelayMicroseconds",
+        "instances",
+        "shadow",
+        "smallShare",
+        "cacheThreshold",
+    }
 )

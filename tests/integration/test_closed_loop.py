@@ -274,7 +274,7 @@ def test_a_batching_decision_reaches_every_triton_and_a_new_pod_starts_with_it(
 
     def every_pod_runs_the_plan() -> bool:
         st = stage_status(namespace, "embedding")
-        want = (st.get("maxBatchSize"), st.get("maxQueueDelayMicroseconds"))
+        want = (st.get("maxBatchSize"), st.get("maxQueueDelayMicroseconds"), st.get("instances"))
         model = "minilm_fp32" if st.get("variant") == "minilm-fp32" else "minilm_int8"
         running = pods(namespace, "embedding")
         return (
@@ -301,9 +301,8 @@ def test_a_batching_decision_reaches_every_triton_and_a_new_pod_starts_with_it(
         model = "minilm_fp32" if st["variant"] == "minilm-fp32" else "minilm_int8"
         running = pod_client(fresh[0], token).batching(model)
         # the plan read before and after: an optimizer change in between is a retry
-        return running == (st["maxBatchSize"], st["maxQueueDelayMicroseconds"]) and (
-            st == stage_status(namespace, "embedding")
-        )
+        planned = (st["maxBatchSize"], st["maxQueueDelayMicroseconds"], st["instances"])
+        return running == planned and (st == stage_status(namespace, "embedding"))
 
     wait_for(runs_the_plan_it_started_with, 60, interval=1, what="the new pod on the plan")
     corrected = [m for m in events(namespace, "LiveUpdated") if fresh[0]["metadata"]["name"] in m]

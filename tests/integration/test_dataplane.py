@@ -270,16 +270,19 @@ def _batch_sizes(stack: Stack, model: str) -> dict[int, int]:
     return out
 
 
-def _set_batching(stack: Stack, model: str, max_batch: int, delay_us: int) -> None:
+def _set_batching(
+    stack: Stack, model: str, max_batch: int, delay_us: int, instances: int = 1
+) -> None:
     pod = Pod(stack.triton_url, stack.admin_url("embedding"), None)  # the operator's adapter
-    pod.set_batching(model, max_batch, delay_us)
-    assert pod.batching(model) == (max_batch, delay_us)
+    pod.set_batching(model, max_batch, delay_us, instances)
+    assert pod.batching(model) == (max_batch, delay_us, instances)
     config = requests.get(f"{stack.triton_url}/v2/models/{model}/config", timeout=10).json()
     assert config["max_batch_size"] == max_batch
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == delay_us
+    assert [g["count"] for g in config["instance_group"]] == [instances]
 
 
-def test_batch_size_changes_live_with_no_failed_request(data_plane: Stack) -> None:
+def test_batching_and_instances_change_live_with_no_failed_request(data_plane: Stack) -> None:
     model = "minilm_fp32"
     url = f"{data_plane.url('embedding')}/v1/embed"
     triton_pid = data_plane.pid("triton")
@@ -300,10 +303,15 @@ def test_batch_size_changes_live_with_no_failed_request(data_plane: Stack) -> No
             wait_for(lambda: len(statuses) >= 40, timeout=120, what="load on batch size 1")
             small = _batch_sizes(data_plane, model)
             assert small and max(small) == 1, small
-            # Live: a larger batch and a queue delay, while 8 clients keep sending.
-            _set_batching(data_plane, model, 8, 20_000)
+            # Live: a larger batch, a queue delay and a second model instance, while 8
+            # clients keep sending.
+            _set_batching(data_plane, model, 8, 20_000, instances=2)
             seen = len(statuses)
             wait_for(lambda: len(statuses) >= seen + 80, timeout=120, what="load after change")
+            # ... and back to one instance, still under load.
+            _set_batching(data_plane, model, 8, 20_000, instances=1)
+            seen = len(statuses)
+            wait_for(lambda: len(statuses) >= seen + 40, timeout=120, what="load after 2 -> 1")
             stop.set()
         large = _batch_sizes(data_plane, model)
         assert max(large) > 1, f"no batching after the change: {large}"
@@ -698,6 +706,7 @@ def test_live_sync_corrects_only_what_differs_and_one_bad_pod_fails_alone(
         models=["minilm_fp32"],
         maxBatchSize=16,
         maxQueueDelayMicroseconds=500,
+        instances=2,
         shadow=contract.Shadow(model="minilm_int8", sampleRatio=0.2),
     )
     want = LiveSettings.of(config)
@@ -719,7 +728,7 @@ def test_live_sync_corrects_only_what_differs_and_one_bad_pod_fails_alone(
                 pool,
             )
             assert again.on_plan == 1 and not again.corrected  # nothing differs: no writes
-        assert good.batching("minilm_fp32") == good.batching("minilm_int8") == (16, 500)
+        assert good.batching("minilm_fp32") == good.batching("minilm_int8") == (16, 500, 2)
     finally:
         for model in ("minilm_fp32", "minilm_int8"):
             _set_batching(data_plane, model, *tritonserve.BATCHING[model])

@@ -255,17 +255,24 @@ def test_a_starting_triton_runs_the_planned_batching_from_the_mounted_config() -
     """Both sides of service.json: what render writes is what the sidecar starts with."""
     spec = spec_of("full")
     p = plan.initial(spec)
-    p["inference"] = plan.StagePlan(1, "reranker-large-gpu", 4, 250, small_share=0.5)
+    p["inference"] = plan.StagePlan(1, "reranker-large-gpu", 4, 250, small_share=0.5, instances=2)
     config = render_service_config(spec, "inference", p["inference"])
     batching = tritonserve.planned_batching(
         contract.ServiceConfig.model_validate_json(config.json_text())
     )
-    assert batching["reranker_small"] == (4, 250) and batching["reranker_large"] == (4, 250)
+    assert batching["reranker_small"] == batching["reranker_large"] == (4, 250, 2)
     assert batching["minilm_fp32"] == tritonserve.BATCHING["minilm_fp32"]  # not served here
     verifying = plan.StagePlan(1, "minilm-fp32", 4, 250, shadow_variant="minilm-int8")
     config = render_service_config(spec, "embedding", verifying)
     assert config.models == ["minilm_fp32"]
-    assert tritonserve.planned_batching(config)["minilm_int8"] == (4, 250)  # the candidate
+    assert tritonserve.planned_batching(config)["minilm_int8"] == (4, 250, 1)  # the candidate
+
+
+def test_the_model_repository_carries_the_planned_instance_count(tmp_path: Path) -> None:
+    tritonserve.write_repository(tmp_path, {"minilm_int8": (8, 500, 3)})
+    text = (tmp_path / "minilm_int8" / "config.pbtxt").read_text()
+    assert "max_batch_size: 8" in text and "max_queue_delay_microseconds: 500" in text
+    assert "count: 3" in text
 
 
 @pytest.mark.parametrize(
@@ -273,6 +280,7 @@ def test_a_starting_triton_runs_the_planned_batching_from_the_mounted_config() -
     [
         ("maxBatchSize", 3),
         ("maxQueueDelayMicroseconds", 7),
+        ("instances", 2),
         ("shadow", contract.Shadow(model="minilm_static", sampleRatio=0.5)),
         ("model", "minilm_static"),
         ("models", ["minilm_static"]),

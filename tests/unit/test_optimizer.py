@@ -245,6 +245,66 @@ def test_prediction_counts_items_and_refuses_a_batch_below_a_request() -> None:
     assert predict(prof, 20, 2, 8, 1000, items=10)[0] == math.inf
 
 
+def _with_instances(speedup: dict[int, float] | None) -> Profiles:
+    doc = copy.deepcopy(PROFILE_DOC)
+    for m in doc["models"].values():
+        if speedup is not None:
+            m["instances"] = [{"count": k, "throughput_rps": 100.0 * v} for k, v in speedup.items()]
+    return parse(doc)
+
+
+def test_more_instances_add_capacity_only_by_their_measured_speedup() -> None:
+    scaling = _with_instances({1: 1.0, 2: 1.8, 3: 1.0}).models["emb_big"]
+    one, util1 = predict(scaling, 100, 1, 4, 0, instances=1)
+    two, util2 = predict(scaling, 100, 1, 4, 0, instances=2)
+    assert util2 == pytest.approx(util1 / 1.8, rel=0.05) and two < one
+    # A third instance that measured no gain adds none (each runs three times slower).
+    assert scaling.throughput_rps(1, 3) == pytest.approx(scaling.throughput_rps(1, 1))
+    assert scaling.instance_slowdown(3) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    ("speedup", "max_instances", "expected"),
+    [
+        ({1: 1.0, 2: 1.8}, 2, 2),  # one replica allowed, measured gain: a second instance
+        ({1: 1.0, 2: 1.8}, 1, 1),  # the spec does not allow it
+        (None, 4, 1),  # never measured: never planned
+        ({1: 1.0, 2: 1.0}, 2, 1),  # measured, but no gain
+    ],
+)
+def test_instances_are_tuned_where_measured_allowed_and_needed(
+    speedup: dict[int, float] | None, max_instances: int, expected: int
+) -> None:
+    doc = copy.deepcopy(SPEC_DOC)
+    doc["embedding"]["replicas"] = {"min": 1, "max": 1}
+    doc["embedding"]["batching"]["maxInstances"] = max_instances
+    doc["embedding"]["variants"] = doc["embedding"]["variants"][:1]  # big: fp32, quality 1
+    spec = ModelDeploymentSpec.model_validate(doc)
+    profiles, now = _with_instances(speedup), 1_000_000
+    rate = 300.0  # one instance of emb_big misses the 57 ms share at every batch size
+    d = decide(spec, plans.initial(spec), snap(now, rate), History(), profiles, now)
+    assert d.plan["embedding"].instances == expected
+    moved = f"embedding: model instances per replica 1 -> {expected}"
+    assert (moved in d.reasons) is (expected != 1)
+    assert plans.status_fields(d.plan["embedding"])["instances"] == expected
+
+
+def test_a_recorded_instance_count_is_clamped_to_the_spec() -> None:
+    doc = copy.deepcopy(SPEC_DOC)
+    doc["embedding"]["batching"]["maxInstances"] = 2
+    spec = ModelDeploymentSpec.model_validate(doc)
+    recorded = {"embedding": {"replicas": 2, "variant": "big", "instances": 4}}
+    assert plans.resume(spec, recorded)["embedding"].instances == 2
+    assert plans.initial(spec)["embedding"].instances == 1
+
+
+def test_a_profile_with_instances_needs_the_single_instance_row() -> None:
+    doc = copy.deepcopy(PROFILE_DOC)
+    doc["models"]["emb_big"]["instances"] = [{"count": 2, "throughput_rps": 10.0}]
+    with pytest.raises(ValueError, match="count 1"):
+        parse(doc)
+
+
 def test_optimizer_off_holds() -> None:
     doc = copy.deepcopy(SPEC_DOC)
     doc["optimizer"]["mode"] = "Off"

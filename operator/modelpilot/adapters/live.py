@@ -1,9 +1,9 @@
 """Live settings of running pods: read back what each ready pod runs, correct what differs.
 
 The fields in :data:`modelpilot.contract.LIVE_FIELDS` change without a restart: Triton's
-dynamic batching (its model-control API reloads a model with an overriding config; in-flight
-requests finish on the old instance), the services' shadow candidate and the gateway's
-small share and cache threshold (their admin API).
+dynamic batching and instance count (its model-control API reloads a model with an
+overriding config; in-flight requests finish on the old instances), the services' shadow
+candidate and the gateway's small share and cache threshold (their admin API).
 A pod that starts reads the same settings from its mounted ``service.json``; this module
 corrects the pods that run something else, level-triggered: it compares each ready pod's
 actual settings with the plan and writes only where they differ. Pods are handled
@@ -41,6 +41,11 @@ class LiveSettings:
     max_queue_delay_us: int
     shadow: contract.Shadow | None
     knobs: tuple[tuple[str, float], ...] = ()  # the gateway's (admin config name, value)
+    instances: int = 1
+
+    @property
+    def batching(self) -> tuple[int, int, int]:
+        return (self.max_batch_size, self.max_queue_delay_us, self.instances)
 
     @classmethod
     def of(cls, config: contract.ServiceConfig) -> LiveSettings | None:
@@ -59,6 +64,7 @@ class LiveSettings:
             config.maxQueueDelayMicroseconds or 0,
             config.shadow,
             tuple((k, v) for k, v in knobs.items() if v is not None),
+            config.instances or 1,
         )
 
 
@@ -108,17 +114,22 @@ class Pod:
         r.raise_for_status()
         return r.json() if r.content else {}
 
-    def batching(self, model: str) -> tuple[int, int]:
-        """(max_batch_size, max_queue_delay_us) the model runs with now."""
+    def batching(self, model: str) -> tuple[int, int, int]:
+        """(max_batch_size, max_queue_delay_us, instances) the model runs with now."""
         config = self._call("GET", f"{self.triton}/v2/models/{model}/config", {})
         delay = (config.get("dynamic_batching") or {}).get("max_queue_delay_microseconds", 0)
-        return int(config.get("max_batch_size") or 0), int(delay or 0)
+        instances = sum(int(g.get("count") or 1) for g in config.get("instance_group") or [])
+        return int(config.get("max_batch_size") or 0), int(delay or 0), instances
 
-    def set_batching(self, model: str, max_batch_size: int, max_queue_delay_us: int) -> None:
-        """Reload ``model`` with this batching (Triton's model-control API, restricted)."""
+    def set_batching(
+        self, model: str, max_batch_size: int, max_queue_delay_us: int, instances: int = 1
+    ) -> None:
+        """Reload ``model`` with this batching and instance count (Triton's model-control
+        API, restricted). Triton finishes in-flight requests on the old instances."""
         config = {
             "max_batch_size": max_batch_size,
             "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
+            "instance_group": [{"kind": "KIND_CPU", "count": instances}],
         }
         body = {"parameters": {"config": json.dumps(config)}}
         url = f"{self.triton}/v2/repository/models/{model}/load"
@@ -175,8 +186,8 @@ class Pod:
             self.set_shadow(want.shadow)
             corrected.append("shadow")
         for model in want.models:
-            if self.batching(model) != (want.max_batch_size, want.max_queue_delay_us):
-                self.set_batching(model, want.max_batch_size, want.max_queue_delay_us)
+            if self.batching(model) != want.batching:
+                self.set_batching(model, *want.batching)
                 corrected.append(f"batching of {model}")
         if want.knobs:
             have = self.knobs()

@@ -339,6 +339,15 @@ class Batching(_Model):
         description="Longest a request waits for a batch to fill; the tuner searches at or "
         "below it.",
     )
+    max_instances: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        alias="maxInstances",
+        description="Most model instances (Triton instance_group count) one replica may run "
+        "side by side; the tuner searches from 1 up to it, among the counts the variant's "
+        "profile measured. 1: one instance, never tuned.",
+    )
 
 
 class Variant(_Model):
@@ -790,6 +799,9 @@ class StageStatus(_Model):
         alias="maxQueueDelayMicroseconds",
         description="Triton max queue delay in effect.",
     )
+    instances: int | None = Field(
+        default=None, description="Triton model instances per replica in effect."
+    )
     shadow_variant: str | None = Field(
         default=None,
         alias="shadowVariant",
@@ -850,6 +862,9 @@ class Recommendation(_Model):
     )
     max_queue_delay_microseconds: int | None = Field(
         default=None, alias="maxQueueDelayMicroseconds", description="Recommended max queue delay."
+    )
+    instances: int | None = Field(
+        default=None, description="Recommended model instances per replica."
     )
     reason: str = Field(default="", description="Why.")
 

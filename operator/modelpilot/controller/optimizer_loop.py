@@ -54,6 +54,7 @@ def recommendations(
                 variant=p.variant,
                 maxBatchSize=p.max_batch_size,
                 maxQueueDelayMicroseconds=p.max_queue_delay_us,
+                instances=p.instances,
             )
         out.append(rec)
     return out

@@ -97,7 +97,14 @@ def learn(
     model, factor = calibrated(prof, calib_pm / 1000, tun)
     items = tele.items_per_request or 1.0
     p95, util = predict(
-        model, rate, max(cur.replicas, 1), cur.max_batch_size or 1, delay_us, items, factor
+        model,
+        rate,
+        max(cur.replicas, 1),
+        cur.max_batch_size or 1,
+        delay_us,
+        items,
+        factor,
+        cur.instances or 1,
     )
     headroom = measured_headroom(tele, delay_us / 1000, budget, tun)
     return step_factor(calib_pm, tele.p95_ms, (p95, util), headroom, tun)

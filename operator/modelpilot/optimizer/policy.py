@@ -362,7 +362,7 @@ def _model_stage(
         large = stage.routing.large_variant
         ctx.excluded[name] |= {v.name for v in stage.variants if v.name != large}
     size = stage_sizer(stage, budget, calib_pm / 1000, tun, tele.items_per_request or 1.0)
-    batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0)
+    batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0, cur.instances or 1)
     options = variant_options(
         stage,
         profiles,
@@ -400,8 +400,7 @@ def _model_stage(
     if trend and (prof := profiles.model(variant.model)) is not None:
         # The stabilization window holds what the measured rate needs: the forecast
         # buys replicas ahead of a climb, not for the next five minutes.
-        kept = (sizing.max_batch_size, sizing.max_queue_delay_us)
-        remember = size(prof, rate=measured, prefer=kept).replicas
+        remember = size(prof, rate=measured, prefer=sizing.setting).replicas
     replicas, hist = stabilize(
         name, cur.replicas, sizing.replicas, hist, t, ctx.spec, ctx.cooldown, reasons, remember
     )
@@ -414,6 +413,7 @@ def _model_stage(
         variant=variant.name,
         max_batch_size=sizing.max_batch_size,
         max_queue_delay_us=sizing.max_queue_delay_us,
+        instances=sizing.instances,
         shadow_variant=gated.shadow,
     )
     return plan, hist
@@ -465,6 +465,10 @@ def _explain(
             f"{name}: batching max {cur.max_batch_size} -> "
             f"{sizing.max_batch_size}, delay {cur.max_queue_delay_us} -> "
             f"{sizing.max_queue_delay_us} us"
+        )
+    if sizing.instances != (cur.instances or 1):
+        ctx.reasons.append(
+            f"{name}: model instances per replica {cur.instances or 1} -> {sizing.instances}"
         )
 
 

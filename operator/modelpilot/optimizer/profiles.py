@@ -24,6 +24,8 @@ File format (JSON, ``schema: modelpilot.io/profile/v1``)::
 
 Latency between measured batch sizes is interpolated linearly; beyond the largest it is
 extrapolated from the last two points (batch execution time is close to affine in the batch).
+Instance counts a profile did not measure are never planned: how far N instances share a
+node's cores is a property of the machine, not something to extrapolate.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ModelProfile:
     quality: float | None
     points: tuple[BatchPoint, ...]
     reference: str | None = None  # the model ``quality`` was measured against
+    # instance count -> throughput of that many instances over one's (measured; 1 -> 1.0)
+    speedup: Mapping[int, float] = field(default_factory=lambda: {1: 1.0})
 
     @functools.cached_property
     def _curves(self) -> dict[str, tuple[list[int], list[float]]]:
@@ -76,9 +80,17 @@ class ModelProfile:
         """Execution time of one batch of ``batch`` requests."""
         return max(self._interp(max(batch, 1.0), f"{quantile}_ms"), 1e-3)
 
-    def throughput_rps(self, batch: float) -> float:
-        """Requests per second one instance sustains with full batches of ``batch``."""
-        return 1000.0 * batch / self.latency_ms(batch)
+    def throughput_rps(self, batch: float, instances: int = 1) -> float:
+        """Requests per second ``instances`` instances sustain with full batches of
+        ``batch``."""
+        per_instance = 1000.0 * batch / (self.latency_ms(batch) * self.instance_slowdown(instances))
+        return instances * per_instance
+
+    def instance_slowdown(self, instances: int) -> float:
+        """How much longer each batch takes while ``instances`` instances run side by side
+        (they share the replica's cores): ``instances`` over the measured speedup, or over
+        none where the count was not measured (the cautious side)."""
+        return instances / self.speedup.get(instances, 1.0)
 
 
 def routed(small: ModelProfile, large: ModelProfile, share: float) -> ModelProfile:
@@ -95,7 +107,8 @@ def routed(small: ModelProfile, large: ModelProfile, share: float) -> ModelProfi
         )
         for b in sizes
     )
-    return ModelProfile(large.name, large.stage, large.quality, points, large.reference)
+    speedup = {k: min(v, small.speedup.get(k, v)) for k, v in large.speedup.items()}
+    return ModelProfile(large.name, large.stage, large.quality, points, large.reference, speedup)
 
 
 @dataclass(frozen=True)
@@ -137,12 +150,23 @@ def parse(doc: Mapping[str, Any]) -> Profiles:
             raise ValueError(f"model {name}: batches must have 0 < p50_ms <= p95_ms")
         quality = None if m.get("quality") is None else float(m["quality"])
         reference = None if m.get("reference") is None else str(m["reference"])
-        models[name] = ModelProfile(name, str(m["stage"]), quality, points, reference)
+        models[name] = ModelProfile(
+            name, str(m["stage"]), quality, points, reference, _speedup(name, m)
+        )
     services = {
         name: ServiceProfile(float(s["capacity_rps"]), float(s["p95_ms"]))
         for name, s in doc.get("services", {}).items()
     }
     return Profiles(models, services, dict(doc.get("measured", {})))
+
+
+def _speedup(name: str, m: Mapping[str, Any]) -> dict[int, float]:
+    rows = {int(r["count"]): float(r["throughput_rps"]) for r in m.get("instances") or []}
+    if not rows:
+        return {1: 1.0}
+    if 1 not in rows or any(v <= 0 for v in rows.values()) or min(rows) < 1:
+        raise ValueError(f"model {name}: instances need count 1 and throughputs > 0")
+    return {k: v / rows[1] for k, v in sorted(rows.items())}
 
 
 def load(path: str | Path) -> Profiles:

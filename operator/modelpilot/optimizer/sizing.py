@@ -6,6 +6,8 @@ re-ranked as one request of all its candidates. At an item rate lambda (request 
 measured items per request) over ``c`` replicas, the batch a replica forms is about the items
 that arrive while it waits (queue delay) or executes the previous batch; batch execution time
 comes from the measured profile; waiting for a free replica follows M/M/c on batches.
+A replica may run several model instances (Triton's instance_group count): each is a server
+of its own, slower by the share of the cores it gives up (the profile's measured speedup).
 Replicas are the fewest that keep the predicted p95 inside the stage's share of the SLO and
 utilisation under a safety margin, which shrinks for large pools (square-root staffing).
 """
@@ -24,6 +26,9 @@ from modelpilot.optimizer.queueing import wait_quantile
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
 from modelpilot.optimizer.tunables import Tunables
 
+# What the batching tuner sets on a replica's Triton: (max batch, queue delay us, instances).
+Setting = tuple[int, int, int]
+
 
 @dataclass(frozen=True)
 class Sizing:
@@ -33,6 +38,11 @@ class Sizing:
     p95_ms: float
     utilisation: float
     feasible: bool
+    instances: int = 1
+
+    @property
+    def setting(self) -> Setting:
+        return (self.max_batch_size, self.max_queue_delay_us, self.instances)
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -56,36 +66,40 @@ def predict(
     delay_us: int,
     items: float = 1.0,
     latency_factor: float = 1.0,
+    instances: int = 1,
 ) -> tuple[float, float]:
     """(p95 latency ms, utilisation) of a model stage under the batching model above.
 
     ``rate`` is in requests/s, each of ``items`` items; ``max_batch`` counts items, so a
     request larger than it cannot be served (Triton rejects it). ``latency_factor`` scales
-    the modelled waits and batch times, not the configured queue delay.
+    the modelled waits and batch times, not the configured queue delay. ``instances`` per
+    replica must be a count the profile measured.
     """
     items = max(items, 1.0)
     if replicas <= 0 or max_batch < items:
         return (math.inf, math.inf) if rate > 0 else (0.0, 0.0)
-    per_replica = rate * items / replicas
+    servers = replicas * instances
+    slow = profile.instance_slowdown(instances)
+    per_server = rate * items / servers
     delay_ms = delay_us / 1000.0
     batch = items
     for _ in range(8):  # fixed point: the batch is what arrives while waiting + executing
-        exec_ms = profile.latency_ms(batch)
-        batch = min(float(max_batch), max(items, per_replica * (delay_ms + exec_ms) / 1000.0))
-    exec_ms = profile.latency_ms(batch)
-    utilisation = per_replica * exec_ms / (1000.0 * batch)
+        exec_ms = profile.latency_ms(batch) * slow
+        batch = min(float(max_batch), max(items, per_server * (delay_ms + exec_ms) / 1000.0))
+    exec_ms = profile.latency_ms(batch) * slow
+    utilisation = per_server * exec_ms / (1000.0 * batch)
     if utilisation >= 1.0:
         return math.inf, utilisation
-    wait_ms = 1000.0 * wait_quantile(replicas, rate * items / batch, 1000.0 / exec_ms, 0.95)
+    wait_ms = 1000.0 * wait_quantile(servers, rate * items / batch, 1000.0 / exec_ms, 0.95)
     room = max_batch - items
-    fill_ms = min(delay_ms, 1000.0 * room / per_replica) if per_replica > 0 else 0
+    fill_ms = min(delay_ms, 1000.0 * room / per_server) if per_server > 0 else 0
     # The tail is set by the large batches, not the mean one: a request shares its batch with
     # the requests that reached the replica while it waited or ran the previous batch
     # (Poisson), up to max_batch. On hardware where a batch costs its size in time (CPU), a
     # few coinciding requests double the p95.
-    extra = _poisson_quantile(rate / replicas * (delay_ms + exec_ms) / 1000.0, 0.95)
+    extra = _poisson_quantile(rate / servers * (delay_ms + exec_ms) / 1000.0, 0.95)
     tail_batch = min(float(max_batch), max(batch, items * (1 + extra)))
-    modelled = wait_ms + profile.latency_ms(tail_batch, "p95")
+    modelled = wait_ms + profile.latency_ms(tail_batch, "p95") * slow
     return modelled * latency_factor + max(fill_ms, 0.0), utilisation
 
 
@@ -145,41 +159,45 @@ def size_model_stage(
     max_batch: int,
     max_delay_us: int,
     tun: Tunables,
-    prefer: tuple[int, int] | None = None,
+    prefer: Setting | None = None,
     items: float = 1.0,
+    max_instances: int = 1,
 ) -> Sizing:
     """The fewest replicas (then lowest p95) meeting utilisation and latency targets.
 
-    ``prefer`` is the current (max batch, delay): kept whenever it is as good in replicas,
-    so batching does not churn when several settings fit. ``items`` is the mean number of
-    items per request; batch sizes below it are never proposed. ``calibration`` applies as
+    ``prefer`` is the current setting: tried first, so a setting only replaces it by
+    needing fewer replicas or predicting a lower p95. ``items`` is the mean number of
+    items per request; batch sizes below it are never proposed. Instance counts go up to
+    ``max_instances``, among those the profile measured. ``calibration`` applies as
     :func:`calibrated` says.
     """
     lo, hi = bounds
     profile, factor = calibrated(profile, calibration, tun)
     best: Sizing | None = None
     batches = [b for b in _powers_of_two(max_batch) if b >= items] or [max_batch]
-    configs = [(b, d) for b in batches for d in _delays(max_delay_us, tun)]
+    counts = [k for k in sorted(profile.speedup) if k <= max_instances] or [1]
+    configs = [(b, d, k) for k in counts for b in batches for d in _delays(max_delay_us, tun)]
     if prefer in configs:
         configs.remove(prefer)
         configs.insert(0, prefer)
-    for b, d in configs:
+    for b, d, k in configs:
         # However many replicas, a request still takes its own batch's time plus the queue
         # delay when the batch has room: skip settings that cannot fit at any count.
-        floor = profile.latency_ms(items, "p95") * factor + (d / 1000.0 if b > items else 0.0)
+        own = profile.latency_ms(items, "p95") * profile.instance_slowdown(k) * factor
+        floor = own + (d / 1000.0 if b > items else 0.0)
         if floor > budget_ms:
             continue
         start = max(lo, 1 if rate > 0 else lo)
-        offered = rate * max(items, 1.0) / profile.throughput_rps(b)  # busy replicas
+        offered = rate * max(items, 1.0) / profile.throughput_rps(b, k)  # busy replicas
         limit = max_utilisation(offered, tun)
         if rate > 0:
             start = max(start, math.ceil(offered / limit))
         top = hi if best is None else min(hi, best.replicas)
 
-        def fits(c: int, b: int = b, d: int = d, limit: float = limit) -> Sizing:
-            p95, util = predict(profile, rate, c, b, d, items, factor)
+        def fits(c: int, b: int = b, d: int = d, k: int = k, limit: float = limit) -> Sizing:
+            p95, util = predict(profile, rate, c, b, d, items, factor, k)
             ok = util <= limit and p95 <= budget_ms
-            return Sizing(c, b, d, p95, util, ok)
+            return Sizing(c, b, d, p95, util, ok, k)
 
         # The first few counts one by one (exact where it matters most), then bisection:
         # more replicas never raise the p95 by more than the queue delay.
@@ -203,12 +221,15 @@ def size_model_stage(
         return best
     # Nothing fits the latency budget: the batch's own time is over it, so more replicas
     # would not help. Serve at the utilisation target with the fastest setting (the smallest
-    # batch, no queue delay) rather than buy every replica allowed.
+    # batch, no queue delay, the instance count of the most throughput) rather than buy every
+    # replica allowed.
     b = batches[0]
-    need = math.ceil(rate * max(items, 1.0) / (profile.throughput_rps(b) * tun.target_utilisation))
+    k = max(counts, key=lambda k: profile.throughput_rps(b, k))
+    capacity = profile.throughput_rps(b, k) * tun.target_utilisation
+    need = math.ceil(rate * max(items, 1.0) / capacity)
     c = min(hi, max(lo, need, 1 if rate > 0 else lo))
-    p95, util = predict(profile, rate, c, b, 0, items, factor)
-    return Sizing(c, b, 0, p95, util, False)
+    p95, util = predict(profile, rate, c, b, 0, items, factor, k)
+    return Sizing(c, b, 0, p95, util, False, k)
 
 
 def stage_sizer(
@@ -225,6 +246,7 @@ def stage_sizer(
         max_delay_us=stage.batching.max_queue_delay_microseconds,
         tun=tun,
         items=items,
+        max_instances=stage.batching.max_instances,
     )
 
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from modelpilot.api.v1alpha1 import ModelStage, Variant
 from modelpilot.optimizer.profiles import Profiles
-from modelpilot.optimizer.sizing import Sizing
+from modelpilot.optimizer.sizing import Setting, Sizing
 from modelpilot.optimizer.tunables import Tunables
 
 
@@ -26,12 +26,12 @@ def variant_options(
     floor: float,
     size: Callable[..., Sizing],
     excluded: Collection[str] = (),
-    prefer: tuple[str, tuple[int, int]] | None = None,
+    prefer: tuple[str, Setting] | None = None,
     quality: Mapping[str, float] | None = None,
 ) -> list[Option]:
     """Every variant the stage may serve (profiled, ``quality`` at or above ``floor``, not
     ``excluded``), sized by ``size(profile, prefer=...)``. ``prefer`` is (variant, its current
-    batching), kept for that variant when it is as good. ``quality`` is by variant name (by
+    batching setting), kept for that variant when it is as good. ``quality`` is by variant name (by
     default the declared figures)."""
     out: list[Option] = []
     for v in stage.variants:

@@ -266,6 +266,7 @@ def service_config(spec: ModelDeploymentSpec, name: str, plan: StagePlan) -> con
                 "models": models,
                 "maxBatchSize": plan.max_batch_size,
                 "maxQueueDelayMicroseconds": plan.max_queue_delay_us,
+                "instances": plan.instances,
                 # restored by a pod that starts mid-verification
                 "shadow": None
                 if shadow is None

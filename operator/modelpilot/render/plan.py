@@ -1,5 +1,5 @@
-"""The plan: what each stage runs right now (replicas, variant, batching, the gateway's
-small share and cache threshold).
+"""The plan: what each stage runs right now (replicas, variant, batching and model instances,
+the gateway's small share and cache threshold).
 
 It starts from the spec, is changed only by optimizer decisions, and lives in
 ``status.stages`` so an operator restart resumes it instead of starting over.
@@ -32,6 +32,7 @@ class StagePlan:
     shadow_variant: str | None = None  # candidate under verification, mirrored to
     small_share: float | None = None  # the gateway's share routed small, when routing is on
     cache_threshold: float | None = None  # the gateway's, when its cache is on
+    instances: int | None = None  # Triton model instances per replica
 
 
 Plan = dict[str, StagePlan]
@@ -147,6 +148,7 @@ def initial(
                 variant=_starting_variant(spec, name, stage, quality, skip),
                 max_batch_size=stage.batching.max_batch_size,
                 max_queue_delay_us=stage.batching.max_queue_delay_microseconds,
+                instances=1,
             )
             if isinstance(stage, InferenceStage):
                 share, pinned = _routing(stage, skip)
@@ -205,6 +207,7 @@ def resume(
             ),
             stage.batching.max_queue_delay_microseconds,
         )
+        instances = min(max(int(recorded.get("instances") or 1), 1), stage.batching.max_instances)
         shadow = recorded.get("shadowVariant")
         if shadow is not None and (
             stage.variant(shadow) is None or shadow == variant or shadow in skip
@@ -216,6 +219,7 @@ def resume(
             variant=variant,
             max_batch_size=mbs,
             max_queue_delay_us=delay,
+            instances=instances,
             shadow_variant=shadow,
         )
         if isinstance(stage, InferenceStage):
@@ -238,6 +242,7 @@ def status_fields(plan: StagePlan) -> dict[str, Any]:
             variant=plan.variant,
             maxBatchSize=plan.max_batch_size,
             maxQueueDelayMicroseconds=plan.max_queue_delay_us,
+            instances=plan.instances,
             shadowVariant=plan.shadow_variant,
         )
         # None too: a knob turned Off clears what status showed (a merge patch deletes it)

@@ -12,9 +12,10 @@ the measured p95/p50. A request leaving a stage reaches the next one ``hop_ms`` 
 ``startup_s``; a variant switch is a surge rollout. A stage that routes (the re-ranker with
 a small share in its plan) serves that share of each batch's requests with the small
 variant's measured latency and the rest with the large one's, one after the other on the
-replica's core, as Triton's two models' batchers would. Policies observe each stage's
-windowed metrics at their own tick interval as of the last scrape, as they would from
-Prometheus.
+replica's core, as Triton's two models' batchers would. A replica runs one model instance
+(a plan of more is refused: the specs it replays leave ``maxInstances`` at 1). Policies
+observe each stage's windowed metrics at their own tick interval as of the last scrape, as
+they would from Prometheus.
 
 The stages advance together tick by tick: up to a tick, a stage dispatches only batches
 whose dispatch time it can already decide, then hands its finished requests to the next
@@ -201,6 +202,8 @@ class _Stage:
 
     def apply(self, want: StagePlan, now: float, startup: float) -> None:
         cur, cfg = self.current, self.cfg
+        if (want.instances or 1) > 1:
+            raise ValueError("the simulator replays one model instance per replica")
         want = StagePlan(
             min(max(want.replicas, cfg.min_replicas), cfg.max_replicas),
             want.variant or cur.variant,

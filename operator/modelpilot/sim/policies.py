@@ -299,7 +299,11 @@ class Oracle:
         best = options[0]
         s = best.sizing
         return best.cost, StagePlan(
-            s.replicas, best.variant.name, s.max_batch_size, s.max_queue_delay_us
+            s.replicas,
+            best.variant.name,
+            s.max_batch_size,
+            s.max_queue_delay_us,
+            instances=s.instances,
         )
 
     def decide_all(

@@ -5,10 +5,13 @@ Re-rankers (the inference stage) are timed per batch of (query, passage) pairs; 
 is the top-3 overlap with the large re-ranker's after re-ranking the fp32 embedding's 10
 nearest candidates (the stage's metric, ``contract.QUALITY_METRICS``, as the shadow traffic
 of a verification measures it). ``--quality-only`` re-measures quality into an existing
-profile and leaves its latency curves as they are.
+profile and leaves its latency curves as they are; ``--instances-only`` re-measures the
+instance scaling alone.
 
 Latency: each batch size is timed repeatedly on one intra-op thread (one replica = one CPU),
-reporting p50/p95 per batch. Quality: on a fixed corpus of real text (paragraphs of this
+reporting p50/p95 per batch. Instances: 1 to (cores) processes, each a model instance on one
+thread as a Triton instance is, run batches of one side by side for the same time; their
+summed throughput is each count's row. Quality: on a fixed corpus of real text (paragraphs of this
 Python's own help topics, ``calibration.corpus``), the mean overlap of each query's 10
 nearest neighbours with the reference variant's (recall@10 vs fp32), and the share of
 known-answer queries whose source document ranks in the top 3.
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import multiprocessing as mp
+import os
 import platform
 import sys
 import time
@@ -109,12 +114,69 @@ def time_batches(
     return rows
 
 
+def _instance(name: str, directory: Path, sample: list[Any], start: Any, seconds: float) -> int:
+    """One model instance: batches of one for ``seconds`` once every instance is loaded."""
+    threadpool_limits(limits=1, user_api="blas")
+    if name in minilm.RERANKERS:
+        run: Callable[[list[Any]], object] = minilm.load_reranker(name, 1, directory).score
+    else:
+        run = minilm.load(name, 1, directory).encode
+    run(sample[:1])  # warm-up
+    start.wait()
+    n, i, deadline = 0, 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        run([sample[i % len(sample)]])
+        n, i = n + 1, i + 1
+    return n
+
+
+def time_instances(
+    name: str, directory: Path, sample: list[Any], seconds: float, most: int
+) -> list[dict[str, float]]:
+    """Throughput (batches of one) of 1..``most`` instances running side by side."""
+    rows = []
+    ctx = mp.get_context("spawn")  # a fresh interpreter each: no threads inherited
+    for count in range(1, most + 1):
+        with ctx.Manager() as manager, ctx.Pool(count) as pool:
+            start = manager.Barrier(count)
+            args = [(name, directory, sample, start, seconds)] * count
+            done = sum(pool.starmap(_instance, args))
+        rows.append({"count": count, "throughput_rps": round(done / seconds, 1)})
+    return rows
+
+
+def _instance_rows(
+    directory: Path, docs: list[str], qs: list[str], seconds: float
+) -> dict[str, list[dict[str, float]]]:
+    sample = _sample(docs)
+    most = os.cpu_count() or 1
+    out = {}
+    for name in minilm.VARIANTS:
+        out[name] = time_instances(name, directory, sample, seconds, most)
+    pairs = [(q, d) for q, d in zip(qs, sample, strict=False)]
+    for name in minilm.RERANKERS:
+        out[name] = time_instances(name, directory, pairs, seconds, most)
+    for name, rows in out.items():
+        print(name, "instances", "  ".join(f"{r['count']}:{r['throughput_rps']}/s" for r in rows))
+    return out
+
+
+def _sample(docs: list[str]) -> list[str]:
+    # Equal-length inputs (40 words, about 50 tokens) so batch cost is not padding noise.
+    return [" ".join(d.split()[:40]) for d in docs if len(d.split()) >= 40][:64]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("profiles/cpu.json"))
     parser.add_argument("--seconds", type=float, default=1.5, help="timing per batch size")
     parser.add_argument(
         "--quality-only", action="store_true", help="re-measure quality into --out, keep timings"
+    )
+    parser.add_argument(
+        "--instances-only",
+        action="store_true",
+        help="re-measure instance scaling into --out, keep the rest",
     )
     args = parser.parse_args(argv)
     # What a replica runs: one ONNX Runtime thread and one BLAS thread, as the Triton model
@@ -125,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     docs = corpus()
     qs = queries(docs)
     directory = minilm.build()
+    if args.instances_only:
+        result = json.loads(args.out.read_text())
+        for name, rows in _instance_rows(directory, docs, qs, args.seconds * 4).items():
+            result["models"][name]["instances"] = rows
+        result["measured"]["instances_date"] = _now()
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return 0
     measured = measure_quality(directory, docs, qs)
     if args.quality_only:
         result = json.loads(args.out.read_text())
@@ -144,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             },
             "models": _timings(directory, docs, qs, args.seconds, measured),
         }
+        for name, rows in _instance_rows(directory, docs, qs, args.seconds * 4).items():
+            result["models"][name]["instances"] = rows
+        result["measured"]["instances_date"] = result["measured"]["date"]
     print(f"{'model':<15}{'quality':>9}  {'metric':<13}{'vs':<15}{'top3 hit':>9}")
     for name, q in measured.items():
         vs, metric = q["reference"], q["metric"]
@@ -163,8 +236,7 @@ def _timings(
 ) -> dict[str, Any]:
     """Every model's batch latency curve, with its measured quality."""
     models: dict[str, Any] = {}
-    # Equal-length inputs (40 words, about 50 tokens) so batch cost is not padding noise.
-    sample = [" ".join(d.split()[:40]) for d in docs if len(d.split()) >= 40][:64]
+    sample = _sample(docs)
     for name in minilm.VARIANTS:
         enc = minilm.load(name, threads=1, directory=directory)
         rows = time_batches(enc.encode, sample, seconds)

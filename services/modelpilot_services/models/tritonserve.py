@@ -26,44 +26,48 @@ from modelpilot import contract
 from modelpilot_services.models import minilm
 from modelpilot_services.toolkit.service import service_config
 
-# (max_batch_size, max_queue_delay_microseconds) each model starts with, unless planned.
-BATCHING = {name: (64, 2000) for name in minilm.VARIANTS} | {
-    name: (64, 1000) for name in minilm.RERANKERS
+# (max_batch_size, max_queue_delay_microseconds, instances) each model starts with, unless
+# planned.
+Batching = tuple[int, int, int]
+BATCHING: dict[str, Batching] = {name: (64, 2000, 1) for name in minilm.VARIANTS} | {
+    name: (64, 1000, 1) for name in minilm.RERANKERS
 }
 
 
-def model_config(name: str, max_batch_size: int, max_queue_delay_us: int) -> str:
+def model_config(name: str, max_batch_size: int, max_queue_delay_us: int, instances: int) -> str:
     """config.pbtxt; inputs and outputs come from the model's ``auto_complete_config``."""
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
         f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
-        "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
+        f"instance_group [ {{ kind: KIND_CPU, count: {instances} }} ]\n"
     )
 
 
-def planned_batching(config: contract.ServiceConfig) -> dict[str, tuple[int, int]]:
-    """Each model's (max_batch_size, max_queue_delay_us): the image's defaults, with the
-    operator's plan (service.json) for the models the stage serves and its shadow candidate.
-    A pod that starts or restarts so runs the plan without waiting for a live update."""
+def planned_batching(config: contract.ServiceConfig) -> dict[str, Batching]:
+    """Each model's (max_batch_size, max_queue_delay_us, instances): the image's defaults,
+    with the operator's plan (service.json) for the models the stage serves and its shadow
+    candidate. A pod that starts or restarts so runs the plan without waiting for a live
+    update."""
     batching = dict(BATCHING)
     if config.maxBatchSize is not None and config.maxQueueDelayMicroseconds is not None:
         models = config.models or ([config.model] if config.model else [])
         if config.shadow is not None:
             models = [*models, config.shadow.model]  # measured under the same batching
+        planned = (config.maxBatchSize, config.maxQueueDelayMicroseconds, config.instances or 1)
         for model in models:
             if model in batching:
-                batching[model] = (config.maxBatchSize, config.maxQueueDelayMicroseconds)
+                batching[model] = planned
     return batching
 
 
-def write_repository(root: Path, batching: Mapping[str, tuple[int, int]] = BATCHING) -> Path:
+def write_repository(root: Path, batching: Mapping[str, Batching] = BATCHING) -> Path:
     """The Triton model repository for every ModelPilot model (idempotent)."""
     source = Path(__file__).with_name("triton_model.py")
-    for name, (batch, delay) in batching.items():
+    for name, setting in batching.items():
         version = root / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, version / "model.py")
-        (root / name / "config.pbtxt").write_text(model_config(name, batch, delay))
+        (root / name / "config.pbtxt").write_text(model_config(name, *setting))
     return root
 
 
