@@ -23,6 +23,10 @@ result in growing steps until the verdict flips, then bisecting to 5%.
   fail; then its final setting is measured as a sweep point is, and a stationary phase at
   80% of the highest passed step counts its reconfigurations and failed requests.
 
+``--sweep-from FILE`` takes the sweep another kind of machine stored instead of measuring
+this one's: the sweep's best setting is then what a user would deploy from it, and the
+side-by-side rematch, measured here, compares it with the tuner's on this machine.
+
 Usage: .venv/bin/python hack/bench_batching.py [--models minilm_int8,minilm_fp32] [--sweep]
 """
 
@@ -402,7 +406,10 @@ def table(doc: dict[str, Any], tuned: dict[str, dict[str, Any]]) -> str:
             f"{t['reconfigurations']} / {t['stationary']['reconfigurations']} | "
             f"{t['stationary']['failed']} |"
         )
-    return "\n".join(rows)
+    machines = {f"sweep on {doc['machine']['cpu']} ({doc['date']})"} | {
+        f"tuner and side by side on {t['machine']['cpu']}" for t in tuned.values()
+    }
+    return "\n".join([*rows, "", "; ".join(sorted(machines))])
 
 
 def plot(doc: dict[str, Any], model: str, tuned: dict[str, Any], out: Path) -> None:
@@ -441,6 +448,8 @@ def plot(doc: dict[str, Any], model: str, tuned: dict[str, Any], out: Path) -> N
             ax.plot([x], [y], "*", color="red", markersize=14, label="tuner's final")
         ax.legend(loc="upper left", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.8)
+    sweep_cpu = doc["machine"]["cpu"]
+    fig.suptitle(f"sweep: {sweep_cpu}, {doc['date']}; tuner: {tuned['machine']['cpu']}", y=1.02)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -457,12 +466,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stationary-s", type=float, default=600.0)
     parser.add_argument("--sweep", action="store_true", help="measure the sweep again")
     parser.add_argument("--sweep-only", action="store_true")
+    parser.add_argument(
+        "--sweep-from", type=Path, help="use this stored sweep (another machine's), measure none"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="side-by-side measurements")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = sweep_file(args.out, machine())
+    path = args.sweep_from or sweep_file(args.out, machine())
     doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() and not args.sweep else {}
+    if args.sweep_from and not doc:
+        raise SystemExit(f"{path}: no stored sweep")
     if doc.get("budget_ms") not in (None, args.budget_ms) or doc.get("step_s") not in (
         None,
         args.step_s,
@@ -488,12 +502,13 @@ def main(argv: list[str] | None = None) -> int:
                 ).raise_for_status()
                 stack.start("embedding")
                 replica = Replica(stack, model, args.budget_ms, args.step_s, seed=7)
-                points = sweep(replica, path, doc)
+                points = doc["models"][model] if args.sweep_from else sweep(replica, path, doc)
                 if args.sweep_only:
                     continue
                 best, rate = best_point(points)
                 with scraped(stack) as telemetry:
                     t = tuned[model] = tune(replica, telemetry, args, start=max(rate / 4, 1.0))
+                t["machine"], t["sweep_machine"] = machine(), doc["machine"]
                 contenders = {"sweep": best, "tuner": Setting(**t["final"])}
                 t["rematch"] = rematch(replica, contenders, args.rounds, rate)
                 plot(doc, model, t, args.out / f"batching-{model}.png")

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from modelpilot.api.v1alpha1 import ModelDeploymentSpec, OptimizerMode
+from modelpilot.api.v1alpha1 import ModelDeploymentSpec, OptimizerMode, Recommendation
 from modelpilot.controller import conditions as cond
 from modelpilot.controller.actuate import Actuator
-from modelpilot.controller.optimizer_loop import OptimizerLoop, status_update
+from modelpilot.controller.optimizer_loop import OptimizerLoop, recommendations, status_update
 from modelpilot.controller.reconcile import Reconciler
 from modelpilot.optimizer.history import History
 from modelpilot.optimizer.policy import Decision
@@ -122,6 +122,27 @@ def test_recommend_writes_advice_and_touches_no_child() -> None:
     recs = {r["stage"]: r for r in c.status()["recommendations"]}
     assert recs["inference"]["replicas"] > before and recs["inference"]["reason"]
     assert "Recommended" in c.kube.reasons() and "Optimized" not in c.kube.reasons()
+
+
+def test_a_recommendation_carries_every_knob_the_plan_moves() -> None:
+    old = {
+        "ingestion": plans.StagePlan(1),
+        "retrieval": plans.StagePlan(1),
+        "embedding": plans.StagePlan(1, "big", 8, 1000, instances=1),
+        "inference": plans.StagePlan(1, "big", 8, 1000, small_share=0.5, cache_threshold=0.9),
+    }
+    new = {
+        **old,
+        "embedding": replace(old["embedding"], instances=2),
+        "inference": replace(old["inference"], small_share=0.7, cache_threshold=0.95),
+    }
+    reasons = ("inference: small share 50% -> 70%", "embedding: model instances 1 -> 2")
+    recs = {r["stage"]: r for r in recommendations(old, new, reasons)}
+    assert recs["embedding"]["instances"] == 2 and "smallShare" not in recs["embedding"]
+    assert (recs["inference"]["smallShare"], recs["inference"]["cacheThreshold"]) == (0.7, 0.95)
+    assert recs["inference"]["reason"] == "inference: small share 50% -> 70%"
+    for r in recs.values():  # what status.recommendations accepts, field for field
+        assert Recommendation.model_validate(r).model_dump(by_alias=True, exclude_none=True) == r
 
 
 def test_off_changes_nothing() -> None:

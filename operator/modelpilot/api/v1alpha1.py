@@ -866,6 +866,12 @@ class Recommendation(_Model):
     instances: int | None = Field(
         default=None, description="Recommended model instances per replica."
     )
+    small_share: float | None = Field(
+        default=None, alias="smallShare", description="Gateway: recommended small share."
+    )
+    cache_threshold: float | None = Field(
+        default=None, alias="cacheThreshold", description="Gateway: recommended cache threshold."
+    )
     reason: str = Field(default="", description="Why.")
 
 

@@ -50,12 +50,15 @@ def recommendations(
         p = new[stage]
         rec: dict[str, Any] = {"stage": stage, "replicas": p.replicas, "reason": why}
         if p.variant is not None:
-            rec.update(
-                variant=p.variant,
-                maxBatchSize=p.max_batch_size,
-                maxQueueDelayMicroseconds=p.max_queue_delay_us,
-                instances=p.instances,
-            )
+            knobs = {
+                "variant": p.variant,
+                "maxBatchSize": p.max_batch_size,
+                "maxQueueDelayMicroseconds": p.max_queue_delay_us,
+                "instances": p.instances,
+                "smallShare": p.small_share,
+                "cacheThreshold": p.cache_threshold,
+            }
+            rec.update({k: v for k, v in knobs.items() if v is not None})
         out.append(rec)
     return out
 

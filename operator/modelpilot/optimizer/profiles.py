@@ -166,7 +166,8 @@ def _speedup(name: str, m: Mapping[str, Any]) -> dict[int, float]:
         return {1: 1.0}
     if 1 not in rows or any(v <= 0 for v in rows.values()) or min(rows) < 1:
         raise ValueError(f"model {name}: instances need count 1 and throughputs > 0")
-    return {k: v / rows[1] for k, v in sorted(rows.items())}
+    # N instances never beat N times one: a ratio above that is the measurement's noise
+    return {k: min(v / rows[1], float(k)) for k, v in sorted(rows.items())}
 
 
 def load(path: str | Path) -> Profiles:
