@@ -247,3 +247,38 @@ def fresh_data_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A data plane of the module's own, for tests that crash, fuzz or load it."""
     with stack_on_free_ports(tmp_path_factory.mktemp("fresh-data-plane")) as stack:
         yield stack
+
+
+_OPERATOR_LOG_AT = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """When a test that ran the operator fails, its report carries what CI needs to tell
+    why: the test namespace's objects and the operator's log lines from the test's run."""
+    outcome = yield
+    report = outcome.get_result()
+    log = ROOT / ".cache/logs/operator-test.log"
+    if call.when == "setup":
+        item.stash[_OPERATOR_LOG_AT] = log.stat().st_size if log.exists() else 0
+        return
+    if call.when != "call" or not report.failed or "operator_process" not in item.fixturenames:
+        return
+    from tests.helpers import kubectl
+
+    namespace = getattr(item, "funcargs", {}).get("namespace")
+    if isinstance(namespace, str):
+        objects = kubectl(
+            "get", "md,deploy,pods,events", "-n", namespace, "-o", "wide", check=False
+        )
+        status = kubectl(
+            "get", "md", "-n", namespace, "-o", "jsonpath={.items[*].status}", check=False
+        )
+        report.sections.append(
+            (f"namespace {namespace}", f"{objects.stdout}{objects.stderr}\n{status.stdout}")
+        )
+    if log.exists():
+        with log.open("rb") as f:
+            f.seek(item.stash.get(_OPERATOR_LOG_AT, 0))
+            lines = f.read().decode(errors="replace").splitlines()
+        report.sections.append(("operator log (this test)", "\n".join(lines[-150:])))

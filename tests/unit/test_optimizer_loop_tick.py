@@ -4,13 +4,17 @@ budget and verification step writes to the cluster (children, status, Events).""
 from __future__ import annotations
 
 import copy
+import logging
+import threading
 from dataclasses import replace
 from typing import Any
 
+import kopf
 import pytest
 
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec, OptimizerMode, Recommendation
 from modelpilot.controller import conditions as cond
+from modelpilot.controller import handlers
 from modelpilot.controller.actuate import Actuator
 from modelpilot.controller.optimizer_loop import OptimizerLoop, recommendations, status_update
 from modelpilot.controller.reconcile import Reconciler
@@ -151,6 +155,43 @@ def test_off_changes_nothing() -> None:
     c.tick()
     assert {k: v for k, v in c.kube.objects.items() if k[0] != "ModelDeployment"} == objects
     assert "Optimized" not in c.kube.reasons() and not c.status().get("recommendations")
+
+
+def test_a_spec_edited_while_telemetry_was_read_is_acted_on_as_edited() -> None:
+    c = Cluster(spec_doc())
+    before = c.replicas("inference")
+    observed = c.optimizer.observe(NS, NAME)  # read in Auto mode, with 3000 requests/s
+    c.kube.edit_spec(NS, NAME, spec_doc(mode="Off"))
+    c.optimizer.act(NS, NAME, observed)
+    assert c.replicas("inference") == before and "Optimized" not in c.kube.reasons()
+
+
+def test_the_handler_reads_prometheus_without_holding_the_object() -> None:
+    """A reconcile (a new object, a child's status) takes the object's lock: it must not
+    wait for a slow Prometheus, only for the decision."""
+    c = Cluster(spec_doc())
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_snapshot(url: str, namespace: str, name: str, now: float) -> Snapshot:
+        reading.set()
+        assert release.wait(10)
+        return snap(now, 3000.0)
+
+    c.optimizer.snapshot_source = slow_snapshot
+    memo = kopf.Memo(
+        optimizer=c.optimizer, locks={}, locks_guard=threading.Lock(), queued=set(), live=False
+    )
+    tick = threading.Thread(target=handlers._tick, args=(memo, NS, NAME, logging.getLogger()))
+    tick.start()
+    try:
+        assert reading.wait(10)
+        lock = handlers._lock(memo, NS, NAME)
+        assert lock.acquire(timeout=1), "the lock was held while Prometheus was read"
+        lock.release()
+    finally:
+        release.set()
+        tick.join(10)
+    assert c.replicas("inference") > 1, "the tick still decided and acted"
 
 
 @pytest.mark.parametrize(

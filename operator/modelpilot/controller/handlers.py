@@ -211,10 +211,12 @@ async def optimize(
 
 
 def _tick(memo: kopf.Memo, namespace: str, name: str, logger: Any) -> int:
-    """One optimizer decision, then the live sync (outside the object's lock: it waits on
-    pods, not on the apiserver); returns the seconds until the next."""
+    """One optimizer decision, then the live sync; returns the seconds until the next.
+    Only the decision holds the object's lock: reading Prometheus and syncing pods can be
+    slow, and a reconcile (a new object, a child's status) must not wait for them."""
+    observed = memo.optimizer.observe(namespace, name)  # Prometheus, outside the lock
     with _lock(memo, namespace, name):
-        decision = memo.optimizer.tick(namespace, name)
+        decision = memo.optimizer.act(namespace, name, observed)
     if decision is not None and decision.changed:
         logger.info(f"optimizer: {decision.summary}: {'; '.join(decision.reasons)}")
     _sync_live(memo, namespace, name)

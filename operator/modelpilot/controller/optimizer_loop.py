@@ -63,6 +63,15 @@ def recommendations(
     return out
 
 
+@dataclass(frozen=True)
+class Observation:
+    """What one tick read: the telemetry (None: none to be had, and ``problem`` says why)."""
+
+    snapshot: Snapshot | None
+    problem: str | None
+    time: float
+
+
 @dataclass
 class OptimizerLoop:
     """Runs the optimizer (``modelpilot.optimizer``, pure) on ModelDeployments: one
@@ -82,6 +91,13 @@ class OptimizerLoop:
     intervals: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def tick(self, namespace: str, name: str) -> Decision | None:
+        """Observe, then act: one whole tick (the handler runs the halves apart)."""
+        return self.act(namespace, name, self.observe(namespace, name))
+
+    def observe(self, namespace: str, name: str) -> Observation | None:
+        """The telemetry for one tick. Reads nothing that must stay current while it runs,
+        so the caller need not hold the object: a slow Prometheus then delays only this
+        tick, never a reconcile waiting for the object."""
         md = self.kube.get_model_deployment(namespace, name)
         if md is None or md["metadata"].get("deletionTimestamp"):
             return None
@@ -89,31 +105,41 @@ class OptimizerLoop:
             spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
         except ValidationError:
             return None  # the reconciler reports it as Degraded
-        self.intervals[(namespace, name)] = spec.optimizer.interval_seconds
         now = self.clock()
-        status = md.get("status") or {}
-        plan = plans.resume(spec, status.get("stages") or {}, self.reconciler.quality(spec))
-        history = self.histories.get((namespace, name)) or self._restored(status)
-        snapshot: Snapshot | None
-        problem = None
         try:
             url = self.prometheus_url(spec.prometheus.url)
         except Exception as exc:  # not allowed here: the reconciler reports it as Degraded
-            snapshot, problem = None, str(exc)[:500]
-        else:
-            try:
-                snapshot = self.snapshot_source(url, namespace, name, now)
-            except Exception as exc:  # any failure to read telemetry means: hold
-                snapshot, problem = None, f"Prometheus at {url} unreachable: {exc}"[:500]
+            return Observation(None, str(exc)[:500], now)
+        try:
+            return Observation(self.snapshot_source(url, namespace, name, now), None, now)
+        except Exception as exc:  # any failure to read telemetry means: hold
+            return Observation(None, f"Prometheus at {url} unreachable: {exc}"[:500], now)
+
+    def act(self, namespace: str, name: str, observed: Observation | None) -> Decision | None:
+        """Decide on ``observed`` from the object as it is now, and act or recommend."""
+        if observed is None:
+            return None
+        md = self.kube.get_model_deployment(namespace, name)
+        if md is None or md["metadata"].get("deletionTimestamp"):
+            return None
+        try:
+            spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+        except ValidationError:
+            return None
+        self.intervals[(namespace, name)] = spec.optimizer.interval_seconds
+        status = md.get("status") or {}
+        plan = plans.resume(spec, status.get("stages") or {}, self.reconciler.quality(spec))
+        history = self.histories.get((namespace, name)) or self._restored(status)
         stages = status.get("stages") or {}
         unavailable = {
             s: plans.unavailable(spec.model_stage(s), stages.get(s)) for s in MODEL_STAGES
         }
+        snapshot, now = observed.snapshot, observed.time
         decision = decide(
             spec, plan, snapshot, history, self.profiles, now, unavailable=unavailable
         )
         self.histories[(namespace, name)] = decision.history
-        self._record(md, spec, plan, decision, snapshot, problem, now)
+        self._record(md, spec, plan, decision, snapshot, observed.problem, now)
         return decision
 
     def _restored(self, status: Mapping[str, Any]) -> History:
