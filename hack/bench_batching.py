@@ -37,10 +37,8 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import re
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -67,6 +65,7 @@ from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
 from modelpilot.optimizer.tunables import Tunables
 from modelpilot.render import plan as plans
 from modelpilot_services.devtools.loadgen import LoadResult, paced
+from modelpilot_services.devtools.profile import machine
 from modelpilot_services.devtools.stack import Stack
 from modelpilot_services.models import calibration
 
@@ -173,18 +172,6 @@ class Replica:
 
     def step(self, rate: float) -> Step:
         return judge(rate, self.load(rate, self.step_s), self.budget_ms)
-
-
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count()}
 
 
 def sweep_file(out: Path, m: dict[str, Any]) -> Path:

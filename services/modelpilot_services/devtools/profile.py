@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, rows in _instance_rows(directory, docs, qs, args.seconds * 4).items():
             result["models"][name]["instances"] = rows
         result["measured"]["instances_date"] = _now()
+        result["measured"]["instances_cpu"] = machine()["cpu"]
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
         return 0
@@ -205,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "schema": "modelpilot.io/profile/v1",
             "measured": {
-                "host": platform.node(),
-                "cpu": platform.processor() or platform.machine(),
+                **machine(),
                 "python": sys.version.split()[0],
                 "threads_per_replica": 1,
                 "corpus_documents": len(docs),
@@ -225,6 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def machine() -> dict[str, Any]:
+    """The machine a measurement was taken on: host, CPU model and cores."""
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count()}
 
 
 def _now() -> str:
