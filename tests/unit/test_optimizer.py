@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from modelpilot.api.v1alpha1 import ModelDeploymentSpec
+from modelpilot.api.v1alpha1 import ModelDeploymentSpec, StageHistoryStatus
 from modelpilot.optimizer import calibration, queueing
 from modelpilot.optimizer.forecast import forecast
 from modelpilot.optimizer.history import History, StageHistory
@@ -296,6 +296,51 @@ def test_a_recorded_instance_count_is_clamped_to_the_spec() -> None:
     recorded = {"embedding": {"replicas": 2, "variant": "big", "instances": 4}}
     assert plans.resume(spec, recorded)["embedding"].instances == 2
     assert plans.initial(spec)["embedding"].instances == 1
+
+
+def _one_replica_spec() -> ModelDeploymentSpec:
+    doc = copy.deepcopy(SPEC_DOC)
+    doc["embedding"]["replicas"] = {"min": 1, "max": 1}
+    doc["embedding"]["variants"] = doc["embedding"]["variants"][:1]  # big: fp32, quality 1
+    return ModelDeploymentSpec.model_validate(doc)
+
+
+@pytest.mark.parametrize(
+    ("measured_p95_ms", "backed_off"),
+    [
+        (500.0, True),  # over the 57 ms share: the server disagreed with the profile
+        (30.0, False),  # within it: the smaller batch is only what the model prefers now
+        (None, False),  # nothing measured: no evidence against the batch
+    ],
+)
+def test_a_batch_retreated_from_over_budget_is_backed_off(
+    measured_p95_ms: float | None, backed_off: bool
+) -> None:
+    spec, now = _one_replica_spec(), 1_000_000
+    start = plans.initial(spec)
+    start = {**start, "embedding": replace(start["embedding"], max_batch_size=8)}
+    d = decide(spec, start, snap(now, 10, p95_ms=measured_p95_ms), History(), PROFILES, now)
+    assert d.plan["embedding"].max_batch_size == 1
+    expected = ((1, 8, now + Tunables().batching_backoff_s),) if backed_off else ()
+    assert d.history.stage("embedding").backoff == expected
+    assert any("no batch of 8 or more" in r for r in d.reasons) is backed_off
+    assert History.from_status(d.history.to_status()) == d.history
+    raw = d.history.to_status()["embedding"]  # what status.optimizerState keeps, field for field
+    assert StageHistoryStatus.model_validate(raw).model_dump(by_alias=True) == raw
+
+
+def test_a_backed_off_batch_is_not_tried_again_until_it_expires() -> None:
+    spec, now = _one_replica_spec(), 1_000_000
+    # At 200 requests/s the profile says batch 4 (1 cannot keep up) ...
+    free = decide(spec, plans.initial(spec), snap(now, 200), History(), PROFILES, now)
+    assert free.plan["embedding"].max_batch_size == 4
+    # ... but this server measured batch 4 over its budget: smaller batches only, for now.
+    history = History({"embedding": StageHistory(backoff=((1, 4, now + 60),))})
+    held = decide(spec, plans.initial(spec), snap(now, 200), history, PROFILES, now)
+    assert (held.plan["embedding"].max_batch_size or 0) < 4
+    later = decide(spec, plans.initial(spec), snap(now + 60, 200), history, PROFILES, now + 60)
+    assert later.plan["embedding"].max_batch_size == 4
+    assert later.history.stage("embedding").backoff == ()
 
 
 def test_a_profile_with_instances_needs_the_single_instance_row() -> None:

@@ -898,6 +898,14 @@ class RejectedVariant(_Model):
     reason: str = Field(default="", max_length=1024, description="Why it was rejected.")
 
 
+class BatchingBackoff(_Model):
+    instances: int = Field(ge=1, description="The instance count it applies at.")
+    max_batch_size: int = Field(
+        ge=1, alias="maxBatchSize", description="The smallest batch size backed off from."
+    )
+    until: int = Field(description="Unix time until which it and larger ones are not tried.")
+
+
 class StageHistoryStatus(_Model):
     """What the optimizer remembers about a stage, so a restart resumes, not restarts."""
 
@@ -925,6 +933,13 @@ class StageHistoryStatus(_Model):
         default_factory=list,
         max_length=100,
         description="Candidates that failed verification, not tried again until ``until``.",
+    )
+    batching_backoff: list[BatchingBackoff] = Field(
+        default_factory=list,
+        max_length=100,
+        alias="batchingBackoff",
+        description="Batch sizes the tuner retreated from while the stage measured over its "
+        "latency budget, not tried again until ``until``.",
     )
 
 

@@ -15,9 +15,19 @@ class StageHistory:
     calibration_permille: int = 1000
     verification_started: int | None = None  # when the running shadow verification started
     rejected: tuple[tuple[str, int, str], ...] = ()  # (variant, until, why): failed verification
+    # (instances, batch, until): no batch this large at that instance count until then
+    backoff: tuple[tuple[int, int, int], ...] = ()
 
     def rejected_at(self, t: int) -> set[str]:
         return {v for v, until, _ in self.rejected if until > t}
+
+    def batch_ceilings(self, t: int) -> dict[int, int]:
+        """Per instance count, the smallest batch size backed off from at ``t``."""
+        out: dict[int, int] = {}
+        for k, batch, until in self.backoff:
+            if until > t:
+                out[k] = min(out.get(k, batch), batch)
+        return out
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,9 @@ class History:
                 "rejected": [
                     {"variant": v, "until": until, "reason": why} for v, until, why in h.rejected
                 ],
+                "batchingBackoff": [
+                    {"instances": k, "maxBatchSize": b, "until": until} for k, b, until in h.backoff
+                ],
             }
             for name, h in sorted(self.stages.items())
         }
@@ -55,11 +68,17 @@ class History:
                 for r in h.get("rejected") or []
                 if isinstance(r, Mapping)
             )
+            backoff = tuple(
+                (int(r["instances"]), int(r["maxBatchSize"]), int(r["until"]))
+                for r in h.get("batchingBackoff") or []
+                if isinstance(r, Mapping)
+            )
             stages[name] = StageHistory(
                 window,
                 h.get("lastChange"),
                 int(h.get("calibrationPermille") or 1000),
                 h.get("verificationStarted", h.get("trialStarted")),
                 rejected,
+                backoff,
             )
         return cls(stages)

@@ -361,7 +361,9 @@ def _model_stage(
         # Routing: the large variant's replicas serve both routes (sized for the mix below).
         large = stage.routing.large_variant
         ctx.excluded[name] |= {v.name for v in stage.variants if v.name != large}
-    size = stage_sizer(stage, budget, calib_pm / 1000, tun, tele.items_per_request or 1.0)
+    size = stage_sizer(
+        stage, budget, calib_pm / 1000, tun, tele.items_per_request or 1.0, hist.batch_ceilings(t)
+    )
     batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0, cur.instances or 1)
     options = variant_options(
         stage,
@@ -405,6 +407,8 @@ def _model_stage(
         name, cur.replicas, sizing.replicas, hist, t, ctx.spec, ctx.cooldown, reasons, remember
     )
     hist = replace(hist, calibration_permille=calib_pm)
+    if variant.name == cur.variant:
+        hist = _back_off(name, cur, sizing, tele, budget, hist, t, tun, reasons)
     ctx.chosen_variants[name] = variant
     ctx.sizings[name] = sizing
     plan = replace(
@@ -417,6 +421,33 @@ def _model_stage(
         shadow_variant=gated.shadow,
     )
     return plan, hist
+
+
+def _back_off(
+    name: str,
+    cur: StagePlan,
+    sizing: Sizing,
+    tele: StageTelemetry,
+    budget: float,
+    hist: StageHistory,
+    t: int,
+    tun: Tunables,
+    reasons: list[str],
+) -> StageHistory:
+    """Retreating to a smaller batch while the stage measures over its budget: the batch
+    it leaves (and larger ones, at that instance count) is backed off for a while, so the
+    tuner does not climb back at the next tick its model predicts it fits."""
+    batch, k = cur.max_batch_size or 1, cur.instances or 1
+    active = tuple(b for b in hist.backoff if b[2] > t)
+    if sizing.max_batch_size >= batch or tele.p95_ms is None or tele.p95_ms <= budget:
+        return hist if active == hist.backoff else replace(hist, backoff=active)
+    until = t + tun.batching_backoff_s
+    kept = tuple(b for b in active if b[:2] != (k, batch))
+    reasons.append(
+        f"{name}: batch {batch} measured p95 {tele.p95_ms:.0f} ms over its {budget:.0f} ms: "
+        f"no batch of {batch} or more at {k} instance(s) for {tun.batching_backoff_s} s"
+    )
+    return replace(hist, backoff=(*kept, (k, batch, until)))
 
 
 def _serving_profiles(profiles: Profiles, stage: ModelStage, cur: StagePlan) -> Profiles:
@@ -447,9 +478,13 @@ def _explain(
     if not sizing.feasible:
         ctx.slo_ok = False
         ctx.short.append(name)
+        over = (
+            f"p95 {sizing.p95_ms:.0f} ms over its {budget:.0f} ms"
+            if sizing.p95_ms > budget
+            else f"utilisation {sizing.utilisation:.0%}, over the target"
+        )
         ctx.reasons.append(
-            f"{name}: even {sizing.replicas} replicas of {variant.name} "
-            f"predict p95 {sizing.p95_ms:.0f} ms over its {budget:.0f} ms"
+            f"{name}: even {sizing.replicas} replicas of {variant.name} predict {over}"
         )
     if variant.name != cur.variant:
         ctx.reasons.append(

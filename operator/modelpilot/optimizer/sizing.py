@@ -15,7 +15,7 @@ utilisation under a safety margin, which shrinks for large pools (square-root st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -162,21 +162,30 @@ def size_model_stage(
     prefer: Setting | None = None,
     items: float = 1.0,
     max_instances: int = 1,
+    ceilings: Mapping[int, int] | None = None,
 ) -> Sizing:
     """The fewest replicas (then lowest p95) meeting utilisation and latency targets.
 
     ``prefer`` is the current setting: tried first, so a setting only replaces it by
     needing fewer replicas or predicting a lower p95. ``items`` is the mean number of
     items per request; batch sizes below it are never proposed. Instance counts go up to
-    ``max_instances``, among those the profile measured. ``calibration`` applies as
-    :func:`calibrated` says.
+    ``max_instances``, among those the profile measured; ``ceilings`` (instance count ->
+    batch size) rules out that batch size and larger ones at that count, but never the
+    smallest. ``calibration`` applies as :func:`calibrated` says.
     """
     lo, hi = bounds
     profile, factor = calibrated(profile, calibration, tun)
     best: Sizing | None = None
     batches = [b for b in _powers_of_two(max_batch) if b >= items] or [max_batch]
     counts = [k for k in sorted(profile.speedup) if k <= max_instances] or [1]
-    configs = [(b, d, k) for k in counts for b in batches for d in _delays(max_delay_us, tun)]
+    ceiling = ceilings or {}
+    configs = [
+        (b, d, k)
+        for k in counts
+        for b in batches
+        if b == batches[0] or b < ceiling.get(k, b + 1)
+        for d in _delays(max_delay_us, tun)
+    ]
     if prefer in configs:
         configs.remove(prefer)
         configs.insert(0, prefer)
@@ -233,9 +242,14 @@ def size_model_stage(
 
 
 def stage_sizer(
-    stage: ModelStage, budget_ms: float, calibration: float, tun: Tunables, items: float
+    stage: ModelStage,
+    budget_ms: float,
+    calibration: float,
+    tun: Tunables,
+    items: float,
+    ceilings: Mapping[int, int] | None = None,
 ) -> Callable[..., Sizing]:
-    """``size_model_stage`` bound to the stage's bounds and batching limits:
+    """``size_model_stage`` bound to the stage's bounds, batching limits and back-offs:
     call it as ``size(profile, rate=..., prefer=...)``."""
     return partial(
         size_model_stage,
@@ -247,6 +261,7 @@ def stage_sizer(
         tun=tun,
         items=items,
         max_instances=stage.batching.max_instances,
+        ceilings=ceilings,
     )
 
 

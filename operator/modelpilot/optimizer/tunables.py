@@ -46,6 +46,11 @@ class Tunables:
     # Learn only from a stage this long after its last change: a window that mixes settings
     # measures a transient, not a model error.
     calibration_settle_s: int = 60
+    # A batch size the tuner retreats from while the stage measures over its budget (the
+    # profile's batch curve was wrong for this server) is not tried again, nor any larger
+    # one at that instance count, for this long: a tuner that only trusted its model would
+    # try it again at the next tick that predicts it fits.
+    batching_backoff_s: int = 1800
     # The measured stage clearly has headroom when requests wait in Triton's queue (beyond
     # the batching delay) less than this share of its p95 ...
     headroom_queue_share: float = 0.25
