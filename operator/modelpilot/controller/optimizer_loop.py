@@ -98,14 +98,9 @@ class OptimizerLoop:
         """The telemetry for one tick. Reads nothing that must stay current while it runs,
         so the caller need not hold the object: a slow Prometheus then delays only this
         tick, never a reconcile waiting for the object."""
-        md = self.kube.get_model_deployment(namespace, name)
-        if md is None or md["metadata"].get("deletionTimestamp"):
+        if (found := self._current(namespace, name)) is None:
             return None
-        try:
-            spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
-        except ValidationError:
-            return None  # the reconciler reports it as Degraded
-        now = self.clock()
+        spec, now = found[1], self.clock()
         try:
             url = self.prometheus_url(spec.prometheus.url)
         except Exception as exc:  # not allowed here: the reconciler reports it as Degraded
@@ -117,15 +112,9 @@ class OptimizerLoop:
 
     def act(self, namespace: str, name: str, observed: Observation | None) -> Decision | None:
         """Decide on ``observed`` from the object as it is now, and act or recommend."""
-        if observed is None:
+        if observed is None or (found := self._current(namespace, name)) is None:
             return None
-        md = self.kube.get_model_deployment(namespace, name)
-        if md is None or md["metadata"].get("deletionTimestamp"):
-            return None
-        try:
-            spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
-        except ValidationError:
-            return None
+        md, spec = found
         self.intervals[(namespace, name)] = spec.optimizer.interval_seconds
         status = md.get("status") or {}
         plan = plans.resume(spec, status.get("stages") or {}, self.reconciler.quality(spec))
@@ -141,6 +130,19 @@ class OptimizerLoop:
         self.histories[(namespace, name)] = decision.history
         self._record(md, spec, plan, decision, snapshot, observed.problem, now)
         return decision
+
+    def _current(
+        self, namespace: str, name: str
+    ) -> tuple[dict[str, Any], ModelDeploymentSpec] | None:
+        """The object and its spec; None when it is gone, going, or its spec is invalid
+        (the reconciler reports that as Degraded)."""
+        md = self.kube.get_model_deployment(namespace, name)
+        if md is None or md["metadata"].get("deletionTimestamp"):
+            return None
+        try:
+            return md, ModelDeploymentSpec.model_validate(md.get("spec") or {})
+        except ValidationError:
+            return None
 
     def _restored(self, status: Mapping[str, Any]) -> History:
         """History from status, with an operator start counted as a change: a restart must
