@@ -14,14 +14,17 @@ result in growing steps until the verdict flips, then bisecting to 5%.
 - **The sweep**: every point of Model Analyzer's space that fits this machine:
   ``max_batch_size`` 1..128 (powers of two) x ``max_queue_delay_microseconds`` {0, 100, 500,
   1000, 2000, 5000, 10000} x instance count {1, 2}, each set through Triton's model-control
-  API. Results go to ``bench/batching-<host>.json`` with the date and the machine, point by
-  point (an interrupted sweep resumes); later runs reuse them unless ``--sweep``.
+  API. Results go to ``bench/batching-<cores>cpu-<cpu>.json`` with the date and the machine,
+  point by point (an interrupted sweep resumes); later runs on that kind of machine reuse
+  them unless ``--sweep``.
 - **The tuner**: the operator's own ``decide()`` every ``--interval-s`` on the snapshots the
   operator's Prometheus adapter makes of the service's metrics (our Prometheus scraping it),
   applied with the operator's live adapter (``live.Pod.sync``), starting from the spec's
-  batching. The offered load climbs x1.25 a minute while it adapts, until two steps in a row
-  fail; then its final setting is measured as a sweep point is, and a stationary phase at
-  80% of the highest passed step counts its reconfigurations and failed requests.
+  batching and allowed the sweep's instance counts. The offered load climbs x1.25 a minute
+  while it adapts, until two steps in a row fail; then a stationary phase at 80% of the
+  highest passed step counts its reconfigurations and failed requests.
+- **Side by side**: the sweep's best and the tuner's final setting measured again,
+  interleaved, ``--rounds`` times each (one sweep point is a noisy maximum of many).
 
 ``--sweep-from FILE`` takes the sweep another kind of machine stored instead of measuring
 this one's: the sweep's best setting is then what a user would deploy from it, and the
