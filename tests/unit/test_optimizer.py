@@ -306,20 +306,21 @@ def _one_replica_spec() -> ModelDeploymentSpec:
 
 
 @pytest.mark.parametrize(
-    ("measured_p95_ms", "backed_off"),
+    ("rate", "measured_p95_ms", "backed_off"),
     [
-        (500.0, True),  # over the 57 ms share: the server disagreed with the profile
-        (30.0, False),  # within it: the smaller batch is only what the model prefers now
-        (None, False),  # nothing measured: no evidence against the batch
+        (10, 500.0, True),  # over the 57 ms share where batch 1 fits: the server disagreed
+        (10, 30.0, False),  # within it: the smaller batch is only what the model prefers now
+        (10, None, False),  # nothing measured: no evidence against the batch
+        (600, 500.0, False),  # nothing fits one replica: an overload, not the batch's fault
     ],
 )
 def test_a_batch_retreated_from_over_budget_is_backed_off(
-    measured_p95_ms: float | None, backed_off: bool
+    rate: float, measured_p95_ms: float | None, backed_off: bool
 ) -> None:
     spec, now = _one_replica_spec(), 1_000_000
     start = plans.initial(spec)
     start = {**start, "embedding": replace(start["embedding"], max_batch_size=8)}
-    d = decide(spec, start, snap(now, 10, p95_ms=measured_p95_ms), History(), PROFILES, now)
+    d = decide(spec, start, snap(now, rate, p95_ms=measured_p95_ms), History(), PROFILES, now)
     assert d.plan["embedding"].max_batch_size == 1
     expected = ((1, 8, now + Tunables().batching_backoff_s),) if backed_off else ()
     assert d.history.stage("embedding").backoff == expected

@@ -434,17 +434,20 @@ def _back_off(
     tun: Tunables,
     reasons: list[str],
 ) -> StageHistory:
-    """Retreating to a smaller batch while the stage measures over its budget: the batch
-    it leaves (and larger ones, at that instance count) is backed off for a while, so the
-    tuner does not climb back at the next tick its model predicts it fits."""
+    """Retreating to a smaller batch that the model says fits, while the stage measures
+    over its budget: the server disagrees with the profile's batch curve, so the batch it
+    leaves (and larger ones, at that instance count) is backed off for a while, and the
+    tuner does not climb back at the next tick its model predicts it fits. A retreat
+    because nothing fits (an overload) is no evidence against the batch."""
     batch, k = cur.max_batch_size or 1, cur.instances or 1
     active = tuple(b for b in hist.backoff if b[2] > t)
-    if sizing.max_batch_size >= batch or tele.p95_ms is None or tele.p95_ms <= budget:
+    over = tele.p95_ms is not None and tele.p95_ms > budget
+    if sizing.max_batch_size >= batch or not sizing.feasible or not over:
         return hist if active == hist.backoff else replace(hist, backoff=active)
     until = t + tun.batching_backoff_s
     kept = tuple(b for b in active if b[:2] != (k, batch))
     reasons.append(
-        f"{name}: batch {batch} measured p95 {tele.p95_ms:.0f} ms over its {budget:.0f} ms: "
+        f"{name}: batch {batch} measured p95 {tele.p95_ms or 0:.0f} ms over its {budget:.0f} ms: "
         f"no batch of {batch} or more at {k} instance(s) for {tun.batching_backoff_s} s"
     )
     return replace(hist, backoff=(*kept, (k, batch, until)))
