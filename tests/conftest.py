@@ -143,13 +143,16 @@ def crd(control_plane: Path) -> str:
     return "modeldeployments.modelpilot.io"
 
 
+OPERATOR_LOG = ROOT / ".cache/logs/operator-test.log"
+
+
 class Operator:
     """The operator as a real process (kopf run) that a test may crash and restart."""
 
     def __init__(self, prometheus_url: str) -> None:
         self.prometheus_url = prometheus_url
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = ROOT / ".cache/logs/operator-test.log"
+        self.log_path = OPERATOR_LOG
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
 
     def start(self, wait_healthy: bool = True) -> None:
@@ -258,7 +261,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     why: the test namespace's objects and the operator's log lines from the test's run."""
     outcome = yield
     report = outcome.get_result()
-    log = ROOT / ".cache/logs/operator-test.log"
+    log = OPERATOR_LOG
     if call.when == "setup":
         item.stash[_OPERATOR_LOG_AT] = log.stat().st_size if log.exists() else 0
         return

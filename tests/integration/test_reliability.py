@@ -233,7 +233,7 @@ def test_no_secret_values_reach_status_events_or_children(
     dumped = kubectl("get", "md,deploy,cm,events", "-n", namespace, "-o", "yaml").stdout
     assert "secretKeyRef" in dumped  # the reference is passed on ...
     assert secret not in dumped  # ... never the value
-    assert secret not in (ROOT / ".cache/logs/operator-test.log").read_text()
+    assert secret not in operator_process.log_path.read_text()
 
 
 @pytest.fixture

@@ -21,12 +21,15 @@ class StageHistory:
     def rejected_at(self, t: int) -> set[str]:
         return {v for v, until, _ in self.rejected if until > t}
 
+    def backoff_at(self, t: int) -> tuple[tuple[int, int, int], ...]:
+        """The back-offs still in force at ``t``."""
+        return tuple(b for b in self.backoff if b[2] > t)
+
     def batch_ceilings(self, t: int) -> dict[int, int]:
         """Per instance count, the smallest batch size backed off from at ``t``."""
         out: dict[int, int] = {}
-        for k, batch, until in self.backoff:
-            if until > t:
-                out[k] = min(out.get(k, batch), batch)
+        for k, batch, _ in self.backoff_at(t):
+            out[k] = min(out.get(k, batch), batch)
         return out
 
 

@@ -440,7 +440,7 @@ def _back_off(
     tuner does not climb back at the next tick its model predicts it fits. A retreat
     because nothing fits (an overload) is no evidence against the batch."""
     batch, k = cur.max_batch_size or 1, cur.instances or 1
-    active = tuple(b for b in hist.backoff if b[2] > t)
+    active = hist.backoff_at(t)
     over = tele.p95_ms is not None and tele.p95_ms > budget
     if sizing.max_batch_size >= batch or not sizing.feasible or not over:
         return hist if active == hist.backoff else replace(hist, backoff=active)
