@@ -255,21 +255,34 @@ def fresh_data_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 _OPERATOR_LOG_AT = pytest.StashKey[int]()
 
 
+# A container's restarts and why its last run ended, for a failed test's report.
+RESTARTS = (
+    "jsonpath={range .items[*]}{.metadata.name}{range .status.containerStatuses[*]}"
+    " {.name}:restarts={.restartCount}:{.lastState.terminated.reason}"
+    ":exit={.lastState.terminated.exitCode}{end}{'\\n'}{end}"
+)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """When a test that ran the operator fails, its report carries what CI needs to tell
-    why: the test namespace's objects and the operator's log lines from the test's run."""
+    """When a test that ran an operator fails, its report carries what CI needs to tell
+    why: the test namespace's objects, its containers' restarts and the operator's log
+    lines (the test operator's from the test's run; the chart's operator's last ones)."""
     outcome = yield
     report = outcome.get_result()
     log = OPERATOR_LOG
     if call.when == "setup":
         item.stash[_OPERATOR_LOG_AT] = log.stat().st_size if log.exists() else 0
         return
-    if call.when != "call" or not report.failed or "operator_process" not in item.fixturenames:
+    args = getattr(item, "funcargs", {})
+    chart = isinstance(args.get("loop"), str)  # test_closed_loop: the chart's operator
+    if call.when != "call" or not report.failed:
+        return
+    if not chart and "operator_process" not in item.fixturenames:
         return
     from tests.helpers import kubectl
 
-    namespace = getattr(item, "funcargs", {}).get("namespace")
+    namespace = args.get("loop") if chart else args.get("namespace")
     if isinstance(namespace, str):
         objects = kubectl(
             "get", "md,deploy,pods,events", "-n", namespace, "-o", "wide", check=False
@@ -277,10 +290,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         status = kubectl(
             "get", "md", "-n", namespace, "-o", "jsonpath={.items[*].status}", check=False
         )
+        restarts = kubectl("get", "pods", "-n", namespace, "-o", RESTARTS, check=False)
         report.sections.append(
-            (f"namespace {namespace}", f"{objects.stdout}{objects.stderr}\n{status.stdout}")
+            (
+                f"namespace {namespace}",
+                f"{objects.stdout}{objects.stderr}\n{status.stdout}\n{restarts.stdout}",
+            )
         )
-    if log.exists():
+    if chart:
+        logs = kubectl("logs", "-n", namespace, "deploy/mp-modelpilot", "--tail=150", check=False)
+        report.sections.append(("operator log (last lines)", logs.stdout + logs.stderr))
+    elif log.exists():
         with log.open("rb") as f:
             f.seek(item.stash.get(_OPERATOR_LOG_AT, 0))
             lines = f.read().decode(errors="replace").splitlines()

@@ -602,10 +602,13 @@ def test_metrics_follow_prometheus_conventions_beside_tritons(data_plane: Stack)
 
 
 @contextlib.contextmanager
-def _sidecar_triton(tmp_path: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """What the Triton sidecar runs in a pod (the image's entrypoint), on free local ports,
-    the repository under ``tmp_path/models``; yields its URL once minilm_static serves."""
-    http, grpc, metrics = free_port(), free_port(), free_port()
+def _sidecar_triton(
+    tmp_path: Path, *args: str, http: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """What the Triton sidecar runs in a pod (the image's entrypoint), on free local ports
+    (HTTP on ``http`` if given), the repository under ``tmp_path/models``; yields its URL
+    once minilm_static serves."""
+    http, grpc, metrics = http or free_port(), free_port(), free_port()
     env = {**os.environ, "MODELPILOT_TRITON_WORKDIR": str(tmp_path / "work")}
     argv = [
         f"--model-repository={tmp_path / 'models'}", "--model-control-mode=explicit",
@@ -659,36 +662,58 @@ def test_load_checks_read_tritons_reason_for_a_missing_or_broken_model(tmp_path:
         assert proc.poll() is None  # still serving
 
 
-def test_a_restarted_pod_restores_its_shadow_candidate_loaded(
-    data_plane: Stack, tmp_path: Path
+def test_a_pod_started_mid_verification_waits_for_its_triton_then_restores_the_shadow(
+    tmp_path: Path,
 ) -> None:
-    """A pod that starts mid-verification reads the shadow from service.json and loads the
-    candidate in Triton first, so mirrored calls do not fail as the candidate's errors."""
-    triton = data_plane.triton_url
-    unload = call("POST", f"{triton}/v2/repository/models/minilm_static/unload", {})
-    assert unload.status_code == 200, unload.text
-    wait_for(lambda: not http_ok(f"{triton}/v2/models/minilm_static/ready"), 60, what="unloaded")
+    """A pod's service may start before its Triton sidecar listens, and a pod that starts
+    mid-verification reads the shadow candidate from service.json: the service stays up and
+    unready (no crash loop) until Triton serves, then loads the candidate first, so that
+    mirrored calls do not fail as the candidate's errors, and only then is ready."""
+    triton, port, admin_port = free_port(), free_port(), free_port()
     config = tmp_path / "service.json"
-    shadow = {"model": "minilm_static", "sampleRatio": 1.0}
-    config.write_text(json.dumps({"stage": "embedding", "model": "minilm_fp32", "shadow": shadow}))
-    admin_port = free_port()
-    env = {"MODELPILOT_SERVICE_CONFIG": str(config), contract.ENV_ADMIN_PORT: str(admin_port)}
-    with _spare_service(data_plane, "embedding", env, ready_timeout=120) as url:
-        assert ok("GET", f"http://127.0.0.1:{admin_port}/v1/admin/shadow") == shadow
-        assert http_ok(f"{triton}/v2/models/minilm_static/ready")
-        sent = iter(range(10_000))
+    shadow = {"model": "minilm_int8", "sampleRatio": 1.0}
+    config.write_text(
+        json.dumps({"stage": "embedding", "model": "minilm_static", "shadow": shadow})
+    )
+    env = {
+        **os.environ,
+        contract.ENV_PORT: str(port),
+        contract.ENV_ADMIN_PORT: str(admin_port),
+        contract.ENV_TRITON_URL: f"127.0.0.1:{triton}",
+        contract.ENV_SERVICE_CONFIG: str(config),
+    }
+    service = subprocess.Popen(
+        [sys.executable, "-m", "modelpilot_services.stages.embedding"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_ok(f"{url}/healthz"), 60, what="the service, before its Triton")
+        unready = call("GET", f"{url}/readyz")
+        assert unready.status_code == 503 and "minilm_static" in unready.text, unready.text
+        with _sidecar_triton(tmp_path, http=triton) as (base, _):
+            wait_for(lambda: http_ok(f"{url}/readyz"), 180, what="ready once Triton serves")
+            assert service.poll() is None  # the same process: never crashed
+            assert ok("GET", f"http://127.0.0.1:{admin_port}/v1/admin/shadow") == shadow
+            assert http_ok(f"{base}/v2/models/minilm_int8/ready")
+            sent = iter(range(10_000))
 
-        def mirrored() -> bool:
-            # One more request per poll: the first mirrored ones wait for the candidate's
-            # neighbour ring to be seeded, and past 4 in flight a sample is skipped.
-            ok("POST", f"{url}/v1/embed", {"texts": [f"mirrored request {next(sent)}"]})
-            text = requests.get(f"{url}/metrics", timeout=10).text
-            prefix = 'modelpilot_shadow_agreement_count{model="minilm_static",stage="embedding"} '
-            line = next((x for x in text.splitlines() if x.startswith(prefix)), None)
-            return line is not None and float(line.removeprefix(prefix)) >= 5
+            def mirrored() -> bool:
+                # One more request per poll: the first mirrored ones wait for the candidate's
+                # neighbour ring to be seeded, and past 4 in flight a sample is skipped.
+                ok("POST", f"{url}/v1/embed", {"texts": [f"mirrored request {next(sent)}"]})
+                text = requests.get(f"{url}/metrics", timeout=10).text
+                prefix = 'modelpilot_shadow_agreement_count{model="minilm_int8",stage="embedding"} '
+                line = next((x for x in text.splitlines() if x.startswith(prefix)), None)
+                return line is not None and float(line.removeprefix(prefix)) >= 5
 
-        wait_for(mirrored, 60, interval=0.5, what="5 mirrored requests measured")
-        assert "modelpilot_shadow_errors_total{" not in requests.get(f"{url}/metrics").text
+            wait_for(mirrored, 60, interval=0.5, what="5 mirrored requests measured")
+            assert "modelpilot_shadow_errors_total{" not in requests.get(f"{url}/metrics").text
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
 
 
 def test_live_sync_corrects_only_what_differs_and_one_bad_pod_fails_alone(

@@ -17,11 +17,13 @@ from prometheus_client import CollectorRegistry
 from tritonclient.http import InferResult
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+from modelpilot import contract
 from modelpilot_services.stages.agreement import MIN_RING, NeighbourRecall, top_overlap
 from modelpilot_services.stages.cache import SemanticCache
 from modelpilot_services.stages.ingestion import chunk
 from modelpilot_services.stages.shadow import NotReady, Shadow
 from modelpilot_services.stages.store import Store
+from modelpilot_services.toolkit.http import ApiError
 from modelpilot_services.toolkit.triton import decode_response, encode_request
 from tests.helpers import ROOT
 
@@ -275,6 +277,62 @@ def test_a_mirrored_comparison_counts_as_a_sample_a_skip_or_an_error(
     assert (value("modelpilot_shadow_agreement_count", labels) or 0.0) == samples
     assert (value("modelpilot_shadow_duration_seconds_count", labels) or 0.0) == timed
     assert (value("modelpilot_shadow_errors_total", labels) or 0.0) == errors
+
+
+@pytest.mark.parametrize(
+    ("loads", "restored"),
+    [
+        ([None], "cand"),  # Triton serves: loaded, then mirrored
+        ([OSError("refused"), OSError("refused"), None], "cand"),  # the sidecar starts late
+        ([ApiError(422, "model_unavailable", "no such model")], None),  # dropped, not fatal
+    ],
+)
+def test_a_restored_shadow_candidate_is_loaded_before_it_is_mirrored(
+    loads: list[Exception | None], restored: str | None
+) -> None:
+    """service.json's candidate loads in the background: the pod is unready meanwhile, an
+    unreachable Triton is waited for, and a candidate Triton rejects is dropped."""
+    calls: list[str] = []
+
+    async def ensure_loaded(model: str) -> None:
+        calls.append(model)
+        if (outcome := loads[len(calls) - 1]) is not None:
+            raise outcome
+
+    async def scenario() -> tuple[str | None, str | None, str | None]:
+        shadow = Shadow("embedding", CollectorRegistry(), ["cand"], ensure_loaded)
+        shadow.configure(contract.Shadow(model="cand", sampleRatio=0.5))
+        shadow.restore()
+        while_loading = (shadow.model, shadow.pending())
+        assert shadow._restoring is not None
+        await asyncio.wait_for(shadow._restoring, 30)
+        return *while_loading, shadow.pending()
+
+    model_while, pending_while, pending_after = asyncio.run(scenario())
+    assert model_while is None and pending_while is not None  # nothing mirrored yet, unready
+    assert pending_after is None and len(calls) == len(loads)
+
+
+def test_a_pushed_shadow_supersedes_a_restore_under_way() -> None:
+    async def scenario() -> tuple[str | None, bool]:
+        loaded = asyncio.Event()
+
+        async def ensure_loaded(model: str) -> None:
+            if model == "old":
+                await loaded.wait()  # Triton not answering yet
+
+        shadow = Shadow("embedding", CollectorRegistry(), ["old", "new"], ensure_loaded)
+        shadow.configure(contract.Shadow(model="old", sampleRatio=0.5))
+        shadow.restore()
+        restoring = shadow._restoring
+        shadow.cancel_restore()  # what a PUT or DELETE does first
+        shadow.model, shadow.ratio = "new", 0.2
+        loaded.set()  # had the restore gone on, it would now set "old"
+        assert restoring is not None
+        await asyncio.wait([restoring], timeout=30)
+        return shadow.model, restoring.cancelled()
+
+    assert asyncio.run(scenario()) == ("new", True)
 
 
 def test_a_serving_model_outside_the_images_catalog_starts_the_service() -> None:

@@ -83,14 +83,16 @@ class Embedding(Service):
     async def start(self) -> None:
         self.triton = Triton(self.triton_url, admin_token=self.admin_token)
         self._publish()
-        await self.shadow.load()
+        self.shadow.restore()
 
     async def stop(self) -> None:
+        self.shadow.cancel_restore()
         await self.triton.close()
 
     async def ready(self) -> str | None:
-        ok = await self.triton.ready(self.model)
-        return None if ok else f"Triton model {self.model} is not ready"
+        if not await self.triton.ready(self.model):
+            return f"Triton model {self.model} is not ready"
+        return self.shadow.pending()
 
     def _publish(self) -> None:
         self.metrics.info.clear()

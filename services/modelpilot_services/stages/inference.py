@@ -111,9 +111,10 @@ class Inference(Service):
     async def start(self) -> None:
         self.triton = Triton(self.triton_url, self.timeout_s, admin_token=self.admin_token)
         self._publish()
-        await self.shadow.load()
+        self.shadow.restore()
 
     async def stop(self) -> None:
+        self.shadow.cancel_restore()
         await self.embedding.close()
         await self.retrieval.close()
         await self.triton.close()
@@ -122,7 +123,7 @@ class Inference(Service):
         for model in set(self.models.values()):
             if not await self.triton.ready(model):
                 return f"Triton model {model} is not ready"
-        return None
+        return self.shadow.pending()
 
     def _publish(self) -> None:
         self.metrics.info.clear()

@@ -17,6 +17,7 @@ Metrics (labels ``stage``, ``model`` = the candidate):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from modelpilot import contract
 from modelpilot_services.toolkit.http import ApiError, json_response, parse
@@ -54,6 +56,7 @@ class Shadow:
         self.stage, self.allowed, self.ensure_loaded = stage, tuple(allowed), ensure_loaded
         self.model: str | None = None
         self.ratio = 0.0
+        self._restoring: asyncio.Task[None] | None = None
         self.offpath = OffPath()
         self.agreement = Histogram(
             contract.METRIC_SHADOW_AGREEMENT,
@@ -81,21 +84,45 @@ class Shadow:
         admin.router.add_delete(contract.ADMIN_SHADOW_PATH, self.delete)
 
     def configure(self, config: contract.Shadow | None) -> None:
-        """Restore from service.json before start; :meth:`load` then loads the model."""
+        """Restore from service.json before start; :meth:`restore` then loads the model."""
         if config is not None and config.model in self.allowed:
             self.model, self.ratio = config.model, config.sampleRatio
 
-    async def load(self) -> None:
-        """Load the restored candidate in Triton (explicit model control loads nothing by
-        itself): mirrored calls to an unloaded model would count as the candidate's errors.
-        A candidate that cannot load is dropped; the operator's next push sets it again."""
-        if self.model is None:
-            return
-        try:
-            await self.ensure_loaded(self.model)
-        except ApiError as exc:
-            log.warning("shadow candidate %s not restored: %s", self.model, exc.message)
+    def restore(self) -> None:
+        """Load the restored candidate in Triton, in the background (explicit model control
+        loads nothing by itself): mirrored calls to an unloaded model would count as the
+        candidate's errors, so nothing is mirrored until it is loaded. The pod's Triton may
+        start after this service: an unreachable Triton is waited for, never a crash. A
+        candidate that cannot load is dropped; the operator's next push sets it again."""
+        if self.model is not None:
+            model, ratio = self.model, self.ratio
             self.model, self.ratio = None, 0.0
+            self._restoring = asyncio.get_running_loop().create_task(self._load(model, ratio))
+
+    async def _load(self, model: str, ratio: float) -> None:
+        unreachable = retry_if_exception_type((OSError, asyncio.TimeoutError))
+        try:
+            async for attempt in AsyncRetrying(
+                retry=unreachable, wait=wait_exponential(multiplier=0.2, max=5), reraise=True
+            ):
+                with attempt:
+                    await self.ensure_loaded(model)
+        except ApiError as exc:
+            log.warning("shadow candidate %s not restored: %s", model, exc.message)
+            return
+        self.model, self.ratio = model, ratio
+
+    def pending(self) -> str | None:
+        """Why the pod is not ready yet on the shadow's account: a candidate being restored."""
+        if self._restoring is not None and not self._restoring.done():
+            return "restoring the shadow candidate"
+        return None
+
+    def cancel_restore(self) -> None:
+        """An operator's push supersedes a restore still under way; so does shutdown."""
+        if self._restoring is not None:
+            self._restoring.cancel()
+            self._restoring = None
 
     def _state(self) -> dict[str, Any]:
         return {"model": self.model, "sampleRatio": self.ratio if self.model else 0.0}
@@ -109,11 +136,13 @@ class Shadow:
             raise ApiError(
                 400, "unknown_variant", f"{body.model!r} is not one of {list(self.allowed)}"
             )
+        self.cancel_restore()
         await self.ensure_loaded(body.model)  # loaded before the first mirrored request
         self.model, self.ratio = body.model, body.sampleRatio
         return json_response(self._state())
 
     async def delete(self, request: web.Request) -> web.Response:
+        self.cancel_restore()
         self.model, self.ratio = None, 0.0
         return json_response(self._state())
 
