@@ -119,7 +119,7 @@ run: $(VENV)/.stamp ## run the operator against $$KUBECONFIG (the local control 
 	$(BIN)/kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml
 	@# A key kept across runs: the ModelDeployments' admin tokens derive from it.
 	@mkdir -p .cache; [ -s .cache/admin-key ] || head -c 32 /dev/urandom | base64 > .cache/admin-key
-	MODELPILOT_ADMIN_KEY_FILE=.cache/admin-key $(VENV)/bin/kopf run --all-namespaces --standalone -m modelpilot.controller.handlers
+	MODELPILOT_ADMIN_KEY_FILE=.cache/admin-key $(VENV)/bin/modelpilot-operator --all-namespaces --listen=127.0.0.1:8080
 
 .PHONY: lint
 lint: $(VENV)/.stamp apt ## ruff, mypy, import contracts, shellcheck, CRD drift

@@ -69,12 +69,10 @@ def main() -> int:
     log = (ROOT / ".cache/logs/operator-scale.log").open("wb")
     op = subprocess.Popen(
         [
-            str(ROOT / ".venv/bin/kopf"),
-            "run",
+            str(ROOT / ".venv/bin/modelpilot-operator"),
             "--all-namespaces",
-            "--standalone",
-            "-m",
-            "modelpilot.controller.handlers",
+            "--listen=127.0.0.1:0",
+            "--lease=modelpilot-bench-scale",
         ],
         env={
             **os.environ,

@@ -24,6 +24,6 @@ COPY profiles/cpu.json /app/profiles/cpu.json
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 65532:65532
 EXPOSE 8080
-# The chart passes `run --standalone --liveness=... -m modelpilot.controller.handlers` as args.
-ENTRYPOINT ["kopf"]
-CMD ["run", "--standalone", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz", "-m", "modelpilot.controller.handlers"]
+# Stands for the leader Lease and runs the handlers while leading; the chart passes its args.
+ENTRYPOINT ["modelpilot-operator"]
+CMD ["--all-namespaces", "--listen=0.0.0.0:8080"]

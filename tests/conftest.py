@@ -147,32 +147,41 @@ OPERATOR_LOG = ROOT / ".cache/logs/operator-test.log"
 
 
 class Operator:
-    """The operator as a real process (kopf run) that a test may crash and restart."""
+    """The operator as a real process (``modelpilot-operator``) that a test may crash and
+    restart. One Lease per ``lease``: processes that share it elect one leader; a process
+    restarted with its ``identity`` (a container restarted in its pod) resumes at once."""
 
-    def __init__(self, prometheus_url: str) -> None:
-        self.prometheus_url = prometheus_url
+    def __init__(
+        self,
+        prometheus_url: str,
+        identity: str = "test-operator",
+        lease: str = "modelpilot-test-operator",
+        namespaces: tuple[str, ...] = ("!e2e-*",),
+        log_path: Path = OPERATOR_LOG,
+    ) -> None:
+        from tests.helpers import free_port
+
+        self.prometheus_url, self.identity, self.lease = prometheus_url, identity, lease
+        # Every namespace but those of the chart's in-cluster operator (the closed-loop
+        # tests) by default: two operators on one object would race.
+        self.namespaces = namespaces
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = OPERATOR_LOG
+        self.log_path = log_path
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{free_port()}"
 
     def start(self, wait_healthy: bool = True) -> None:
         import urllib.request
 
-        from tests.helpers import free_port
-
-        health = f"http://127.0.0.1:{free_port()}/healthz"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    str(ROOT / ".venv/bin/kopf"),
-                    "run",
-                    # Every namespace but those of the chart's in-cluster operator (the
-                    # closed-loop tests): two operators on one object would race.
-                    "--namespace=!e2e-*",
-                    "--standalone",
-                    f"--liveness={health}",
-                    "-m",
-                    "modelpilot.controller.handlers",
+                    str(ROOT / ".venv/bin/modelpilot-operator"),
+                    *(f"--namespace={n}" for n in self.namespaces),
+                    f"--listen={self.url.removeprefix('http://')}",
+                    f"--lease={self.lease}",
+                    "--lease-namespace=default",
+                    f"--identity={self.identity}",
                 ],
                 env={
                     **os.environ,
@@ -189,7 +198,7 @@ class Operator:
             )
         if wait_healthy:
             wait_for(
-                lambda: urllib.request.urlopen(health, timeout=2),
+                lambda: urllib.request.urlopen(f"{self.url}/healthz", timeout=2),
                 60,
                 what="the operator's health endpoint",
             )
@@ -297,7 +306,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 f"{objects.stdout}{objects.stderr}\n{status.stdout}\n{restarts.stdout}",
             )
         )
-    if chart:
+    if chart and isinstance(namespace, str):
         logs = kubectl("logs", "-n", namespace, "deploy/mp-modelpilot", "--tail=150", check=False)
         report.sections.append(("operator log (last lines)", logs.stdout + logs.stderr))
     elif log.exists():

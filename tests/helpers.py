@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,3 +198,13 @@ def embedding_pod(name: str, namespace: str, repository: str, tag: str) -> dict[
         "metadata": {"name": name, "namespace": namespace},
         "spec": on_real_node({"containers": containers}),
     }
+
+
+def start_service(stage: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A data-plane stage as its image runs it (``python -m``), with exactly ``env``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", f"modelpilot_services.stages.{stage}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client, config
+from kubernetes.leaderelection import electionconfig, leaderelection
 
 from modelpilot.adapters.kube import Kube
 from modelpilot.adapters.prometheus import NotAllowed, PrometheusConfig, target_labels
 from modelpilot.controller.actuate import Actuator
+from modelpilot.controller.leadership import ElectionLock
 from modelpilot.controller.optimizer_loop import OptimizerLoop
 from modelpilot.controller.reconcile import Reconciler
 from modelpilot.optimizer.profiles import Profiles
@@ -102,8 +104,9 @@ def test_rendered_chart_passes_server_side_dry_run(mode: str, namespace: str, cr
             *extra,
         ).stdout
         docs = [d for d in yaml.safe_load_all(rendered) if d]
-        kinds = [d["kind"] for d in docs]
-        assert kinds.count("Role") == len(watched)
+        # one per watched namespace, and the leader election's in the release namespace
+        roles = [d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"]
+        assert sorted(roles) == sorted([*watched, namespace])
         (operator,) = [d for d in docs if d["kind"] == "Deployment"]
         env = {
             e["name"]: e.get("value")
@@ -153,7 +156,7 @@ def test_install_and_the_operator_works_with_exactly_the_charts_rbac(
                 "json",
             ).stdout
         )
-        assert dep["items"][0]["status"].get("readyReplicas") == 1
+        assert dep["items"][0]["status"].get("readyReplicas") == 2  # a leader and a standby
         sa = f"{release}-modelpilot"
         api = _token_client(namespace, sa, tmp_path)
 
@@ -187,8 +190,19 @@ def test_install_and_the_operator_works_with_exactly_the_charts_rbac(
             c["type"] == "MetricsAvailable" and c["status"] == "False" for c in status["conditions"]
         )
 
-        # Not too broad: what the operator never does is refused.
+        # Sufficient for leader election: the Lease, taken and renewed with the SA's token,
+        # and the leader label on a pod of its namespace.
+        lock = ElectionLock(f"{release}-modelpilot", namespace, "rbac-test")
+        lock.api_instance = client.CoordinationV1Api(api)
+        elector = leaderelection.LeaderElection(
+            electionconfig.Config(lock, 10, 6, 2, lambda: None, lambda: None)
+        )
+        assert elector.try_acquire_or_renew() and elector.try_acquire_or_renew()
         who = f"system:serviceaccount:{namespace}:{sa}"
+        can = kubectl("auth", "can-i", "patch", "pods", "-n", namespace, "--as", who, check=False)
+        assert can.stdout.strip() == "yes"
+
+        # Not too broad: what the operator never does is refused.
         for verb, resource in [
             ("get", "secrets"),
             ("list", "secrets"),
@@ -200,6 +214,7 @@ def test_install_and_the_operator_works_with_exactly_the_charts_rbac(
             ("update", "modeldeployments.modelpilot.io"),
             ("delete", "modeldeployments.modelpilot.io"),
             ("delete", "customresourcedefinitions"),
+            ("delete", "leases.coordination.k8s.io"),
         ]:
             result = kubectl(
                 "auth", "can-i", verb, resource, "-n", namespace, "--as", who, check=False
@@ -383,7 +398,11 @@ def test_podmonitor_and_annotation_scraping_give_the_same_target_labels() -> Non
         },
     }
     docs = yaml.safe_load_all(_render("serviceMonitor.enabled=true").stdout)
-    monitor = next(d for d in docs if d and d["kind"] == "PodMonitor")
+    monitor = next(
+        d
+        for d in docs
+        if d and d["kind"] == "PodMonitor" and d["metadata"]["name"] == "t-modelpilot-stages"
+    )
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     endpoints = monitor["spec"]["podMetricsEndpoints"]
     by_monitor = [_relabel(e["relabelings"], meta) for e in endpoints]
@@ -402,6 +421,36 @@ def test_podmonitor_and_annotation_scraping_give_the_same_target_labels() -> Non
             k for k in by_annotations if k.startswith("app_")
         }
     assert "pipeline" not in str(endpoints)
+
+
+def _docs(*settings: str) -> dict[str, dict[str, Any]]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(
+        _render(*settings).stdout) if d}  # fmt: skip
+
+
+def test_operator_replicas_are_scraped_spread_and_kept_through_disruptions() -> None:
+    """Two replicas by default: scraped by annotations and by the PodMonitor on the health
+    port, a PodDisruptionBudget that keeps one, rolling updates that never drop below them;
+    one replica has no budget to block a drain."""
+    docs = _docs("serviceMonitor.enabled=true")
+    dep = docs["Deployment/t-modelpilot"]
+    template = dep["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    (container,) = template["spec"]["containers"]
+    port = next(p for p in container["ports"] if p["name"] == "health")["containerPort"]
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    monitor = docs["PodMonitor/t-modelpilot-operator"]["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= labels.items()
+    assert [e["port"] for e in monitor["podMetricsEndpoints"]] == ["health"]
+    pdb = docs["PodDisruptionBudget/t-modelpilot"]["spec"]
+    assert pdb["minAvailable"] == 1 and pdb["selector"]["matchLabels"].items() <= labels.items()
+    spread = template["spec"]["affinity"]["podAntiAffinity"]
+    assert spread["preferredDuringSchedulingIgnoredDuringExecution"]
+    single = _docs("replicas=1")
+    assert "PodDisruptionBudget/t-modelpilot" not in single
+    assert "affinity" not in single["Deployment/t-modelpilot"]["spec"]["template"]["spec"]
 
 
 def test_the_operator_knows_its_labels_and_gets_a_kept_admin_key() -> None:

@@ -26,6 +26,7 @@ import yaml
 
 from modelpilot import contract
 from modelpilot.adapters.live import Pod, pod_at
+from modelpilot.controller.leadership import LEADER_LABEL
 from modelpilot_services.models import calibration
 from tests.helpers import (
     BIN,
@@ -579,7 +580,9 @@ def test_a_variant_switch_is_verified_on_shadow_traffic_then_rolled_out_without_
     assert not load.failed and not gateway.failed, (load.failed[:3], gateway.failed[:3])
 
 
-def test_the_operator_killed_mid_rollout_comes_back_and_converges(loop: str) -> None:
+def test_the_leader_killed_mid_rollout_hands_over_and_the_rollout_converges(loop: str) -> None:
+    """The leading operator pod is force-deleted during a rollout: the standby takes the
+    Lease (and the leader label) and the rollout it resumes converges."""
     namespace = loop
     generation = md(namespace)["metadata"]["generation"]
     patch_spec(
@@ -596,27 +599,22 @@ def test_the_operator_killed_mid_rollout_comes_back_and_converges(loop: str) -> 
         60,
         what="the rollout to start",
     )
-    (operator,) = kubectl_json(
-        "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/name=modelpilot"
-    )["items"]
-    kubectl(
-        "delete",
-        "pod",
-        operator["metadata"]["name"],
-        "-n",
-        namespace,
-        "--grace-period=0",
-        "--force",
+    operators = "app.kubernetes.io/name=modelpilot"
+
+    def leaders() -> list[str]:
+        selector = f"{operators},{LEADER_LABEL}=true"
+        items = kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
+        return [p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp")]
+
+    # The chart's two replicas: one leads (labelled so), the other stands by, Ready.
+    (leader,) = wait_for(leaders, 60, what="one labelled leader")
+    assert len(ready_pods(namespace, operators)) == 2
+    start = time.monotonic()
+    kubectl("delete", "pod", leader, "-n", namespace, "--grace-period=0", "--force")
+    (successor,) = wait_for(
+        lambda: [n for n in leaders() if n != leader], 90, what="the standby to take over"
     )
-    wait_for(
-        lambda: [
-            p
-            for p in ready_pods(namespace, "app.kubernetes.io/name=modelpilot")
-            if p["metadata"]["name"] != operator["metadata"]["name"]
-        ],
-        180,
-        what="the operator's Deployment to bring it back",
-    )
+    _record("operator_failover_s", round(time.monotonic() - start, 1))
     wait_for(lambda: md_ready(NAME, namespace), 600, interval=2, what="converged after the kill")
     assert md(namespace)["status"]["observedGeneration"] > generation
     # Ready says the stage serves; the rollout itself ends when only new pods are left.
@@ -632,6 +630,7 @@ def test_the_operator_killed_mid_rollout_comes_back_and_converges(loop: str) -> 
         interval=2,
         what="the retrieval rollout finished",
     )
+    assert leaders() == [successor]  # the restarted pod stands by; no flapping back
 
 
 def test_routing_and_the_cache_are_tuned_live_from_what_the_gateway_measured(loop: str) -> None:

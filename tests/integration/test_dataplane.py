@@ -26,7 +26,7 @@ from modelpilot_services.devtools.stack import Stack, http_ok
 from modelpilot_services.models import calibration, tritonserve
 from modelpilot_services.stages.routing import position
 from tests.dataplane.client import call, ok
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, start_service, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -407,12 +407,7 @@ def _spare_service(
     """A second ``name`` process beside the stack's, on a free port with ``env`` on top of
     the stack's settings; yields its URL once ready, stopped on exit."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", f"modelpilot_services.stages.{name}"],
-        env=stack.service_env(name) | {"PORT": str(port)} | env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_service(name, stack.service_env(name) | {"PORT": str(port)} | env)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{url}/readyz"), timeout=ready_timeout, what=name)
@@ -682,12 +677,7 @@ def test_a_pod_started_mid_verification_waits_for_its_triton_then_restores_the_s
         contract.ENV_TRITON_URL: f"127.0.0.1:{triton}",
         contract.ENV_SERVICE_CONFIG: str(config),
     }
-    service = subprocess.Popen(
-        [sys.executable, "-m", "modelpilot_services.stages.embedding"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    service = start_service("embedding", env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: http_ok(f"{url}/healthz"), 60, what="the service, before its Triton")

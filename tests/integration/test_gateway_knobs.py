@@ -5,8 +5,6 @@ optimizer's own step (``optimizer.gateway``) decides."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -21,7 +19,7 @@ from modelpilot.optimizer.tunables import Tunables
 from modelpilot_services.devtools.stack import http_ok
 from modelpilot_services.models import calibration
 from tests.dataplane.client import ok
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, free_port, start_service, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +44,7 @@ def test_a_cache_threshold_set_too_loose_is_tightened_once_bad_hits_are_measured
         "MODELPILOT_SAMPLE_RATIO": "1",
         "MODELPILOT_CACHE_THRESHOLD": "0.5",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelpilot_services.stages.inference"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_service("inference", env)
     name = f"knobs-{port}"
     target = ROOT / ".cache/prometheus/targets" / f"{name}.json"
     try:

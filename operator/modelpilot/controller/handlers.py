@@ -1,7 +1,7 @@
 """kopf wiring: thin handlers that hand every event to the reconciler.
 
-Run with ``kopf run -m modelpilot.controller.handlers --all-namespaces`` (``make run``). kopf's own
-bookkeeping goes into annotations, never into the user's status.
+``modelpilot-operator`` (``modelpilot.controller.main``, ``make run``) runs them while it leads.
+kopf's own bookkeeping goes into annotations, never into the user's status.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from modelpilot.adapters.kube import Kube, new_api_client, owner_of
 from modelpilot.adapters.prometheus import NotAllowed, PrometheusConfig, Telemetry
 from modelpilot.api.v1alpha1 import GROUP, PLURAL, VERSION, ModelDeploymentSpec
 from modelpilot.contract import MODEL_STAGES
+from modelpilot.controller import metrics
 from modelpilot.controller.actuate import Actuator
 from modelpilot.controller.conditions import merge_patch, rfc3339
 from modelpilot.controller.optimizer_loop import OptimizerLoop
@@ -140,15 +141,25 @@ def _reconcile(
             if key in memo.queued:
                 return
             memo.queued.add(key)
-    with _lock(memo, namespace, name):
+    lock = _lock(memo, namespace, name)
+    with metrics.RECONCILE_WAITING.track_inprogress():
+        lock.acquire()
+    try:
         if coalesce:
             with memo.locks_guard:
                 memo.queued.discard(key)
+        start, outcome = time.monotonic(), "error"
         try:
             memo.reconciler.reconcile(namespace, name, attempt=retry)
+            outcome = "ok"
         except TransientError as exc:
+            outcome = "retry"
             # Exponential backoff, capped: a broken object never becomes a hot loop.
             raise kopf.TemporaryError(str(exc), delay=min(300, 5 * 2**retry)) from exc
+        finally:
+            metrics.RECONCILE_SECONDS.labels(outcome).observe(time.monotonic() - start)
+    finally:
+        lock.release()
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -214,9 +225,13 @@ def _tick(memo: kopf.Memo, namespace: str, name: str, logger: Any) -> int:
     """One optimizer decision, then the live sync; returns the seconds until the next.
     Only the decision holds the object's lock: reading Prometheus and syncing pods can be
     slow, and a reconcile (a new object, a child's status) must not wait for them."""
-    observed = memo.optimizer.observe(namespace, name)  # Prometheus, outside the lock
-    with _lock(memo, namespace, name):
-        decision = memo.optimizer.act(namespace, name, observed)
+    with metrics.TICK_SECONDS.time():
+        observed = memo.optimizer.observe(namespace, name)  # Prometheus, outside the lock
+        with _lock(memo, namespace, name):
+            decision = memo.optimizer.act(namespace, name, observed)
+    if decision is not None:
+        kind = "held" if decision.hold else "changed" if decision.changed else "unchanged"
+        metrics.DECISIONS.labels(kind).inc()
     if decision is not None and decision.changed:
         logger.info(f"optimizer: {decision.summary}: {'; '.join(decision.reasons)}")
     _sync_live(memo, namespace, name)
