@@ -238,9 +238,10 @@ def test_every_stage_serves_from_real_pods_and_known_answers_are_found(loop: str
     operator = kubectl_json(
         "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/name=modelpilot"
     )["items"]
-    assert [p["spec"]["nodeName"] for p in operator] == ["node-1"]
-    log = kubectl("logs", "-n", namespace, "deploy/mp-modelpilot").stdout
-    assert "Forbidden" not in log, log[-3000:]  # the chart's RBAC covers all it does
+    assert [p["spec"]["nodeName"] for p in operator] == ["node-1", "node-1"]  # 2 replicas
+    for p in operator:  # the chart's RBAC covers all they do, leader and standby alike
+        log = kubectl("logs", "-n", namespace, p["metadata"]["name"]).stdout
+        assert "Forbidden" not in log, log[-3000:]
     for stage in contract.STAGES:
         (pod,) = pods(namespace, stage)
         assert pod["spec"]["nodeName"] == "node-1"
