@@ -307,7 +307,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             )
         )
     if chart and isinstance(namespace, str):
-        logs = kubectl("logs", "-n", namespace, "deploy/mp-modelpilot", "--tail=150", check=False)
+        logs = kubectl("logs", "-n", namespace, "-l", "app.kubernetes.io/name=modelpilot",
+                       "--prefix", "--tail=150", check=False)  # fmt: skip
         report.sections.append(("operator log (last lines)", logs.stdout + logs.stderr))
     elif log.exists():
         with log.open("rb") as f:

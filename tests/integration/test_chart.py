@@ -192,7 +192,8 @@ def test_install_and_the_operator_works_with_exactly_the_charts_rbac(
 
         # Sufficient for leader election: the Lease, taken and renewed with the SA's token,
         # and the leader label on a pod of its namespace.
-        lock = ElectionLock(f"{release}-modelpilot", namespace, "rbac-test")
+        # (a Lease of its own: the release's is the replicas')
+        lock = ElectionLock(f"{release}-rbac-probe", namespace, "rbac-test")
         lock.api_instance = client.CoordinationV1Api(api)
         elector = leaderelection.LeaderElection(
             electionconfig.Config(lock, 10, 6, 2, lambda: None, lambda: None)

@@ -225,7 +225,16 @@ def loop(node_images: str, crd: str, prometheus_url: str, real_node: str) -> Ite
         _record("apply_to_all_ready_s", round(time.monotonic() - start, 1))
         yield namespace
     finally:
-        logs = kubectl("logs", "-n", namespace, "deploy/mp-modelpilot", "--tail=3000", check=False)
+        logs = kubectl(
+            "logs",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/name=modelpilot",
+            "--prefix",
+            "--tail=3000",
+            check=False,
+        )  # both replicas, prefixed
         (ROOT / ".cache/e2e" / f"{namespace}-operator.log").write_text(logs.stdout + logs.stderr)
         kubectl("delete", "md", "--all", "-n", namespace, "--timeout=120s", check=False)
         subprocess.run([str(BIN / "helm"), "--kubeconfig", str(KUBECONFIG), "uninstall", "mp",

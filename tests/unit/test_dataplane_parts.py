@@ -299,18 +299,19 @@ def test_a_restored_shadow_candidate_is_loaded_before_it_is_mirrored(
         if (outcome := loads[len(calls) - 1]) is not None:
             raise outcome
 
-    async def scenario() -> tuple[str | None, str | None, str | None]:
+    async def scenario() -> tuple[str | None, str | None, str | None, str | None]:
         shadow = Shadow("embedding", CollectorRegistry(), ["cand"], ensure_loaded)
         shadow.configure(contract.Shadow(model="cand", sampleRatio=0.5))
         shadow.restore()
         while_loading = (shadow.model, shadow.pending())
         assert shadow._restoring is not None
         await asyncio.wait_for(shadow._restoring, 30)
-        return *while_loading, shadow.pending()
+        return *while_loading, shadow.pending(), shadow.model
 
-    model_while, pending_while, pending_after = asyncio.run(scenario())
+    model_while, pending_while, pending_after, model_after = asyncio.run(scenario())
     assert model_while is None and pending_while is not None  # nothing mirrored yet, unready
     assert pending_after is None and len(calls) == len(loads)
+    assert model_after == restored
 
 
 def test_a_pushed_shadow_supersedes_a_restore_under_way() -> None:
@@ -325,6 +326,7 @@ def test_a_pushed_shadow_supersedes_a_restore_under_way() -> None:
         shadow.configure(contract.Shadow(model="old", sampleRatio=0.5))
         shadow.restore()
         restoring = shadow._restoring
+        await asyncio.sleep(0)  # the restore is under way, waiting for Triton
         shadow.cancel_restore()  # what a PUT or DELETE does first
         shadow.model, shadow.ratio = "new", 0.2
         loaded.set()  # had the restore gone on, it would now set "old"

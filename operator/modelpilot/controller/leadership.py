@@ -8,6 +8,7 @@ next leader resumes it."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -25,31 +26,52 @@ log = logging.getLogger(__name__)
 # The elector logs every 2 s that someone else holds the Lease; our own lines say what matters.
 logging.getLogger("leaderelection").setLevel(logging.WARNING)
 
-# A killed leader's Lease is taken over within LEASE_DURATION_S + 2 * RETRY_PERIOD_S; a
-# leader that cannot renew for RENEW_DEADLINE_S stops first, before anyone may take over.
+# A killed leader's Lease is taken over within LEASE_DURATION_S + 2 * RETRY_PERIOD_S. A
+# leader that cannot renew stops first: its last successful renew, then RETRY_PERIOD_S of
+# sleep, RENEW_DEADLINE_S of tries and one last call of at most REQUEST_TIMEOUT_S end
+# before LEASE_DURATION_S, the earliest a standby may take over.
 LEASE_DURATION_S = 10
-RENEW_DEADLINE_S = 6
+RENEW_DEADLINE_S = 5
 RETRY_PERIOD_S = 2
+REQUEST_TIMEOUT_S = 1.5
 LEADER_LABEL = f"{GROUP}/leader"
 
 
+class _Timed:
+    """An API object whose every call gives up after ``timeout`` seconds: a hung call must
+    not carry a leader past the moment a standby may take its Lease."""
+
+    def __init__(self, api: Any, timeout: float) -> None:
+        self.api, self.timeout = api, timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return functools.partial(getattr(self.api, name), _request_timeout=self.timeout)
+
+
 class ElectionLock(LeaseLock):  # type: ignore[misc]  # the client is untyped
-    """The client's LeaseLock, made safe to run unattended: a failed call (the apiserver
-    unreachable, not only an API error) is a failed attempt, never the elector's death;
-    and once released it writes nothing more, so that the renew loop cannot take back the
-    Lease this replica has just handed over."""
+    """The client's LeaseLock, made safe to run unattended: every call is bounded in time;
+    a failed call (the apiserver unreachable, not only an API error) is a failed attempt,
+    never the elector's death, and one that is not "no Lease yet" is logged (a Role
+    without the Lease would otherwise leave every replica standing by, silently); once
+    released it writes nothing more, so that the renew loop cannot take back the Lease
+    this replica has just handed over."""
 
     def __init__(self, name: str, namespace: str, identity: str) -> None:
         super().__init__(name, namespace, identity)
+        self.api_instance: Any = _Timed(client.CoordinationV1Api(), REQUEST_TIMEOUT_S)
         self.released = False
+        self._last_error: str | None = None
 
     def get(self, name: str, namespace: str) -> tuple[bool, Any]:
         try:
-            return super().get(name, namespace)  # type: ignore[no-any-return]
-        except ApiException as e:
-            return False, e
+            found, record = super().get(name, namespace)
         except Exception as e:  # connection errors: try again next period
-            return False, ApiException(status=0, reason=repr(e))
+            found, record = False, ApiException(status=0, reason=repr(e))
+        error = None if found or getattr(record, "status", None) == 404 else str(record.reason)
+        if error is not None and error != self._last_error:  # once per new error
+            log.warning("cannot read the Lease %s/%s: %s", namespace, name, error)
+        self._last_error = error
+        return found, record
 
     def create(self, name: str, namespace: str, election_record: Any) -> bool:
         return not self.released and self._attempt(super().create, name, namespace, election_record)
@@ -112,6 +134,8 @@ class Leadership:
         self._stopping = True
         self.lock.release()
         LEADER.set(0)
+        if self.leading.is_set():
+            self._label(False)
 
     def _elect(self) -> None:
         config = electionconfig.Config(
@@ -133,7 +157,7 @@ class Leadership:
                 log.error("lost the Lease %s/%s: exiting so that a standby takes over",
                           self.lock.namespace, self.lock.name)  # fmt: skip
                 logging.shutdown()
-                os._exit(1)
+                os._exit(1)  # at once: no handler may act on a Lease another may hold
 
     def _started(self) -> None:
         log.info("leading: acquired the Lease %s/%s as %s", self.lock.namespace, self.lock.name,
@@ -148,6 +172,6 @@ class Leadership:
         namespace, name = self.pod
         body = {"metadata": {"labels": {LEADER_LABEL: str(leader).lower()}}}
         try:
-            client.CoreV1Api().patch_namespaced_pod(name, namespace, body)
+            client.CoreV1Api().patch_namespaced_pod(name, namespace, body, _request_timeout=5)
         except Exception as e:  # a label is for people; acting goes on
             log.warning("could not label pod %s/%s %s: %r", namespace, name, LEADER_LABEL, e)

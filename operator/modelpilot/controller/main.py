@@ -2,13 +2,14 @@
 and metrics from the start, and run the kopf handlers only while leading.
 
 A standby is healthy and Ready (a PodDisruptionBudget and rolling updates count on it); the
-leader is healthy while its event loop answers."""
+leader is healthy while its event loop answers. Readiness asks only that the election runs."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelpilot.controller.leadership import Leadership
 
-LOOP_ANSWER_S = 5.0  # a leader whose event loop does not run a no-op this fast is stuck
+# A leader whose event loop does not run a no-op this fast is stuck (the chart's liveness
+# probe waits longer than this for an answer).
+LOOP_ANSWER_S = 4.0
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +76,7 @@ def _serve(listen: str, health: _Health) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # http.server's name
             if self.path in ("/healthz", "/readyz"):
-                ok = health.ok()
+                ok = health.ok() if self.path == "/healthz" else health.leadership.alive()
                 self._reply(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", "text/plain")
             elif self.path == "/metrics":
                 self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
@@ -112,8 +115,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     health = _Health(leadership)
     _serve(args.listen, health)
-    leadership.campaign()
-    leadership.leading.wait()
+
+    def stop_standing(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    # As a container's PID 1, a signal without a handler is dropped: a standby would wait
+    # out the grace period on every rollout. (kopf installs its own handlers once it runs.)
+    signal.signal(signal.SIGTERM, stop_standing)
+    try:
+        leadership.campaign()
+        leadership.leading.wait()
+    except (SystemExit, KeyboardInterrupt):
+        leadership.release()  # elected meanwhile: hand it on
+        raise
 
     import modelpilot.controller.handlers  # noqa: F401 - registers the handlers
 

@@ -23,15 +23,18 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientError, web
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from modelpilot import contract
 from modelpilot_services.toolkit.http import ApiError, json_response, parse
 from modelpilot_services.toolkit.offpath import OffPath
 
 log = logging.getLogger(__name__)
+# A candidate that has not loaded by then is dropped: an off-path candidate must not keep a
+# serving pod unready (the operator's next push sets it again).
+RESTORE_DEADLINE_S = 300
 AGREEMENT_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 Compare = Callable[[str], Awaitable[Sequence[float]]]
@@ -100,15 +103,21 @@ class Shadow:
             self._restoring = asyncio.get_running_loop().create_task(self._load(model, ratio))
 
     async def _load(self, model: str, ratio: float) -> None:
-        unreachable = retry_if_exception_type((OSError, asyncio.TimeoutError))
+        unreachable = retry_if_exception_type((OSError, asyncio.TimeoutError, ClientError))
         try:
             async for attempt in AsyncRetrying(
-                retry=unreachable, wait=wait_exponential(multiplier=0.2, max=5), reraise=True
+                retry=unreachable,
+                wait=wait_exponential(multiplier=0.2, max=5),
+                stop=stop_after_delay(RESTORE_DEADLINE_S),
+                reraise=True,
             ):
                 with attempt:
                     await self.ensure_loaded(model)
         except ApiError as exc:
             log.warning("shadow candidate %s not restored: %s", model, exc.message)
+            return
+        except Exception:  # given up, or unforeseen: the pod serves, without the candidate
+            log.exception("shadow candidate %s not restored", model)
             return
         self.model, self.ratio = model, ratio
 

@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import aiohttp
 import numpy as np
 import orjson
 import tritonclient.http.aio as triton
@@ -89,7 +90,7 @@ class Triton:
     async def ready(self, model: str) -> bool:
         try:
             return bool(await self.client.is_model_ready(model))
-        except (InferenceServerException, OSError):
+        except (InferenceServerException, OSError, aiohttp.ClientError):
             return False
 
     async def ensure_loaded(self, model: str) -> None:
