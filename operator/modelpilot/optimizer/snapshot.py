@@ -10,12 +10,18 @@ from dataclasses import dataclass, field
 
 RATE_WINDOW_S = 60  # the stable rate window
 SHORT_RATE_WINDOW_S = 15  # the short one, to see a surge early (and its trend)
+# How far back the arrivals' burstiness is measured: long enough to hold a few bursts,
+# short enough to follow a change of traffic.
+BURST_WINDOW_S = 300
 
 
 @dataclass(frozen=True)
 class StageTelemetry:
     rate_rps: float | None = None  # over RATE_WINDOW_S
     rate_short_rps: float | None = None  # over SHORT_RATE_WINDOW_S
+    # Variance / mean of the stage's per-second arrival counts over BURST_WINDOW_S
+    # (1 for Poisson arrivals, more for bursty ones).
+    arrival_dispersion: float | None = None
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None
@@ -28,6 +34,12 @@ class StageTelemetry:
     gpu_utilisation: float | None = None
     cache_hit_ratio: float | None = None
     small_share: float | None = None  # share of queries routed to the small variant
+
+
+def dispersion(tele: StageTelemetry) -> float:
+    """The arrivals' index of dispersion to size for: as measured, or Poisson's 1 when it
+    was not."""
+    return tele.arrival_dispersion if tele.arrival_dispersion is not None else 1.0
 
 
 @dataclass(frozen=True)

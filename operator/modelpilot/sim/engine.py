@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelpilot.optimizer.profiles import ModelProfile
-from modelpilot.optimizer.snapshot import SHORT_RATE_WINDOW_S
+from modelpilot.optimizer.snapshot import BURST_WINDOW_S, SHORT_RATE_WINDOW_S
 from modelpilot.render.plan import StagePlan
 from modelpilot.sim.policies import Observation
 from modelpilot.sim.traces import Trace
@@ -92,16 +92,24 @@ class Result:
     def attainment(self, slo_ms: float) -> float:
         return float(np.mean(self.latencies_ms <= slo_ms)) if len(self.latencies_ms) else 1.0
 
-    def window_attainment(self, slo_ms: float, window_s: float = 60.0) -> float:
-        """Share of 1-minute windows (by arrival) whose p95 meets the SLO."""
+    def window_p95(self, window_s: float = 60.0) -> dict[int, float]:
+        """p95 end-to-end latency of the requests arriving in each window (by index from
+        0), for the windows that have any."""
         if not len(self.arrivals):
-            return 1.0
+            return {}
         buckets = (self.arrivals // window_s).astype(np.int64)
         order = np.argsort(buckets, kind="stable")
         b, lat = buckets[order], self.latencies_ms[order]
         edges = np.flatnonzero(np.diff(b)) + 1
-        p95 = [np.percentile(chunk, 95) for chunk in np.split(lat, edges)]
-        return float(np.mean(np.array(p95) <= slo_ms))
+        return {
+            int(chunk_b[0]): float(np.percentile(chunk, 95))
+            for chunk_b, chunk in zip(np.split(b, edges), np.split(lat, edges), strict=True)
+        }
+
+    def window_attainment(self, slo_ms: float, window_s: float = 60.0) -> float:
+        """Share of 1-minute windows (by arrival) whose p95 meets the SLO."""
+        p95 = self.window_p95(window_s)
+        return float(np.mean([v <= slo_ms for v in p95.values()])) if p95 else 1.0
 
 
 class _Replica:
@@ -198,7 +206,18 @@ class _Stage:
             rate60 * mean_lat if mean_lat is not None else None,
             rate6 * mean_lat if mean_lat is not None else None,
             self.batch_items / self.batch_n if self.batch_n else None,
+            self.dispersion(int(now)),
         )
+
+    def dispersion(self, now: int) -> float | None:
+        """Variance over mean of the per-second arrival counts of the last
+        ``BURST_WINDOW_S`` whole seconds before ``now`` (None before a full second)."""
+        edges = np.arange(max(0, now - BURST_WINDOW_S), now + 1, dtype=float)
+        if len(edges) < 2:
+            return None
+        counts = np.diff(np.searchsorted(self.arr_np[: len(self.arr)], edges))
+        mean = float(counts.mean())
+        return float(counts.var()) / mean if mean > 0 else None
 
     def apply(self, want: StagePlan, now: float, startup: float) -> None:
         cur, cfg = self.current, self.cfg
@@ -336,10 +355,13 @@ def simulate(
     policy: PipelinePolicy,
     cfg: Config,
     progress: Callable[[float], None] | None = None,
+    arrivals: npt.NDArray[np.float64] | None = None,
 ) -> Result:
-    """Replay ``trace`` under ``policy``; returns end-to-end latencies and the bill."""
+    """Replay ``trace`` under ``policy``; returns end-to-end latencies and the bill.
+    ``arrivals``: these request times instead of the trace's Poisson draw (ascending)."""
     rng = np.random.default_rng(cfg.seed)
-    arrivals = trace.arrivals(cfg.seed)
+    if arrivals is None:
+        arrivals = trace.arrivals(cfg.seed)
     n = len(arrivals)
     seconds = int(trace.duration)
     stages = [_Stage(s, n, seconds, _noise(rng, cfg, s, 1 << 16)) for s in cfg.stages]

@@ -1,7 +1,8 @@
 """The policies the simulator compares: ModelPilot's own optimizer (imported, never copied)
 and what users run today, re-implemented from their documented rules (the Kubernetes HPA
 algorithm, KEDA's Prometheus scaler, Knative's KPA): HPA on CPU, KEDA on a Prometheus rate, the
-Knative KPA, a static peak provisioning and a perfect-foresight oracle."""
+Knative KPA, a static peak provisioning, and the queueing model's sizing for the exact
+recent rate (the reference with perfect foresight is ``oracle.py``)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Observation:
     concurrency_stable: float | None  # mean in-flight requests (Little's law), 60 s
     concurrency_panic: float | None  # the same over 6 s
     batch_size: float | None
+    arrival_dispersion: float | None = None  # per-second counts' variance / mean, 300 s
 
 
 class Policy:
@@ -214,6 +216,7 @@ class ModelPilot:
                 batch_size=o.batch_size,
                 cpu_utilisation=o.cpu_utilisation,
                 items_per_request=self.items.get(name),
+                arrival_dispersion=o.arrival_dispersion,
             )
             for name, o in obs.items()
         }
@@ -248,30 +251,27 @@ class ModelPilot:
         return out
 
 
-class Oracle:
-    """Perfect foresight: every tick, for the highest rate of the coming interval (``future_max``;
-    the bench gives it 10-second means, the load a queue feels, not single-second noise), the
-    cheapest allowed variants and fewest replicas that the queueing model says meet the SLO,
-    over every split of the latency budget between the stages (10% steps), ready at once
-    (no start-up delay). The cost floor of that queueing model at full attainment, not of
-    every policy: ModelPilot's online calibration (measured / predicted p95) can size tighter
-    than the uncalibrated model does."""
+class ModelSized:
+    """Sizes the pipeline for a known rate with the optimizer's queueing model: the cheapest
+    allowed variants and fewest replicas the model says meet the SLO, over every split of the
+    latency budget between the stages (10% steps). ``rate(start, end)`` tells it the rate to
+    size each interval for; as a policy its pods pay the start-up delay."""
 
-    name = "oracle"
-    ready_at_once = True
+    name = "model-sized"
+    ready_at_once = False
 
     def __init__(
         self,
         spec: ModelDeploymentSpec,
         profiles: Profiles,
-        future_max: Callable[[float, float], float],
+        rate: Callable[[float, float], float],
         items: Mapping[str, float],
         fixed_ms: float = 0.0,
         interval: float = 15.0,
     ) -> None:
         self.spec = spec
         self.profiles = profiles
-        self.future_max = future_max
+        self.rate = rate
         self.items = dict(items)
         self.fixed_ms = fixed_ms  # latency of the stages not replayed as queues
         self.interval = interval
@@ -306,6 +306,23 @@ class Oracle:
             instances=s.instances,
         )
 
+    def plans(self, rate: int, stages: list[str]) -> dict[str, StagePlan] | None:
+        """The cheapest plan per stage for ``rate`` requests/s (whole, rounded up: sizings
+        are reused), or None where no allowed variant meets the SLO at any replica count."""
+        total = self.spec.slo.latency_p95_ms * self.tun.slo_headroom - self.fixed_ms
+        splits = [(1.0,)] if len(stages) == 1 else [(s / 10, 1 - s / 10) for s in range(1, 10)]
+        best: tuple[float, dict[str, StagePlan]] | None = None
+        for shares in splits:
+            picks = [
+                self._cheapest(n, rate, round(total * f, 3))
+                for n, f in zip(stages, shares, strict=True)
+            ]
+            cost = sum(c for c, _ in picks)
+            if best is None or cost < best[0]:
+                best = (cost, {n: a for n, (_, a) in zip(stages, picks, strict=True)})
+        assert best is not None
+        return None if math.isinf(best[0]) else best[1]
+
     def decide_all(
         self,
         obs: Mapping[str, Observation],
@@ -313,32 +330,14 @@ class Oracle:
         e2e_p95_ms: float | None,
     ) -> dict[str, StagePlan]:
         now = next(iter(obs.values())).now
-        # Rates rounded up to whole requests/s: conservative, and it lets sizings be reused.
-        rate = math.ceil(self.future_max(now, now + self.interval))
-        total = self.spec.slo.latency_p95_ms * self.tun.slo_headroom - self.fixed_ms
-        names = list(obs)
-        splits = [(1.0,)] if len(names) == 1 else [(s / 10, 1 - s / 10) for s in range(1, 10)]
-        best: tuple[float, dict[str, StagePlan]] | None = None
-        for shares in splits:
-            picks = [
-                self._cheapest(n, rate, round(total * f, 3))
-                for n, f in zip(names, shares, strict=True)
-            ]
-            cost = sum(c for c, _ in picks)
-            if best is None or cost < best[0]:
-                best = (cost, {n: a for n, (_, a) in zip(names, picks, strict=True)})
-        assert best is not None
-        if math.isinf(best[0]):
-            return dict(current)
-        return best[1]
+        sized = self.plans(math.ceil(self.rate(now, now + self.interval)), list(obs))
+        return dict(current) if sized is None else sized
 
 
-class Reactive(Oracle):
-    """The oracle's sizing without its foresight: every ``interval`` it knows the exact mean
-    rate of the last seconds (``past_mean``) and nothing ahead, and its pods take the
-    start-up delay every online policy's take. What start-up alone costs: the attainment
-    a policy that reacts perfectly but cannot see a burst coming reaches at the queueing
-    model's cost."""
+class Reactive(ModelSized):
+    """The queueing model's sizing for the exact mean rate of the last seconds
+    (``Trace.past_mean``): no scrape lag, no noise, no foresight, and pods that take the
+    start-up delay every online policy's take. What reacting perfectly attains when a burst
+    cannot be seen coming, at the queueing model's cost."""
 
     name = "reactive"
-    ready_at_once = False
