@@ -62,6 +62,10 @@ METRIC_BATCH_SIZE = "modelpilot_batch_size"  # histogram {model}
 METRIC_MODEL_INFERENCES = "modelpilot_model_inferences"  # counter {model}
 METRIC_MODEL_REQUESTS = "modelpilot_model_requests"  # counter {model}
 METRIC_QUERY_DURATION = "modelpilot_query_duration_seconds"  # histogram (gateway)
+# Arrivals counted per whole second, for their burstiness (index of dispersion):
+METRIC_ARRIVAL_SECONDS = "modelpilot_arrival_seconds"  # counter: whole seconds counted
+METRIC_ARRIVALS = "modelpilot_arrivals"  # counter: requests that arrived in those seconds
+METRIC_ARRIVALS_SQUARED = "modelpilot_arrivals_squared"  # counter: sum of each second's count^2
 METRIC_CACHE_REQUESTS = "modelpilot_cache_requests"  # counter {result: hit|miss}
 METRIC_ROUTED_REQUESTS = "modelpilot_routed_requests"  # counter {route: small|large}
 METRIC_SHADOW_AGREEMENT = "modelpilot_shadow_agreement"  # histogram {model} 0..1

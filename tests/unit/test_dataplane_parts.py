@@ -24,6 +24,7 @@ from modelpilot_services.stages.ingestion import chunk
 from modelpilot_services.stages.shadow import NotReady, Shadow
 from modelpilot_services.stages.store import Store
 from modelpilot_services.toolkit.http import ApiError
+from modelpilot_services.toolkit.metrics import Arrivals
 from modelpilot_services.toolkit.triton import decode_response, encode_request
 from tests.helpers import ROOT
 
@@ -357,3 +358,32 @@ def test_a_repeats_similarity_over_one_in_float32_counts_in_the_top_band() -> No
     assert registry.get_sample_value(name, {"stage": "inference", "le": "1.0"}) == 1
     agreement = "modelpilot_cache_agreement_count"
     assert registry.get_sample_value(agreement, {"stage": "inference", "band": "1"}) == 1
+
+
+def test_arrivals_are_counted_per_whole_second_with_quiet_seconds_as_zero() -> None:
+    now = [10.0]
+    arrivals = Arrivals("embedding", clock=lambda: now[0])
+
+    def totals() -> tuple[float, ...]:
+        values = {f.name: f.samples[0].value for f in arrivals.collect()}
+        return (
+            values[contract.METRIC_ARRIVAL_SECONDS],
+            values[contract.METRIC_ARRIVALS],
+            values[contract.METRIC_ARRIVALS_SQUARED],
+        )
+
+    for t in (10.1, 10.5, 10.9, 12.2):
+        now[0] = t
+        arrivals.arrive()
+    now[0] = 12.9
+    assert totals() == (2, 3, 9)  # seconds 10 (3 arrivals) and 11 (none); 12 is under way
+    now[0] = 13.0
+    assert totals() == (3, 4, 10)  # second 12 closed with its one arrival
+    registry = CollectorRegistry()
+    registry.register(arrivals)
+    assert (
+        registry.get_sample_value(
+            contract.METRIC_ARRIVALS_SQUARED + "_total", {contract.STAGE_LABEL: "embedding"}
+        )
+        == 10
+    )

@@ -13,11 +13,11 @@ import pytest
 
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec, StageHistoryStatus
 from modelpilot.optimizer import calibration, queueing
-from modelpilot.optimizer.forecast import forecast
+from modelpilot.optimizer.forecast import burst_headroom, forecast
 from modelpilot.optimizer.history import History, StageHistory
 from modelpilot.optimizer.policy import Decision, decide
 from modelpilot.optimizer.profiles import Profiles, parse
-from modelpilot.optimizer.sizing import calibrated, max_utilisation, predict
+from modelpilot.optimizer.sizing import burst_factor, calibrated, max_utilisation, predict
 from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
 from modelpilot.optimizer.tunables import Tunables
 from modelpilot.render import plan as plans
@@ -562,3 +562,86 @@ def test_the_calibration_learns_only_from_a_settled_stage(
     hist = StageHistory(last_change=last_change)
     learnt = calibration.learn(cur, prof, tele, hist, 20.0, 10 * predicted, 1_000_000, tun)
     assert {"up": learnt > 1000, "down": learnt < 1000, "same": learnt == 1000}[expect], learnt
+
+
+# ------------------------------------------------------------------------ bursty arrivals
+
+
+@pytest.mark.parametrize(
+    ("dispersion", "factor"),
+    [(1.0, 1.0), (0.3, 1.0), (3.0, 2.0), (9.0, 5.0)],  # never below Poisson's
+)
+def test_burstier_arrivals_wait_longer_by_the_allen_cunneen_factor(
+    dispersion: float, factor: float
+) -> None:
+    assert burst_factor(dispersion) == pytest.approx(factor)
+
+
+def test_bursty_arrivals_need_more_replicas_and_run_cooler() -> None:
+    prof = PROFILES.models["inf_small"]
+    poisson, _ = predict(prof, 1000, 4, 8, 0, dispersion=1.0)
+    bursty, _ = predict(prof, 1000, 4, 8, 0, dispersion=9.0)
+    assert bursty > poisson
+    assert max_utilisation(100.0, Tunables(), 9.0) < max_utilisation(100.0, Tunables())
+    assert max_utilisation(2.0, Tunables(), 9.0) == Tunables().target_utilisation  # the floor
+    spec = make_spec()
+    calm = decide(spec, plans.initial(spec), snap(1e6, 800.0), History(), PROFILES, 1e6)
+    burst = decide(
+        spec,
+        plans.initial(spec),
+        snap(1e6, 800.0, arrival_dispersion=9.0),
+        History(),
+        PROFILES,
+        1e6,
+    )
+    assert burst.plan["inference"].replicas > calm.plan["inference"].replicas
+    said = [r for r in burst.reasons if r.startswith("inference: arrivals bursty")]
+    assert said and "x5.0" in said[0], burst.reasons
+    assert not any("bursty" in r for r in calm.reasons)
+
+
+def test_calibration_does_not_take_burstiness_for_a_model_error() -> None:
+    """A stage measuring the p95 its model predicts for its bursty arrivals keeps its
+    calibration: the queueing the bursts cause is in the prediction, not in the factor."""
+    prof = PROFILES.models["inf_small"]
+    cur = plans.StagePlan(4, "small", 8, 0)
+    bursty, _ = predict(prof, 1000, 4, 8, 0, dispersion=9.0)
+    tele = StageTelemetry(rate_rps=1000, p95_ms=bursty, arrival_dispersion=9.0)
+    hist, tun = StageHistory(), Tunables()
+    assert calibration.learn(cur, prof, tele, hist, 1000, 10 * bursty, 10_000, tun) == 1000
+    poisson = StageTelemetry(rate_rps=1000, p95_ms=bursty)  # the same p95 read as an error
+    assert calibration.learn(cur, prof, poisson, hist, 1000, 10 * bursty, 10_000, tun) > 1000
+
+
+def test_a_batch_holds_whole_requests() -> None:
+    """Triton does not split a request: with 10 pairs a request, 16 items hold one request,
+    as 10 do, and the prediction says the same for both."""
+    prof = PROFILES.models["inf_small"]
+    for rate in (5.0, 50.0):
+        assert predict(prof, rate, 4, 16, 1000, items=10) == predict(
+            prof, rate, 4, 10, 1000, items=10
+        )
+    assert predict(prof, 50.0, 4, 20, 1000, items=10) != predict(prof, 50.0, 4, 16, 1000, items=10)
+
+
+@pytest.mark.parametrize(
+    ("dispersion", "expected"),
+    [
+        (1.0, 50.0),  # Poisson: its noise is the queueing model's business
+        (0.5, 50.0),
+        (118.0, 50.0 + 1.65 * math.sqrt(117.0 * 50.0 / 60.0)),  # a scaled production trace
+    ],
+)
+def test_a_bursty_stream_is_sized_above_its_measured_rate_by_its_excess_noise(
+    dispersion: float, expected: float
+) -> None:
+    rate, why = burst_headroom(50.0, dispersion, Tunables())
+    assert rate == pytest.approx(expected)
+    assert (why is not None) == (dispersion > 1.0)
+
+
+def test_a_bursty_streams_short_window_noise_is_not_taken_for_a_climb() -> None:
+    tun = Tunables()
+    assert forecast(50.0, 70.0, tun, 1.0)[1] is not None  # +40% on a Poisson stream: a climb
+    assert forecast(50.0, 70.0, tun, 118.0) == (50.0, None)  # within a bursty stream's noise
+    assert forecast(50.0, 150.0, tun, 118.0)[1] is not None  # a surge clears the noise

@@ -314,3 +314,25 @@ def test_default_verifies_tls_with_no_credentials_and_refuses_other_endpoints(
     with pytest.raises(NotAllowed):
         PrometheusConfig(url="https://prom.example").telemetry("http://10.0.0.1:9090")
     assert wire == []
+
+
+def test_the_stages_dispersion_is_recovered_from_each_pods_thinned_moments() -> None:
+    """A stage whose per-second arrivals are 0 or 40, half the time each (mean 20, variance
+    400: index 20), spread at random over 2 pods: each pod's counts have mean 10 and variance
+    400 / 4 + 20 / 4 = 105 (index 10.5). Over 300 s each pod exports 3000 arrivals and
+    sum of squares 300 x (105 + 100); the telemetry reads the stage's 20 back."""
+    answers = {
+        " ^ 2 / ": [row("60000")],  # sum over pods of arrivals^2 / seconds: 2 x 3000^2 / 300
+        "count by (stage)": [row("2")],
+        "modelpilot_arrivals_squared_total{": [row("123000")],
+        "modelpilot_arrivals_total{": [row("6000")],
+        "rate(modelpilot_requests_total{": [row("20")],
+        "timestamp(": [row("1000", None)],
+    }
+    telemetry = Telemetry("http://unused", query=fake(answers))
+    assert telemetry.dispersion(selector("ns", "p")) == {"embedding": pytest.approx(20.0)}
+    snap = telemetry.snapshot("ns", "p", 1000.0)
+    assert snap.stages["embedding"].arrival_dispersion == pytest.approx(20.0)
+    # Without the counters (an older data plane): unmeasured, never a made-up 1.
+    bare = Telemetry("http://unused", query=fake({"rate(modelpilot_requests_total{": [row("5")]}))
+    assert bare.snapshot("ns", "p", 1000.0).stages["embedding"].arrival_dispersion is None

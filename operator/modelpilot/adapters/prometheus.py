@@ -36,6 +36,7 @@ from requests.auth import AuthBase, HTTPBasicAuth
 
 from modelpilot import contract as C  # the metric names
 from modelpilot.optimizer.snapshot import (
+    BURST_WINDOW_S,
     RATE_WINDOW_S,
     SHORT_RATE_WINDOW_S,
     Agreement,
@@ -279,6 +280,33 @@ class Telemetry:
                 out[(labels["stage"], labels["model"])] = _finite(row["value"][1])
         return out
 
+    def dispersion(self, sel: str) -> dict[str, float]:
+        """Per stage, the index of dispersion (variance / mean) of its per-second arrival
+        counts over ``BURST_WINDOW_S``, from each pod's moments (``Arrivals`` in the
+        services). A pod sees its share of the stage's requests; a Service that spreads them
+        at random (kube-proxy picks a backend at random) thins a stage's index ``D`` to
+        ``1 + (D - 1) / n`` on each of ``n`` pods, which is undone here."""
+        w = f"{BURST_WINDOW_S}s"
+
+        def inc(metric: str) -> str:
+            return f"increase({metric}_total{{{sel}}}[{w}])"
+
+        arrivals = self._by_stage(f"sum by (stage) ({inc(C.METRIC_ARRIVALS)})")
+        squared = self._by_stage(f"sum by (stage) ({inc(C.METRIC_ARRIVALS_SQUARED)})")
+        # sum over pods of (arrivals^2 / seconds): each pod's squared mean, times its seconds
+        mean_sq = self._by_stage(
+            f"sum by (stage) ({inc(C.METRIC_ARRIVALS)} ^ 2 / {inc(C.METRIC_ARRIVAL_SECONDS)})"
+        )
+        pods = self._by_stage(f"count by (stage) ({inc(C.METRIC_ARRIVAL_SECONDS)} > 0)")
+        out = {}
+        for stage, n in pods.items():
+            a, q, m = arrivals.get(stage), squared.get(stage), mean_sq.get(stage)
+            if not n or not a or q is None or m is None:
+                continue
+            per_pod = (q - m) / a
+            out[stage] = max(0.0, 1.0 + n * (per_pod - 1.0))
+        return out
+
     def shadow(self, sel: str) -> dict[tuple[str, str], ShadowStats]:
         """Per (stage, candidate model): samples, mean agreement, p95 and errors; ``sel``
         are label matchers, e.g. :func:`selector`."""
@@ -401,6 +429,7 @@ class Telemetry:
             f"(rate({C.METRIC_QUERY_DURATION}_bucket{{{sel}}}[{w}])))"
         )
         newest = self._scalar(f"max(timestamp({C.METRIC_REQUESTS}_total{{{sel}}}))")
+        dispersion = self.dispersion(sel)
 
         def ms(v: float | None) -> float | None:
             return None if v is None else v * 1000.0
@@ -410,6 +439,7 @@ class Telemetry:
             stages[stage] = StageTelemetry(
                 rate_rps=rate.get(stage),
                 rate_short_rps=short.get(stage),
+                arrival_dispersion=dispersion.get(stage),
                 p50_ms=ms(p50.get(stage)),
                 p95_ms=ms(p95.get(stage)),
                 p99_ms=ms(p99.get(stage)),

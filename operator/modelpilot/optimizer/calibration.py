@@ -13,7 +13,7 @@ import math
 from modelpilot.optimizer.history import StageHistory
 from modelpilot.optimizer.profiles import ModelProfile
 from modelpilot.optimizer.sizing import calibrated, predict
-from modelpilot.optimizer.snapshot import StageTelemetry
+from modelpilot.optimizer.snapshot import StageTelemetry, dispersion
 from modelpilot.optimizer.tunables import Tunables
 from modelpilot.render.plan import StagePlan
 
@@ -105,6 +105,7 @@ def learn(
         items,
         factor,
         cur.instances or 1,
+        dispersion(tele),
     )
     headroom = measured_headroom(tele, delay_us / 1000, budget, tun)
     return step_factor(calib_pm, tele.p95_ms, (p95, util), headroom, tun)

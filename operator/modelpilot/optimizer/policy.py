@@ -7,7 +7,8 @@ in the trace-replay simulator.
 
 A decision is a short pipeline of pure steps, each in its own module:
 
-- per stage, the rate to size for (:mod:`.forecast`: the measured rate, or ahead of a climb);
+- per stage, the rate to size for (:mod:`.forecast`: the measured rate, or ahead of a climb)
+  and how bursty its arrivals are (their measured index of dispersion, :mod:`.sizing`);
 - a model stage's calibration against its measured p95 (:mod:`.calibration`);
 - the running verification, if any, judged (:mod:`.verification`);
 - every allowed variant sized (:mod:`.sizing`, the queueing model) and the one to serve
@@ -43,13 +44,13 @@ from modelpilot.api.v1alpha1 import (
 from modelpilot.contract import MODEL_STAGES
 from modelpilot.optimizer.budget import enforce_budget
 from modelpilot.optimizer.calibration import learn
-from modelpilot.optimizer.forecast import forecast
+from modelpilot.optimizer.forecast import burst_headroom, forecast
 from modelpilot.optimizer.gateway import KnobStep, Measured, tune_cache, tune_routing
 from modelpilot.optimizer.history import History, StageHistory
 from modelpilot.optimizer.profiles import Profiles, routed
 from modelpilot.optimizer.quality import Quality, assess
-from modelpilot.optimizer.sizing import Sizing, stage_budgets, stage_sizer
-from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.optimizer.sizing import Sizing, burst_factor, stage_budgets, stage_sizer
+from modelpilot.optimizer.snapshot import BURST_WINDOW_S, Snapshot, StageTelemetry, dispersion
 from modelpilot.optimizer.stabilize import stabilize
 from modelpilot.optimizer.tunables import Tunables
 from modelpilot.optimizer.variants import choose, variant_options
@@ -206,9 +207,14 @@ def decide(
             if (held := _unmeasured_stage(ctx, name, stage, cur, tele, hist)) is not None:
                 new_plan[name], new_hist[name] = held
             continue
-        rate, trend = forecast(tele.rate_rps, tele.rate_short_rps, tun)
+        burst = dispersion(tele)
+        rate, trend = forecast(tele.rate_rps, tele.rate_short_rps, tun, burst)
         if trend:
             reasons.append(f"{name}: {trend}")
+        else:
+            rate, headroom = burst_headroom(tele.rate_rps, burst, tun)
+            if headroom:
+                reasons.append(f"{name}: {headroom}")
         measured = tele.rate_short_rps or 0.0  # a forecast's base: read only when trending
         if isinstance(stage, ModelStage):
             step = _model_stage(ctx, name, stage, cur, tele, hist, rate, trend, measured)
@@ -361,9 +367,21 @@ def _model_stage(
         # Routing: the large variant's replicas serve both routes (sized for the mix below).
         large = stage.routing.large_variant
         ctx.excluded[name] |= {v.name for v in stage.variants if v.name != large}
+    burst = dispersion(tele)
     size = stage_sizer(
-        stage, budget, calib_pm / 1000, tun, tele.items_per_request or 1.0, hist.batch_ceilings(t)
+        stage,
+        budget,
+        calib_pm / 1000,
+        tun,
+        tele.items_per_request or 1.0,
+        hist.batch_ceilings(t),
+        burst,
     )
+    if burst >= tun.bursty_dispersion:
+        reasons.append(
+            f"{name}: arrivals bursty (per-second counts vary {burst:.1f}x a Poisson "
+            f"stream's over {BURST_WINDOW_S}s): queueing waits sized x{burst_factor(burst):.1f}"
+        )
     batching = (cur.max_batch_size or 1, cur.max_queue_delay_us or 0, cur.instances or 1)
     options = variant_options(
         stage,
@@ -404,7 +422,16 @@ def _model_stage(
         # buys replicas ahead of a climb, not for the next five minutes.
         remember = size(prof, rate=measured, prefer=sizing.setting).replicas
     replicas, hist = stabilize(
-        name, cur.replicas, sizing.replicas, hist, t, ctx.spec, ctx.cooldown, reasons, remember
+        name,
+        cur.replicas,
+        sizing.replicas,
+        hist,
+        t,
+        ctx.spec,
+        ctx.cooldown,
+        reasons,
+        remember,
+        tun.scale_down_tolerance,
     )
     hist = replace(hist, calibration_permille=calib_pm)
     if variant.name == cur.variant:
@@ -541,6 +568,7 @@ def _service_stage(
         reasons.append(f"{name}: needs {need} replicas, capped at max {bounds[1]}")
     remember = min(max(replicas_for(measured), bounds[0]), bounds[1]) if trend else None
     replicas, hist = stabilize(
-        name, cur.replicas, desired, hist, t, spec, cooldown, reasons, remember
-    )
+        name, cur.replicas, desired, hist, t, spec, cooldown, reasons, remember,
+        tun.scale_down_tolerance,
+    )  # fmt: skip
     return replace(cur, replicas=replicas), hist

@@ -5,7 +5,8 @@ embed, query-passage pairs to re-rank), and one request may carry several: a que
 re-ranked as one request of all its candidates. At an item rate lambda (request rate x
 measured items per request) over ``c`` replicas, the batch a replica forms is about the items
 that arrive while it waits (queue delay) or executes the previous batch; batch execution time
-comes from the measured profile; waiting for a free replica follows M/M/c on batches.
+comes from the measured profile; waiting for a free replica follows M/M/c on batches, its
+waits scaled for arrivals burstier than Poisson (:func:`burst_factor`).
 A replica may run several model instances (Triton's instance_group count): each is a server
 of its own, slower by the share of the cores it gives up (the profile's measured speedup).
 Replicas are the fewest that keep the predicted p95 inside the stage's share of the SLO and
@@ -67,13 +68,15 @@ def predict(
     items: float = 1.0,
     latency_factor: float = 1.0,
     instances: int = 1,
+    dispersion: float = 1.0,
 ) -> tuple[float, float]:
     """(p95 latency ms, utilisation) of a model stage under the batching model above.
 
     ``rate`` is in requests/s, each of ``items`` items; ``max_batch`` counts items, so a
     request larger than it cannot be served (Triton rejects it). ``latency_factor`` scales
     the modelled waits and batch times, not the configured queue delay. ``instances`` per
-    replica must be a count the profile measured.
+    replica must be a count the profile measured. ``dispersion``: the arrivals' index of
+    dispersion (1 for Poisson; see :func:`burst_factor`).
     """
     items = max(items, 1.0)
     if replicas <= 0 or max_batch < items:
@@ -82,25 +85,40 @@ def predict(
     slow = profile.instance_slowdown(instances)
     per_server = rate * items / servers
     delay_ms = delay_us / 1000.0
+    # Triton batches whole requests: a batch holds as many as fit in max_batch items.
+    full = items * math.floor(max_batch / items)
     batch = items
     for _ in range(8):  # fixed point: the batch is what arrives while waiting + executing
         exec_ms = profile.latency_ms(batch) * slow
-        batch = min(float(max_batch), max(items, per_server * (delay_ms + exec_ms) / 1000.0))
+        batch = min(full, max(items, per_server * (delay_ms + exec_ms) / 1000.0))
     exec_ms = profile.latency_ms(batch) * slow
     utilisation = per_server * exec_ms / (1000.0 * batch)
     if utilisation >= 1.0:
         return math.inf, utilisation
     wait_ms = 1000.0 * wait_quantile(servers, rate * items / batch, 1000.0 / exec_ms, 0.95)
-    room = max_batch - items
+    wait_ms *= burst_factor(dispersion)
+    room = full - items
     fill_ms = min(delay_ms, 1000.0 * room / per_server) if per_server > 0 else 0
     # The tail is set by the large batches, not the mean one: a request shares its batch with
     # the requests that reached the replica while it waited or ran the previous batch
     # (Poisson), up to max_batch. On hardware where a batch costs its size in time (CPU), a
     # few coinciding requests double the p95.
     extra = _poisson_quantile(rate / servers * (delay_ms + exec_ms) / 1000.0, 0.95)
-    tail_batch = min(float(max_batch), max(batch, items * (1 + extra)))
+    tail_batch = min(full, max(batch, items * (1 + extra)))
     modelled = wait_ms + profile.latency_ms(tail_batch, "p95") * slow
     return modelled * latency_factor + max(fill_ms, 0.0), utilisation
+
+
+def burst_factor(dispersion: float) -> float:
+    """How much longer queues wait under arrivals of index of dispersion ``dispersion`` (the
+    variance over the mean of per-second arrival counts) than under Poisson arrivals.
+
+    The Allen-Cunneen approximation for G/G/c scales the M/M/c wait by (ca^2 + cs^2) / 2;
+    for the arrivals' squared coefficient of variation ca^2 it takes the index of dispersion
+    of their counts (as Whitt's queueing network analyser does), and it keeps cs^2 = 1 (the
+    service times of the M/M/c base). Never below Poisson: a measured index under 1 (an
+    evenly paced load) is not trusted to stay so."""
+    return (max(dispersion, 1.0) + 1.0) / 2.0
 
 
 def _poisson_quantile(mean: float, q: float) -> int:
@@ -138,16 +156,19 @@ def calibrated(
     return replace(profile, points=points), latency
 
 
-def max_utilisation(offered: float, tun: Tunables) -> float:
+def max_utilisation(offered: float, tun: Tunables, dispersion: float = 1.0) -> float:
     """The highest utilisation to plan for ``offered`` busy replicas (arrival rate / one
     replica's capacity).
 
     Square-root staffing (Halfin-Whitt): random arrivals need spare capacity in proportion to
     the square root of the load, not to the load itself, so a large pool runs hotter than a
-    small one at the same risk. Never below ``target_utilisation``."""
+    small one at the same risk; bursty arrivals need that spare capacity times the square
+    root of :func:`burst_factor` (the QED regime's G/G/c form). Never below
+    ``target_utilisation``."""
     if offered <= 0:
         return tun.target_utilisation
-    return max(tun.target_utilisation, offered / (offered + tun.staffing_beta * math.sqrt(offered)))
+    beta = tun.staffing_beta * math.sqrt(burst_factor(dispersion))
+    return max(tun.target_utilisation, offered / (offered + beta * math.sqrt(offered)))
 
 
 def size_model_stage(
@@ -163,6 +184,7 @@ def size_model_stage(
     items: float = 1.0,
     max_instances: int = 1,
     ceilings: Mapping[int, int] | None = None,
+    dispersion: float = 1.0,
 ) -> Sizing:
     """The fewest replicas (then lowest p95) meeting utilisation and latency targets.
 
@@ -171,7 +193,8 @@ def size_model_stage(
     items per request; batch sizes below it are never proposed. Instance counts go up to
     ``max_instances``, among those the profile measured; ``ceilings`` (instance count ->
     batch size) rules out that batch size and larger ones at that count, but never the
-    smallest. ``calibration`` applies as :func:`calibrated` says.
+    smallest. ``calibration`` applies as :func:`calibrated` says; ``dispersion`` as
+    :func:`predict` and :func:`max_utilisation` say.
     """
     lo, hi = bounds
     profile, factor = calibrated(profile, calibration, tun)
@@ -198,13 +221,13 @@ def size_model_stage(
             continue
         start = max(lo, 1 if rate > 0 else lo)
         offered = rate * max(items, 1.0) / profile.throughput_rps(b, k)  # busy replicas
-        limit = max_utilisation(offered, tun)
+        limit = max_utilisation(offered, tun, dispersion)
         if rate > 0:
             start = max(start, math.ceil(offered / limit))
         top = hi if best is None else min(hi, best.replicas)
 
         def fits(c: int, b: int = b, d: int = d, k: int = k, limit: float = limit) -> Sizing:
-            p95, util = predict(profile, rate, c, b, d, items, factor, k)
+            p95, util = predict(profile, rate, c, b, d, items, factor, k, dispersion)
             ok = util <= limit and p95 <= budget_ms
             return Sizing(c, b, d, p95, util, ok, k)
 
@@ -237,7 +260,7 @@ def size_model_stage(
     capacity = profile.throughput_rps(b, k) * tun.target_utilisation
     need = math.ceil(rate * max(items, 1.0) / capacity)
     c = min(hi, max(lo, need, 1 if rate > 0 else lo))
-    p95, util = predict(profile, rate, c, b, 0, items, factor, k)
+    p95, util = predict(profile, rate, c, b, 0, items, factor, k, dispersion)
     return Sizing(c, b, 0, p95, util, False, k)
 
 
@@ -248,9 +271,10 @@ def stage_sizer(
     tun: Tunables,
     items: float,
     ceilings: Mapping[int, int] | None = None,
+    dispersion: float = 1.0,
 ) -> Callable[..., Sizing]:
-    """``size_model_stage`` bound to the stage's bounds, batching limits and back-offs:
-    call it as ``size(profile, rate=..., prefer=...)``."""
+    """``size_model_stage`` bound to the stage's bounds, batching limits, back-offs and
+    arrivals' dispersion: call it as ``size(profile, rate=..., prefer=...)``."""
     return partial(
         size_model_stage,
         budget_ms=budget_ms,
@@ -262,6 +286,7 @@ def stage_sizer(
         items=items,
         max_instances=stage.batching.max_instances,
         ceilings=ceilings,
+        dispersion=dispersion,
     )
 
 

@@ -18,9 +18,12 @@ def stabilize(
     cooldown: int,
     reasons: list[str],
     remember: int | None = None,
+    tolerance: float = 0.0,
 ) -> tuple[int, StageHistory]:
     """Scale up at once (bounded by maxScaleUpStep); scale down only to the highest
-    recommendation over the stabilization window, outside the cooldown. ``remember`` is the
+    recommendation over the stabilization window, outside the cooldown, and only by more than
+    ``tolerance`` of the current count (HPA's tolerance: a need that wanders by a replica
+    around a steady load must not move the stage back and forth). ``remember`` is the
     recommendation to keep for that window when it differs from ``desired`` (a forecast)."""
     window = spec.optimizer.scale_down_stabilization_seconds
     recent = tuple(r for r in hist.scale_down_window if now - r[0] < window)
@@ -38,7 +41,7 @@ def stabilize(
         return new, hist
     if desired < current:
         ceiling = max(r for _, r in kept)
-        if ceiling >= current:
+        if ceiling >= current or current - ceiling <= tolerance * current:
             return current, hist
         if hist.last_change is not None and now - hist.last_change < cooldown:
             return current, hist

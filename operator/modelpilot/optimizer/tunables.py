@@ -17,6 +17,7 @@ class Tunables:
     target_utilisation: float = 0.75  # safety margin: never plan replicas past this ...
     staffing_beta: float = 1.5  # ... unless the pool is large (square-root staffing)
     slo_headroom: float = 0.85  # share of the SLO the stages may use (rest: network, gateway)
+    bursty_dispersion: float = 1.5  # an index of dispersion from this up is named in reasons
     min_stage_share: float = 0.10  # no query-path stage gets less of the budget than this
     # The queue delays (us) the sizing tries, up to the stage's maxQueueDelayMicroseconds.
     queue_delays_us: tuple[int, ...] = (
@@ -36,6 +37,7 @@ class Tunables:
     quality_margin: float = 0.10  # a declared quality this far from the measured one is reported
     switch_saving: float = 0.15  # a variant switch must save at least this share of cost
     cooldown_intervals: int = 2  # no scale-down or switch within this many intervals of a change
+    scale_down_tolerance: float = 0.1  # a scale-down must shed more than this share (HPA's)
     # Calibration.
     calibration_smoothing: float = 0.3  # EWMA weight (log scale) of the newest ratio
     calibration_bounds: tuple[float, float] = (0.04, 25.0)  # a profile 20x off still fits
@@ -61,6 +63,9 @@ class Tunables:
     forecast_lead_s: float = 30.0  # a new replica serves about this long after the decision
     forecast_deadband: float = 0.10  # short/long rate rises below this are noise, not trend
     forecast_max_ratio: float = 1.5  # never size for more than this x the short-window rate
+    # A bursty stream's rate is sized this many standard deviations of its excess noise above
+    # the measured one (one-sided 95%), and a climb must clear as much on the short window.
+    burst_noise_z: float = 1.65
     # Verification (the rules users set are spec.optimizer.verification; these are not).
     max_error_ratio: float = (
         0.01  # a candidate failing more than this share of mirrored calls fails

@@ -1,9 +1,13 @@
 """The metrics every service exports, by the names the operator's PromQL reads (``contract``):
-per-stage RED metrics, and Triton's achieved batching read at scrape time."""
+per-stage RED metrics, the moments of the per-second arrival counts, and Triton's achieved
+batching read at scrape time."""
 
 from __future__ import annotations
 
 import json
+import math
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -43,6 +47,8 @@ class Metrics:
             contract.METRIC_SERVING_INFO, "The model each route serves now (value 1).",
             ["stage", "route", "model"], registry=registry,
         )  # fmt: skip
+        self.arrivals = Arrivals(stage)
+        registry.register(self.arrivals)
         # Bound once: a labels() lookup takes a lock and a dict probe on every request.
         self.stage_in_flight = self.in_flight.labels(stage)
         self.stage_duration = self.duration.labels(stage)
@@ -54,6 +60,48 @@ class Metrics:
         if child is None:
             child = self._by_code[status] = self.requests.labels(self.stage, str(status))
         child.inc()
+
+
+class Arrivals(Collector):
+    """Requests counted per whole second of the monotonic clock, exported as three counters:
+    the seconds counted, the arrivals in them and the sum of each second's count squared.
+    Their increases over a window give the mean and the variance of the per-second counts
+    (a second without arrivals counts as 0), which a counter of requests cannot: Prometheus
+    scrapes every 15 s. The second under way is counted once it is over."""
+
+    def __init__(self, stage: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stage, self.clock = stage, clock
+        self.lock = threading.Lock()  # arrive() runs on the loop, collect() on the scrape
+        self.second = math.floor(clock())
+        self.now_count = 0
+        self.seconds = self.arrivals = self.squared = 0
+
+    def _close(self, second: int) -> None:
+        """Fold every whole second before ``second`` into the totals."""
+        if second > self.second:
+            self.seconds += second - self.second  # the seconds in between had no arrivals
+            self.arrivals += self.now_count
+            self.squared += self.now_count * self.now_count
+            self.second, self.now_count = second, 0
+
+    def arrive(self) -> None:
+        with self.lock:
+            self._close(math.floor(self.clock()))
+            self.now_count += 1
+
+    def collect(self) -> Iterable[Any]:
+        with self.lock:
+            self._close(math.floor(self.clock()))
+            totals = (self.seconds, self.arrivals, self.squared)
+        series = (
+            (contract.METRIC_ARRIVAL_SECONDS, "Whole seconds whose arrivals are counted."),
+            (contract.METRIC_ARRIVALS, "Requests that arrived in those seconds."),
+            (contract.METRIC_ARRIVALS_SQUARED, "Sum of each of those seconds' arrivals squared."),
+        )
+        for (name, doc), value in zip(series, totals, strict=True):
+            family = CounterMetricFamily(name, doc, labels=[contract.STAGE_LABEL])
+            family.add_metric([self.stage], value)
+            yield family
 
 
 class TritonStats(Collector):

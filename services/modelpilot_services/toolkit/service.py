@@ -65,6 +65,7 @@ def _middleware(metrics: Metrics) -> Any:
         start = time.perf_counter()
         # Correlation ids need not be unpredictable: getrandbits skips uuid4's urandom call.
         request_id = request.headers.get("X-Request-Id") or f"{random.getrandbits(64):016x}"
+        metrics.arrivals.arrive()
         metrics.stage_in_flight.inc()
         try:
             try:
