@@ -58,6 +58,7 @@ METRIC_REQUEST_DURATION = "modelpilot_request_duration_seconds"  # histogram
 METRIC_IN_FLIGHT = "modelpilot_in_flight_requests"  # gauge
 METRIC_SERVING_INFO = "modelpilot_serving_info"  # gauge {route, model}
 METRIC_QUEUE_DURATION = "modelpilot_queue_duration_seconds"  # summary {model}
+METRIC_COMPUTE_DURATION = "modelpilot_compute_duration_seconds"  # summary {model}: per batch
 METRIC_BATCH_SIZE = "modelpilot_batch_size"  # histogram {model}
 METRIC_MODEL_INFERENCES = "modelpilot_model_inferences"  # counter {model}
 METRIC_MODEL_REQUESTS = "modelpilot_model_requests"  # counter {model}

@@ -573,6 +573,16 @@ def test_metrics_follow_prometheus_conventions_beside_tritons(data_plane: Stack)
         assert name in inference, name
     embedding = requests.get(f"{data_plane.url('embedding')}/metrics", timeout=10).text
     assert 'modelpilot_batch_size_count{model="minilm_fp32",stage="embedding"}' in embedding
+    # Triton's compute time per batch, which calibrates the profile's batch times.
+    compute = {
+        s.name: s.value
+        for f in text_string_to_metric_families(embedding)
+        if f.name == contract.METRIC_COMPUTE_DURATION
+        for s in f.samples
+        if s.labels.get("model") == "minilm_fp32"
+    }
+    count = compute[contract.METRIC_COMPUTE_DURATION + "_count"]
+    assert count >= 1 and compute[contract.METRIC_COMPUTE_DURATION + "_sum"] > 0, compute
     # Items per Triton request, which the optimizer sizes batches in: a query re-ranks at
     # most of its candidates (at least 10 when the index has them) in one request.
     totals: dict[str, float] = {}

@@ -645,3 +645,52 @@ def test_a_bursty_streams_short_window_noise_is_not_taken_for_a_climb() -> None:
     assert forecast(50.0, 70.0, tun, 1.0)[1] is not None  # +40% on a Poisson stream: a climb
     assert forecast(50.0, 70.0, tun, 118.0) == (50.0, None)  # within a bursty stream's noise
     assert forecast(50.0, 150.0, tun, 118.0)[1] is not None  # a surge clears the noise
+
+
+# ------------------------------------------------------------------- measured batch times
+
+
+def test_a_profile_mean_is_its_log_normal_mean() -> None:
+    prof = PROFILES.models["inf_small"]  # p95 = 1.2 x p50 at every batch
+    sigma = math.log(1.2) / 1.645
+    assert prof.mean_ms(8) == pytest.approx(6.0 * math.exp(sigma**2 / 2))
+    assert prof.scaled(2.0).latency_ms(8, "p95") == pytest.approx(2 * prof.latency_ms(8, "p95"))
+
+
+@pytest.mark.parametrize(
+    ("exec_ratio", "batch", "instances", "expected"),
+    [
+        (2.0, 8.0, 1, 2.0),  # batches take twice the profile's time
+        (0.5, 8.0, 1, 0.5),
+        (1.1, 8.0, 1, None),  # within the deadband: the latency calibration's business
+        (2.0, None, 1, None),  # no achieved batch size: unmeasured
+        (2.0, 8.0, 2, None),  # two instances share the cores: twice as long is as profiled
+        (4.0, 8.0, 2, 2.0),
+    ],
+)
+def test_measured_batch_times_rescale_the_profile(
+    exec_ratio: float, batch: float | None, instances: int, expected: float | None
+) -> None:
+    prof = _with_instances({1: 1.0, 2: 1.0}).models["inf_small"]
+    exec_ms = exec_ratio * prof.mean_ms(8.0)
+    tele = StageTelemetry(rate_rps=100, batch_size=batch, exec_ms=exec_ms)
+    cur = plans.StagePlan(4, "small", 8, 0, instances=instances)
+    got = calibration.service_time_factor(cur, prof, tele, Tunables())
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_a_stage_measured_twice_as_slow_is_sized_for_it_and_says_why() -> None:
+    spec = make_spec()
+    first = decide(spec, plans.initial(spec), snap(1e6, 800.0), History(), PROFILES, 1e6)
+    cur = first.plan["inference"]
+    prof = PROFILES.models[spec.inference.variant(cur.variant or "").model]  # type: ignore[union-attr]
+    batch = float(cur.max_batch_size or 1)
+    slow = StageTelemetry(rate_rps=800.0, batch_size=batch, exec_ms=2 * prof.mean_ms(batch))
+    stages = {**snap(1e6, 800.0).stages, "inference": slow}
+    later = decide(
+        spec, first.plan, Snapshot(time=1e6 + 15, newest_sample=1e6 + 15, stages=stages),
+        first.history, PROFILES, 1e6 + 15,
+    )  # fmt: skip
+    assert later.plan["inference"].replicas > cur.replicas
+    said = [r for r in later.reasons if r.startswith("inference: batches run 2.00x")]
+    assert said, later.reasons

@@ -423,3 +423,19 @@ def test_a_stage_sees_the_dispersion_of_its_per_second_arrivals() -> None:
     # counts 0 or ~200: mean 50, variance about 3 x 50^2 + 50: index about 151
     lumpy = seen(bursty)
     assert lumpy is not None and 120 < lumpy < 180
+
+
+def test_a_stage_reports_the_mean_time_of_its_recent_batches() -> None:
+    profile = ModelProfile("m", "embedding", 1.0, (BatchPoint(1, 20.0, 30.0),))
+    cfg = Config(slo_ms=1e9, stages=[one_stage(profile, 4)], seed=4)
+    views: list[Observation] = []
+
+    class Watch(StaticPeak):
+        def decide(self, obs: Observation, current: StagePlan) -> StagePlan:
+            views.append(obs)
+            return super().decide(obs, current)
+
+    simulate(constant(40.0, 600), PerStage({"embedding": Watch(4, interval=300.0)}), cfg)
+    last = views[-1]
+    assert last.batch_size == 1.0  # one request a batch: max_batch 1
+    assert last.exec_ms == pytest.approx(profile.mean_ms(1), rel=0.05)

@@ -336,3 +336,15 @@ def test_the_stages_dispersion_is_recovered_from_each_pods_thinned_moments() -> 
     # Without the counters (an older data plane): unmeasured, never a made-up 1.
     bare = Telemetry("http://unused", query=fake({"rate(modelpilot_requests_total{": [row("5")]}))
     assert bare.snapshot("ns", "p", 1000.0).stages["embedding"].arrival_dispersion is None
+
+
+def test_tritons_mean_compute_time_per_batch_is_read_in_milliseconds() -> None:
+    answers = {
+        "rate(modelpilot_compute_duration_seconds_sum{": [row("0.012")],
+        "rate(modelpilot_batch_size_sum{": [row("8")],
+        "rate(modelpilot_requests_total{": [row("20")],
+        "timestamp(": [row("1000", None)],
+    }
+    snap = Telemetry("http://unused", query=fake(answers)).snapshot("ns", "p", 1000.0)
+    assert snap.stages["embedding"].exec_ms == pytest.approx(12.0)
+    assert snap.stages["embedding"].batch_size == 8.0

@@ -411,6 +411,7 @@ class Telemetry:
         p99 = self._by_stage(quantile(C.METRIC_REQUEST_DURATION, 0.99))
         queue = self._by_stage(mean(C.METRIC_QUEUE_DURATION))
         batch = self._by_stage(mean(C.METRIC_BATCH_SIZE))
+        compute = self._by_stage(mean(C.METRIC_COMPUTE_DURATION))
         items = self._by_stage(
             f"sum by (stage) (rate({C.METRIC_MODEL_INFERENCES}_total{{{sel}}}[{w}])) / "
             f"sum by (stage) (rate({C.METRIC_MODEL_REQUESTS}_total{{{sel}}}[{w}]))"
@@ -445,6 +446,7 @@ class Telemetry:
                 p99_ms=ms(p99.get(stage)),
                 queue_ms=ms(queue.get(stage)),
                 batch_size=batch.get(stage),
+                exec_ms=ms(compute.get(stage)),
                 items_per_request=items.get(stage),
                 error_ratio=errors.get(stage),
                 in_flight=in_flight.get(stage),

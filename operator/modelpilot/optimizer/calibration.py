@@ -1,9 +1,13 @@
-"""Online calibration: how far the stage's measured p95 is from what its profile predicts.
+"""Online calibration: how far the stage's measurements are from what its profile predicts.
 
-A factor learnt online (measured p95 / predicted p95) corrects the model from live telemetry:
-near 1 it scales the predicted latency (the model's tail), far from it the profile's batch
-times too (see :func:`modelpilot.optimizer.sizing.calibrated`), so a machine much faster or
-slower than the profiled one is sized for its own capacity.
+Two corrections, from live telemetry. The batch times themselves: Triton reports how long
+it computes the batches it runs, and a stage whose batches take markedly longer or shorter
+than the profile says (another machine, another build) is sized with its profile scaled by
+the ratio (:func:`service_time_factor`). Then the latency: a factor learnt online (measured
+p95 / predicted p95) corrects the model's tail; near 1 it scales the predicted latency, far
+from it the profile's batch times too (see :func:`modelpilot.optimizer.sizing.calibrated`),
+so a machine much faster or slower than the profiled one is sized for its own capacity even
+without Triton's statistics.
 """
 
 from __future__ import annotations
@@ -73,6 +77,22 @@ def step_factor(
     lo, hi = tun.calibration_bounds
     new = permille / 1000 * math.exp(min(max(step, -most), most))
     return round(1000 * min(max(new, lo), hi))
+
+
+def service_time_factor(
+    cur: StagePlan, prof: ModelProfile, tele: StageTelemetry, tun: Tunables
+) -> float | None:
+    """Measured over profiled batch time: Triton's mean compute time per batch against the
+    profile's mean for the achieved batch size (at the stage's instance count); None while
+    unmeasured or within ``service_time_deadband`` of the profile (the latency calibration
+    keeps the small errors)."""
+    if tele.exec_ms is None or not tele.batch_size or tele.exec_ms <= 0:
+        return None
+    profiled = prof.mean_ms(tele.batch_size) * prof.instance_slowdown(cur.instances or 1)
+    lo, hi = tun.calibration_bounds
+    factor = min(max(tele.exec_ms / profiled, lo), hi)
+    band = tun.service_time_deadband
+    return None if 1 / band <= factor <= band else factor
 
 
 def learn(

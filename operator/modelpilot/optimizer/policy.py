@@ -9,7 +9,8 @@ A decision is a short pipeline of pure steps, each in its own module:
 
 - per stage, the rate to size for (:mod:`.forecast`: the measured rate, or ahead of a climb)
   and how bursty its arrivals are (their measured index of dispersion, :mod:`.sizing`);
-- a model stage's calibration against its measured p95 (:mod:`.calibration`);
+- a model stage's calibration against Triton's measured batch times and its measured p95
+  (:mod:`.calibration`);
 - the running verification, if any, judged (:mod:`.verification`);
 - every allowed variant sized (:mod:`.sizing`, the queueing model) and the one to serve
   chosen (:mod:`.variants`); a switch waits for its verification (:mod:`.verification`);
@@ -43,7 +44,7 @@ from modelpilot.api.v1alpha1 import (
 )
 from modelpilot.contract import MODEL_STAGES
 from modelpilot.optimizer.budget import enforce_budget
-from modelpilot.optimizer.calibration import learn
+from modelpilot.optimizer.calibration import learn, service_time_factor
 from modelpilot.optimizer.forecast import burst_headroom, forecast
 from modelpilot.optimizer.gateway import KnobStep, Measured, tune_cache, tune_routing
 from modelpilot.optimizer.history import History, StageHistory
@@ -353,6 +354,21 @@ def _model_stage(
         reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
         ctx.held.append(name)
         return None
+    if (batch_time := service_time_factor(cur, cur_prof, tele, tun)) is not None:
+        # The stage's node runs every variant's batches that much slower or faster.
+        models = {v.model for v in stage.variants}
+        profiles = replace(
+            profiles,
+            models={
+                m: p.scaled(batch_time) if m in models else p for m, p in profiles.models.items()
+            },
+        )
+        cur_prof = cur_prof.scaled(batch_time)
+        reasons.append(
+            f"{name}: batches run {batch_time:.2f}x the profile's time (Triton computes a "
+            f"{tele.batch_size or 0:.1f}-item batch in {tele.exec_ms or 0:.1f} ms): sized with "
+            f"the profile scaled so"
+        )
     per_sample = _samples_per_request(name, tele)
     calib_pm = learn(cur, cur_prof, tele, hist, rate, budget, t, tun)
     running = Progress(cur.shadow_variant, None, hist)

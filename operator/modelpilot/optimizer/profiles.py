@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -79,6 +80,20 @@ class ModelProfile:
     def latency_ms(self, batch: float, quantile: str = "p50") -> float:
         """Execution time of one batch of ``batch`` requests."""
         return max(self._interp(max(batch, 1.0), f"{quantile}_ms"), 1e-3)
+
+    def mean_ms(self, batch: float) -> float:
+        """Mean execution time of one batch: the median's, for log-normal times whose 95th
+        percentile is the profile's p95 (as Triton's compute statistics report means)."""
+        p50, p95 = self.latency_ms(batch), self.latency_ms(batch, "p95")
+        sigma = math.log(max(p95 / p50, 1.0)) / 1.645
+        return p50 * math.exp(sigma * sigma / 2)
+
+    def scaled(self, factor: float) -> ModelProfile:
+        """This profile with every batch taking ``factor`` times as long."""
+        points = tuple(
+            replace(p, p50_ms=p.p50_ms * factor, p95_ms=p.p95_ms * factor) for p in self.points
+        )
+        return replace(self, points=points)
 
     def throughput_rps(self, batch: float, instances: int = 1) -> float:
         """Requests per second ``instances`` instances sustain with full batches of

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 from modelpilot.api.v1alpha1 import ModelDeploymentSpec, ModelStage
@@ -149,11 +149,7 @@ def calibrated(
     if floor <= calibration <= 1.0:
         return profile, calibration
     latency = floor if calibration < floor else 1.0
-    time = calibration / latency
-    points = tuple(
-        replace(p, p50_ms=p.p50_ms * time, p95_ms=p.p95_ms * time) for p in profile.points
-    )
-    return replace(profile, points=points), latency
+    return profile.scaled(calibration / latency), latency
 
 
 def max_utilisation(offered: float, tun: Tunables, dispersion: float = 1.0) -> float:

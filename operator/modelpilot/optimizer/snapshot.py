@@ -27,6 +27,7 @@ class StageTelemetry:
     p99_ms: float | None = None
     queue_ms: float | None = None
     batch_size: float | None = None  # achieved mean batch size
+    exec_ms: float | None = None  # mean time Triton computes one of those batches
     items_per_request: float | None = None  # Triton items (texts, query-passage pairs)/request
     error_ratio: float | None = None
     in_flight: float | None = None

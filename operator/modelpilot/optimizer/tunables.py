@@ -39,6 +39,9 @@ class Tunables:
     cooldown_intervals: int = 2  # no scale-down or switch within this many intervals of a change
     scale_down_tolerance: float = 0.1  # a scale-down must shed more than this share (HPA's)
     # Calibration.
+    # Batches measured this many times slower (or its inverse faster) than profiled rescale the
+    # stage's profile; closer, the latency calibration below corrects alone.
+    service_time_deadband: float = 1.25
     calibration_smoothing: float = 0.3  # EWMA weight (log scale) of the newest ratio
     calibration_bounds: tuple[float, float] = (0.04, 25.0)  # a profile 20x off still fits
     calibration_max_step: float = 3.0  # one update moves the factor at most this many times

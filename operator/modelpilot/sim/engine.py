@@ -143,7 +143,9 @@ class _Stage:
         self.rid: list[int] = []  # request id of each arrival
         self.arr_np = np.zeros(n)  # the same arrivals as an array
         self.end = np.full(n, np.inf)  # when each arrival left this stage
-        self.busy = np.zeros(seconds + 2)
+        self.busy = np.zeros(seconds + 2)  # service seconds of the batches started each second
+        self.batches = np.zeros(seconds + 2)  # batches started each second
+        self.batch_items_at = np.zeros(seconds + 2)  # their items
         self.noise, self.noise_i = noise, 0
         # (variant, requests in the batch, of them small) -> median service seconds: millions of
         # batches draw from a few hundred distinct sizes, and interpolating each cost a fifth
@@ -154,7 +156,6 @@ class _Stage:
         self.next_id = 0
         self.current = cfg.start
         self.head = 0
-        self.batch_items = self.batch_n = 0
         self.intervals: list[tuple[float, float, str]] = []  # (created, removed, variant)
         self.finished: list[tuple[float, int, int]] = []  # (finish, first index, count)
         self.actions = 0
@@ -193,7 +194,9 @@ class _Stage:
         ready = sum(1 for r in live if r.ready_at <= now)
         s0 = max(0, int(now) - 60)
         capacity = max(ready, 1) * (int(now) - s0 if int(now) > s0 else 1)
-        util = float(self.busy[s0 : int(now)].sum()) / capacity if now >= 1 else None
+        busy = float(self.busy[s0 : int(now)].sum())
+        util = busy / capacity if now >= 1 else None
+        batches = float(self.batches[s0 : int(now)].sum())
         return Observation(
             now,
             ready,
@@ -205,8 +208,9 @@ class _Stage:
             util,
             rate60 * mean_lat if mean_lat is not None else None,
             rate6 * mean_lat if mean_lat is not None else None,
-            self.batch_items / self.batch_n if self.batch_n else None,
+            float(self.batch_items_at[s0 : int(now)].sum()) / batches if batches else None,
             self.dispersion(int(now)),
+            1000.0 * busy / batches if batches else None,
         )
 
     def dispersion(self, now: int) -> float | None:
@@ -251,7 +255,6 @@ class _Stage:
                 for r in sorted(serving, key=lambda r: -r.ready_at)[:-delta]:
                     r.retire_at = now
         self.current = want
-        self.batch_items = self.batch_n = 0
 
     def advance(self, until: float) -> None:
         """Dispatch every batch whose dispatch time is decidable and not after ``until``
@@ -317,8 +320,8 @@ class _Stage:
             sec = int(dispatch)
             if sec < len(self.busy):
                 self.busy[sec] += service
-            self.batch_items += k * items
-            self.batch_n += 1
+                self.batches[sec] += 1
+                self.batch_items_at[sec] += k * items
             self.head = head + k
             self.finished.append((finish, head, k))
             heapq.heappush(heap, (finish, rid))

@@ -39,8 +39,9 @@ class Observation:
     cpu_utilisation: float | None  # busy / ready capacity over the last 60 s
     concurrency_stable: float | None  # mean in-flight requests (Little's law), 60 s
     concurrency_panic: float | None  # the same over 6 s
-    batch_size: float | None
+    batch_size: float | None  # items per batch started in the last 60 s
     arrival_dispersion: float | None = None  # per-second counts' variance / mean, 300 s
+    exec_ms: float | None = None  # mean service time of the batches started in the last 60 s
 
 
 class Policy:
@@ -217,6 +218,7 @@ class ModelPilot:
                 cpu_utilisation=o.cpu_utilisation,
                 items_per_request=self.items.get(name),
                 arrival_dispersion=o.arrival_dispersion,
+                exec_ms=o.exec_ms,
             )
             for name, o in obs.items()
         }

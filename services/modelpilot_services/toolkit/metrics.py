@@ -124,6 +124,12 @@ class TritonStats(Collector):
             "Time in Triton's queue.",
             labels=["stage", "model"],
         )
+        # What the optimizer calibrates its profile's batch times against.
+        compute = SummaryMetricFamily(
+            contract.METRIC_COMPUTE_DURATION,
+            "Triton's compute time per batch it executed.",
+            labels=["stage", "model"],
+        )
         # Items (texts, query-passage pairs) per request: what the optimizer sizes batches in.
         inferences = CounterMetricFamily(
             contract.METRIC_MODEL_INFERENCES,
@@ -142,10 +148,12 @@ class TritonStats(Collector):
             except (OSError, ValueError, KeyError):
                 continue  # Triton down or model unloaded: a missing series, never a fake 0
             counts: dict[int, int] = {}
+            compute_ns = 0
             for version in stats:
                 for row in version.get("batch_stats", []):
                     size = int(row["batch_size"])
                     counts[size] = counts.get(size, 0) + int(row["compute_infer"]["count"])
+                    compute_ns += int(row["compute_infer"]["ns"])
                 q = version["inference_stats"]["queue"]
                 queue.add_metric([self.stage, model], int(q["count"]), int(q["ns"]) / 1e9)
                 inferences.add_metric([self.stage, model], int(version.get("inference_count", 0)))
@@ -157,7 +165,9 @@ class TritonStats(Collector):
                 buckets.append((str(le), running))
             buckets.append(("+Inf", sum(counts.values())))
             batch.add_metric([self.stage, model], buckets, sum(s * c for s, c in counts.items()))
+            compute.add_metric([self.stage, model], sum(counts.values()), compute_ns / 1e9)
         yield batch
         yield queue
+        yield compute
         yield inferences
         yield requests
