@@ -17,8 +17,17 @@ from modelpilot.optimizer.forecast import burst_headroom, forecast
 from modelpilot.optimizer.history import History, StageHistory
 from modelpilot.optimizer.policy import Decision, decide
 from modelpilot.optimizer.profiles import Profiles, parse
+from modelpilot.optimizer.seasonal import seasonal_forecast
 from modelpilot.optimizer.sizing import burst_factor, calibrated, max_utilisation, predict
-from modelpilot.optimizer.snapshot import Snapshot, StageTelemetry
+from modelpilot.optimizer.snapshot import (
+    HISTORY_AHEAD_S,
+    HISTORY_LOOKBACK_S,
+    HISTORY_STEP_S,
+    RateHistory,
+    SeasonWindow,
+    Snapshot,
+    StageTelemetry,
+)
 from modelpilot.optimizer.tunables import Tunables
 from modelpilot.render import plan as plans
 from tests.unit.optimizer_cases import PROFILE_DOC, PROFILES, SPEC_DOC, make_spec, snap
@@ -694,3 +703,67 @@ def test_a_stage_measured_twice_as_slow_is_sized_for_it_and_says_why() -> None:
     assert later.plan["inference"].replicas > cur.replicas
     said = [r for r in later.reasons if r.startswith("inference: batches run 2.00x")]
     assert said, later.reasons
+
+
+# ------------------------------------------------------------------- seasonal forecasts
+
+N = HISTORY_LOOKBACK_S // HISTORY_STEP_S + 1
+AHEAD = HISTORY_AHEAD_S // HISTORY_STEP_S
+
+
+def day(minute: int) -> float:
+    """A day's rate by the step: quiet through the lookback window, busy right after it."""
+    return 20.0 if minute < N else 120.0
+
+
+def history(recent_scale: float, past: list[float | None], period: int = 86400) -> RateHistory:
+    recent = tuple(None if p is None else recent_scale * p for p in past[:N])
+    return RateHistory(HISTORY_STEP_S, recent, (SeasonWindow(period, tuple(past)),))
+
+
+def test_a_season_that_fits_forecasts_what_followed_at_todays_level() -> None:
+    past = [day(m) * (1 + 0.02 * (m % 7)) for m in range(N + AHEAD)]  # busy from step N
+    got = seasonal_forecast(history(1.5, past), 45.0, Tunables())
+    assert got is not None and got.period_s == 86400
+    assert got.level == pytest.approx(1.5)
+    assert got.rate == pytest.approx(1.5 * past[N])  # the next step only: a 45 s horizon
+    later = seasonal_forecast(history(1.5, past), 150.0, Tunables())
+    assert later is not None and later.rate == pytest.approx(1.5 * max(past[N : N + 3]))
+    assert "1 day ago the next 180s reached" in later.reason
+
+
+def test_a_season_that_does_not_explain_the_last_hour_is_not_trusted() -> None:
+    rng = random.Random(3)
+    past = [rng.uniform(10, 200) for _ in range(N + AHEAD)]
+    steady = tuple(50.0 + rng.uniform(-1, 1) for _ in range(N))  # today: flat, unrelated
+    h = RateHistory(HISTORY_STEP_S, steady, (SeasonWindow(86400, tuple(past)),))
+    assert seasonal_forecast(h, 45.0, Tunables()) is None
+    sparse = [None] * (N // 2 + 2) + [20.0] * (N + AHEAD - N // 2 - 2)  # too little history
+    assert seasonal_forecast(history(1.0, sparse), 45.0, Tunables()) is None
+
+
+def test_the_best_fitting_season_wins() -> None:
+    rng = random.Random(5)
+    shape = [20.0 + 10 * math.sin(m / 5) for m in range(N + AHEAD)]
+    recent = tuple(shape[:N])
+    noisy = tuple(s * rng.uniform(0.8, 1.2) for s in shape)
+    h = RateHistory(
+        HISTORY_STEP_S, recent, (SeasonWindow(86400, noisy), SeasonWindow(604800, tuple(shape)))
+    )
+    got = seasonal_forecast(h, 45.0, Tunables())
+    assert got is not None and got.period_s == 604800
+
+
+def test_a_recurring_ramp_is_met_ahead_and_said_so() -> None:
+    spec = make_spec()
+    past = [10 * day(m) for m in range(N + 2)]  # a day ago the load rose 6x the next minute
+    quiet = replace(snap(1e6, 200.0).stages["inference"], rate_history=history(1.0, past))
+    stages = {**snap(1e6, 200.0).stages, "inference": quiet}
+    ahead = decide(
+        spec, plans.initial(spec), Snapshot(time=1e6, newest_sample=1e6, stages=stages),
+        History(), PROFILES, 1e6,
+    )  # fmt: skip
+    plain = decide(spec, plans.initial(spec), snap(1e6, 200.0), History(), PROFILES, 1e6)
+    assert ahead.plan["inference"].replicas > plain.plan["inference"].replicas
+    said = "inference: 1 day ago the next 60s reached"
+    assert any(r.startswith(said) for r in ahead.reasons), ahead.reasons

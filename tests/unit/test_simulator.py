@@ -439,3 +439,27 @@ def test_a_stage_reports_the_mean_time_of_its_recent_batches() -> None:
     last = views[-1]
     assert last.batch_size == 1.0  # one request a batch: max_batch 1
     assert last.exec_ms == pytest.approx(profile.mean_ms(1), rel=0.05)
+
+
+def test_a_policy_sees_the_rate_history_of_each_season_it_is_given() -> None:
+    profile = ModelProfile("m", "embedding", 1.0, (BatchPoint(1, 1.0, 1.2),))
+    cfg = replace(Config(slo_ms=1e9, stages=[one_stage(profile, 2)], seed=6), seasons=(1800,))
+    rps = np.where((np.arange(5400) % 1800) < 900, 10.0, 40.0)  # a half-hour "season"
+    views: list[Observation] = []
+
+    class Watch(StaticPeak):
+        def decide(self, obs: Observation, current: StagePlan) -> StagePlan:
+            views.append(obs)
+            return super().decide(obs, current)
+
+    trace = traces.Trace("halves", np.arange(5400.0), rps, 5400.0)
+    simulate(trace, PerStage({"embedding": Watch(2, interval=4500.0)}), cfg)
+    h = views[-1].rate_history  # at t = 4500: the last hour, and the hour before it
+    assert h is not None and h.step_s == 60
+    assert len(h.recent) == 61 and h.recent[-1] == pytest.approx(10.0, rel=0.2)  # 4440-4500 s
+    (season,) = h.seasons
+    assert season.period_s == 1800 and len(season.past) == 66
+    # one season earlier: the same phase (2640-2700 s), then what followed (40/s from 2700 s)
+    assert season.past[60] == pytest.approx(10.0, rel=0.2)
+    assert season.past[61] == pytest.approx(40.0, rel=0.2)
+    assert season.past[15] is None and season.past[16] is not None  # before the trace: None

@@ -23,6 +23,12 @@ from modelpilot.adapters.prometheus import (
     selector,
     target_labels,
 )
+from modelpilot.optimizer.snapshot import (
+    HISTORY_AHEAD_S,
+    HISTORY_LOOKBACK_S,
+    HISTORY_STEP_S,
+    SEASONS_S,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -270,16 +276,14 @@ def test_requests_carry_the_ca_bundle_the_token_and_a_timeout(
     assert len(wire) > 15
     for request, kwargs in wire:
         parts = urlsplit(str(request.url))
-        assert (parts.scheme, parts.netloc, parts.path) == (
-            "https",
-            "prom.example",
-            "/api/v1/query",
-        )
+        assert (parts.scheme, parts.netloc) == ("https", "prom.example")
+        assert parts.path in ("/api/v1/query", "/api/v1/query_range")  # rate history: range
         assert selector("ns", "rag") in parse_qs(parts.query)["query"][0]
         assert request.headers["Authorization"] == "Bearer tok-1"
         assert kwargs["verify"] == str(tmp_path / "ca.crt")
         assert kwargs["timeout"] == 3.0
 
+    assert {urlsplit(str(r.url)).path for r, _ in wire} == {"/api/v1/query", "/api/v1/query_range"}
     (tmp_path / "token").write_text("tok-2")  # a rotated Secret: read on every request
     wire.clear()
     telemetry.snapshot("ns", "rag", 2.0)
@@ -348,3 +352,27 @@ def test_tritons_mean_compute_time_per_batch_is_read_in_milliseconds() -> None:
     snap = Telemetry("http://unused", query=fake(answers)).snapshot("ns", "p", 1000.0)
     assert snap.stages["embedding"].exec_ms == pytest.approx(12.0)
     assert snap.stages["embedding"].batch_size == 8.0
+
+
+def test_the_rate_history_is_read_on_a_step_grid_for_each_season() -> None:
+    calls: list[tuple[str, float, float, int]] = []
+
+    def query_range(promql: str, start: float, end: float, step: int) -> list[Any]:
+        calls.append((promql, start, end, step))
+        values = [[start + step * k, str(float(k))] for k in range(int((end - start) / step) + 1)]
+        del values[3]  # a gap: no sample at that step
+        return [{"metric": {"stage": "inference"}, "values": values}]
+
+    telemetry = Telemetry("http://unused", query=fake({}), query_range=query_range)
+    got = telemetry.rate_history(selector("ns", "p"), 1_000_030.0)["inference"]
+    n = HISTORY_LOOKBACK_S // HISTORY_STEP_S + 1
+    assert got.step_s == HISTORY_STEP_S and len(got.recent) == n
+    assert got.recent[:5] == (0.0, 1.0, 2.0, None, 4.0)
+    assert [s.period_s for s in got.seasons] == list(SEASONS_S)
+    assert all(len(s.past) == n + HISTORY_AHEAD_S // HISTORY_STEP_S for s in got.seasons)
+    start = calls[0][1]
+    assert start % HISTORY_STEP_S == 0 and start <= 1_000_030.0 - HISTORY_LOOKBACK_S
+    assert [c[1] for c in calls[1:]] == [start - p for p in SEASONS_S]
+    assert all(
+        "rate(modelpilot_requests_total{" in c[0] and selector("ns", "p") in c[0] for c in calls
+    )

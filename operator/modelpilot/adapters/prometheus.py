@@ -13,7 +13,8 @@ chart's ``kubernetes-pods`` job and ``hack/prometheus.sh`` do) and the chart's P
 stage pods carry ``app.kubernetes.io/instance=<ModelDeployment name>``.
 
 Shadow statistics cover ``shadow_window`` (10 minutes by default): a verification needs its
-samples within that window.
+samples within that window. The rate history for seasonal forecasts is three range queries
+(the last hour; the same hour a day and a week ago, a little longer).
 
 Which Prometheus is read is operator configuration (:class:`PrometheusConfig`, from the
 ``MODELPILOT_PROMETHEUS_*`` environment the chart sets): a ModelDeployment's
@@ -23,6 +24,7 @@ a CA bundle when one is configured) and credentials come from mounted files.
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,10 +39,16 @@ from requests.auth import AuthBase, HTTPBasicAuth
 from modelpilot import contract as C  # the metric names
 from modelpilot.optimizer.snapshot import (
     BURST_WINDOW_S,
+    HISTORY_AHEAD_S,
+    HISTORY_LOOKBACK_S,
+    HISTORY_STEP_S,
     RATE_WINDOW_S,
+    SEASONS_S,
     SHORT_RATE_WINDOW_S,
     Agreement,
     Band,
+    RateHistory,
+    SeasonWindow,
     ShadowStats,
     Snapshot,
     StageTelemetry,
@@ -49,6 +57,9 @@ from modelpilot.optimizer.snapshot import (
 #: The target label naming the ModelDeployment: the pod label ``app.kubernetes.io/instance``
 #: as Prometheus's ``labelmap`` (and the chart's PodMonitor) writes it.
 INSTANCE_LABEL = "app_kubernetes_io_instance"
+
+#: A range query: (PromQL, start, end, step in seconds) -> rows with "metric" and "values".
+RangeQuery = Callable[[str, float, float, int], list[Any]]
 
 #: Prometheus when neither the environment nor a spec names one.
 DEFAULT_URL = "http://prometheus-server.monitoring.svc"
@@ -244,8 +255,10 @@ class Telemetry:
         timeout_s: float = 5.0,
         query: Callable[[str], list[dict[str, Any]]] | None = None,
         session: requests.Session | None = None,
+        query_range: RangeQuery | None = None,
     ) -> None:
-        """``query`` replaces Prometheus (tests); ``session`` carries TLS and credentials
+        """``query`` (instant) and ``query_range`` replace Prometheus (tests; with ``query``
+        alone no rate history is read); ``session`` carries TLS and credentials
         (:meth:`PrometheusConfig.session`); without one, TLS is verified against the
         system's CAs."""
         self.window = window
@@ -258,7 +271,19 @@ class Telemetry:
             if hasattr(prom, "ssl_verification"):  # prometheus-api-client < 0.6 passes this
                 prom.ssl_verification = session.verify
             query = prom.custom_query
+
+            def query_range(promql: str, start: float, end: float, step: int) -> list[Any]:
+                utc = datetime.UTC
+                rows = prom.custom_query_range(
+                    promql,
+                    datetime.datetime.fromtimestamp(start, utc),
+                    datetime.datetime.fromtimestamp(end, utc),
+                    f"{step}s",
+                )
+                return list(rows)
+
         self._query = query
+        self._query_range = query_range
 
     def _by_stage(self, promql: str) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
@@ -278,6 +303,46 @@ class Telemetry:
             labels = row.get("metric", {})
             if labels.get("stage") and labels.get("model"):
                 out[(labels["stage"], labels["model"])] = _finite(row["value"][1])
+        return out
+
+    def rate_history(self, sel: str, now: float) -> dict[str, RateHistory]:
+        """Per stage, the request rate at ``HISTORY_STEP_S`` steps over the last
+        ``HISTORY_LOOKBACK_S``, and over the same span one season earlier for each of
+        ``SEASONS_S`` (``HISTORY_AHEAD_S`` longer): one range query each."""
+        if self._query_range is None:
+            return {}
+        step = HISTORY_STEP_S
+        promql = f"sum by (stage) (rate({C.METRIC_REQUESTS}_total{{{sel}}}[{step}s]))"
+        n = HISTORY_LOOKBACK_S // step + 1
+        start = math.floor((now - HISTORY_LOOKBACK_S) / step) * step
+        recent = self._grid(promql, start, n, step)
+        longer = n + HISTORY_AHEAD_S // step
+        past = {p: self._grid(promql, start - p, longer, step) for p in SEASONS_S}
+        return {
+            stage: RateHistory(
+                step,
+                rates,
+                tuple(SeasonWindow(p, got.get(stage, (None,) * longer)) for p, got in past.items()),
+            )
+            for stage, rates in recent.items()
+        }
+
+    def _grid(
+        self, promql: str, start: float, count: int, step: int
+    ) -> dict[str, tuple[float | None, ...]]:
+        """A range query's values per stage on the grid start + k * step, None where absent."""
+        assert self._query_range is not None
+        out: dict[str, tuple[float | None, ...]] = {}
+        for row in self._query_range(promql, start, start + (count - 1) * step, step):
+            stage = row.get("metric", {}).get("stage")
+            if not stage:
+                continue
+            values: list[float | None] = [None] * count
+            for ts, value in row.get("values", []):
+                i = round((float(ts) - start) / step)
+                if 0 <= i < count:
+                    values[i] = _finite(value)
+            out[stage] = tuple(values)
         return out
 
     def dispersion(self, sel: str) -> dict[str, float]:
@@ -431,6 +496,7 @@ class Telemetry:
         )
         newest = self._scalar(f"max(timestamp({C.METRIC_REQUESTS}_total{{{sel}}}))")
         dispersion = self.dispersion(sel)
+        history = self.rate_history(sel, now)
 
         def ms(v: float | None) -> float | None:
             return None if v is None else v * 1000.0
@@ -441,6 +507,7 @@ class Telemetry:
                 rate_rps=rate.get(stage),
                 rate_short_rps=short.get(stage),
                 arrival_dispersion=dispersion.get(stage),
+                rate_history=history.get(stage),
                 p50_ms=ms(p50.get(stage)),
                 p95_ms=ms(p95.get(stage)),
                 p99_ms=ms(p99.get(stage)),

@@ -7,7 +7,8 @@ in the trace-replay simulator.
 
 A decision is a short pipeline of pure steps, each in its own module:
 
-- per stage, the rate to size for (:mod:`.forecast`: the measured rate, or ahead of a climb)
+- per stage, the rate to size for (:mod:`.forecast`: the measured rate, or ahead of a climb;
+  :mod:`.seasonal`: ahead of what followed this moment a season ago)
   and how bursty its arrivals are (their measured index of dispersion, :mod:`.sizing`);
 - a model stage's calibration against Triton's measured batch times and its measured p95
   (:mod:`.calibration`);
@@ -50,6 +51,7 @@ from modelpilot.optimizer.gateway import KnobStep, Measured, tune_cache, tune_ro
 from modelpilot.optimizer.history import History, StageHistory
 from modelpilot.optimizer.profiles import Profiles, routed
 from modelpilot.optimizer.quality import Quality, assess
+from modelpilot.optimizer.seasonal import seasonal_forecast
 from modelpilot.optimizer.sizing import Sizing, burst_factor, stage_budgets, stage_sizer
 from modelpilot.optimizer.snapshot import BURST_WINDOW_S, Snapshot, StageTelemetry, dispersion
 from modelpilot.optimizer.stabilize import stabilize
@@ -216,6 +218,14 @@ def decide(
             rate, headroom = burst_headroom(tele.rate_rps, burst, tun)
             if headroom:
                 reasons.append(f"{name}: {headroom}")
+        horizon = tun.forecast_lead_s + spec.optimizer.interval_seconds
+        if (
+            tele.rate_history is not None
+            and (season := seasonal_forecast(tele.rate_history, horizon, tun))
+            and season.rate > rate
+        ):
+            rate, trend = season.rate, season.reason
+            reasons.append(f"{name}: {season.reason}")
         measured = tele.rate_short_rps or 0.0  # a forecast's base: read only when trending
         if isinstance(stage, ModelStage):
             step = _model_stage(ctx, name, stage, cur, tele, hist, rate, trend, measured)

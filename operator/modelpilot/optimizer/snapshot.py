@@ -13,6 +13,27 @@ SHORT_RATE_WINDOW_S = 15  # the short one, to see a surge early (and its trend)
 # How far back the arrivals' burstiness is measured: long enough to hold a few bursts,
 # short enough to follow a change of traffic.
 BURST_WINDOW_S = 300
+# The rate history seasonal forecasts read: the rate at HISTORY_STEP_S steps over the last
+# HISTORY_LOOKBACK_S, and over the same span one season earlier, HISTORY_AHEAD_S longer.
+HISTORY_STEP_S = 60
+HISTORY_LOOKBACK_S = 3600
+HISTORY_AHEAD_S = 300
+SEASONS_S = (86400, 7 * 86400)  # a day, a week
+
+
+@dataclass(frozen=True)
+class SeasonWindow:
+    period_s: int
+    # The rate at each step from (now - period - lookback) to (now - period + ahead): its
+    # first points are the recent window's one period earlier; None where unmeasured.
+    past: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class RateHistory:
+    step_s: int
+    recent: tuple[float | None, ...]  # the rate at each step from now - lookback to now
+    seasons: tuple[SeasonWindow, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -22,6 +43,7 @@ class StageTelemetry:
     # Variance / mean of the stage's per-second arrival counts over BURST_WINDOW_S
     # (1 for Poisson arrivals, more for bursty ones).
     arrival_dispersion: float | None = None
+    rate_history: RateHistory | None = None  # for seasonal forecasts
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None

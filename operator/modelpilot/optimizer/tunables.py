@@ -69,6 +69,9 @@ class Tunables:
     # A bursty stream's rate is sized this many standard deviations of its excess noise above
     # the measured one (one-sided 95%), and a climb must clear as much on the short window.
     burst_noise_z: float = 1.65
+    # A season sizes ahead only when its fit of the last hour errs less than this share of
+    # what holding the rate over the horizon does.
+    season_trust: float = 0.8
     # Verification (the rules users set are spec.optimizer.verification; these are not).
     max_error_ratio: float = (
         0.01  # a candidate failing more than this share of mirrored calls fails

@@ -38,6 +38,7 @@ from modelpilot.sim.policies import (
 )
 
 REFERENCE = {"embedding": "minilm-fp32", "inference": "reranker-large"}
+SEASON_S = 3600  # the bench's compressed day
 # No policy's stage is capped below what a trace's peak second needs (static peak
 # provisioning of azure-code's re-ranker reaches about 300 pods).
 MAX_REPLICAS = 1000
@@ -220,6 +221,9 @@ def run_trace(
                 for name, stage in stages.items()
             ],
             startup_s=startup_s,
+            # The synthetic "recurring" trace compresses a day into an hour: the policies see
+            # an hourly season where the operator reads days and weeks from Prometheus.
+            seasons=(SEASON_S,),
         )
 
     jobs = []

@@ -36,7 +36,15 @@ import numpy as np
 import numpy.typing as npt
 
 from modelpilot.optimizer.profiles import ModelProfile
-from modelpilot.optimizer.snapshot import BURST_WINDOW_S, SHORT_RATE_WINDOW_S
+from modelpilot.optimizer.snapshot import (
+    BURST_WINDOW_S,
+    HISTORY_AHEAD_S,
+    HISTORY_LOOKBACK_S,
+    HISTORY_STEP_S,
+    SHORT_RATE_WINDOW_S,
+    RateHistory,
+    SeasonWindow,
+)
 from modelpilot.render.plan import StagePlan
 from modelpilot.sim.policies import Observation
 from modelpilot.sim.traces import Trace
@@ -63,6 +71,9 @@ class Config:
     scrape_s: float = 15.0  # policies see metrics as of the last Prometheus scrape
     service: str = "lognormal"  # or "exponential" (M/M/c validation)
     seed: int = 7
+    # Seasons (s) whose rate history policies see, as the operator reads its days and weeks
+    # from Prometheus; none by default.
+    seasons: tuple[int, ...] = ()
 
 
 class PipelinePolicy(Protocol):
@@ -181,7 +192,7 @@ class _Stage:
         """Pods the Deployment counts: those not being retired (every one of them is live)."""
         return sum(1 for r in self.replicas.values() if r.retire_at is None)
 
-    def observe(self, now: float) -> Observation:
+    def observe(self, now: float, seasons: tuple[int, ...] = ()) -> Observation:
         arr = self.arr
         hi = bisect.bisect_right(arr, now)
         span = max(now, 1.0)
@@ -211,6 +222,30 @@ class _Stage:
             float(self.batch_items_at[s0 : int(now)].sum()) / batches if batches else None,
             self.dispersion(int(now)),
             1000.0 * busy / batches if batches else None,
+            self.rate_history(now, seasons) if seasons else None,
+        )
+
+    def rate_history(self, now: float, seasons: tuple[int, ...]) -> RateHistory:
+        """The stage's 1-minute rate at ``HISTORY_STEP_S`` steps over the last
+        ``HISTORY_LOOKBACK_S`` and the same span each season earlier (``HISTORY_AHEAD_S``
+        longer), as the operator's range queries read it; None before the trace began."""
+        arr = self.arr_np[: len(self.arr)]
+        step = HISTORY_STEP_S
+        n = HISTORY_LOOKBACK_S // step + 1
+        recent = now - HISTORY_LOOKBACK_S + step * np.arange(n, dtype=float)
+
+        def rates(ends: npt.NDArray[np.float64]) -> tuple[float | None, ...]:
+            hi = np.searchsorted(arr, ends, side="right")
+            lo = np.searchsorted(arr, ends - 60.0, side="right")
+            return tuple(
+                None if end < 60.0 or end > now else float(c) / 60.0
+                for end, c in zip(ends, hi - lo, strict=True)
+            )
+
+        extra = HISTORY_AHEAD_S // step
+        past = recent[0] + step * np.arange(n + extra, dtype=float)
+        return RateHistory(
+            step, rates(recent), tuple(SeasonWindow(p, rates(past - p)) for p in seasons)
         )
 
     def dispersion(self, now: int) -> float | None:
@@ -401,7 +436,9 @@ def simulate(
             timeline["p95"].append(p95 if p95 is not None else math.nan)
             next_sample += 30.0
         scraped = math.floor(next_tick / cfg.scrape_s) * cfg.scrape_s
-        views = {st.cfg.name: replace(st.observe(scraped), now=next_tick) for st in stages}
+        views = {
+            st.cfg.name: replace(st.observe(scraped, cfg.seasons), now=next_tick) for st in stages
+        }
         current = {st.cfg.name: st.current for st in stages}
         wants = policy.decide_all(views, current, e2e_p95(scraped))
         for st in stages:

@@ -18,7 +18,7 @@ from modelpilot.optimizer.policy import decide
 from modelpilot.optimizer.profiles import Profiles
 from modelpilot.optimizer.quality import assess_all
 from modelpilot.optimizer.sizing import stage_sizer
-from modelpilot.optimizer.snapshot import Agreement, Snapshot, StageTelemetry
+from modelpilot.optimizer.snapshot import Agreement, RateHistory, Snapshot, StageTelemetry
 from modelpilot.optimizer.tunables import Tunables
 from modelpilot.optimizer.variants import cheapest, variant_options
 from modelpilot.render import plan as plans
@@ -42,6 +42,7 @@ class Observation:
     batch_size: float | None  # items per batch started in the last 60 s
     arrival_dispersion: float | None = None  # per-second counts' variance / mean, 300 s
     exec_ms: float | None = None  # mean service time of the batches started in the last 60 s
+    rate_history: RateHistory | None = None  # for seasonal forecasts (Config.seasons)
 
 
 class Policy:
@@ -219,6 +220,7 @@ class ModelPilot:
                 items_per_request=self.items.get(name),
                 arrival_dispersion=o.arrival_dispersion,
                 exec_ms=o.exec_ms,
+                rate_history=o.rate_history,
             )
             for name, o in obs.items()
         }

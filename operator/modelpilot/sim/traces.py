@@ -169,11 +169,36 @@ def flash_crowd(
     return _make("flash-crowd", seconds, fn)
 
 
+def recurring(
+    seconds: int = 4 * 3600, base: float = 20, peak: float = 120, day: int = 3600, seed: int = 5
+) -> Trace:
+    """A day compressed into ``day`` seconds, repeated: quiet, then at a sixth of the day a
+    one-minute ramp to peak, held until two thirds of the day, then a five-minute decline;
+    5% noise. What a seasonal forecast should see coming from the second day on."""
+    rng = random.Random(seed)
+    up, down = day // 6, 2 * day // 3
+
+    def fn(s: int) -> float:
+        t = s % day
+        if up <= t < up + 60:
+            level = base + (peak - base) * (t - up) / 60
+        elif up + 60 <= t < down:
+            level = peak
+        elif down <= t < down + 300:
+            level = peak - (peak - base) * (t - down) / 300
+        else:
+            level = base
+        return level * (1 + rng.gauss(0, 0.05))
+
+    return _make("recurring", seconds, fn)
+
+
 BUILTIN: dict[str, Callable[..., Trace]] = {
     "diurnal": diurnal,
     "bursty": bursty,
     "step": step,
     "flash-crowd": flash_crowd,
+    "recurring": recurring,
 }
 
 
