@@ -684,8 +684,11 @@ def test_measured_batch_times_rescale_the_profile(
     exec_ms = exec_ratio * prof.mean_ms(8.0)
     tele = StageTelemetry(rate_rps=100, batch_size=batch, exec_ms=exec_ms)
     cur = plans.StagePlan(4, "small", 8, 0, instances=instances)
-    got = calibration.service_time_factor(cur, prof, tele, Tunables())
+    got = calibration.service_time_factor(cur, prof, tele, StageHistory(), 10_000, Tunables())
     assert got == (None if expected is None else pytest.approx(expected))
+    # Within a minute of a change the window may hold the previous variant's batches.
+    just = StageHistory(last_change=9_990)
+    assert calibration.service_time_factor(cur, prof, tele, just, 10_000, Tunables()) is None
 
 
 def test_a_stage_measured_twice_as_slow_is_sized_for_it_and_says_why() -> None:
@@ -696,9 +699,10 @@ def test_a_stage_measured_twice_as_slow_is_sized_for_it_and_says_why() -> None:
     batch = float(cur.max_batch_size or 1)
     slow = StageTelemetry(rate_rps=800.0, batch_size=batch, exec_ms=2 * prof.mean_ms(batch))
     stages = {**snap(1e6, 800.0).stages, "inference": slow}
+    at = 1e6 + 120  # a minute after the first plan: the window holds its batches only
     later = decide(
-        spec, first.plan, Snapshot(time=1e6 + 15, newest_sample=1e6 + 15, stages=stages),
-        first.history, PROFILES, 1e6 + 15,
+        spec, first.plan, Snapshot(time=at, newest_sample=at, stages=stages),
+        first.history, PROFILES, at,
     )  # fmt: skip
     assert later.plan["inference"].replicas > cur.replicas
     said = [r for r in later.reasons if r.startswith("inference: batches run 2.00x")]

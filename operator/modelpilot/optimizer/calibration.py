@@ -80,13 +80,21 @@ def step_factor(
 
 
 def service_time_factor(
-    cur: StagePlan, prof: ModelProfile, tele: StageTelemetry, tun: Tunables
+    cur: StagePlan,
+    prof: ModelProfile,
+    tele: StageTelemetry,
+    hist: StageHistory,
+    t: int,
+    tun: Tunables,
 ) -> float | None:
     """Measured over profiled batch time: Triton's mean compute time per batch against the
     profile's mean for the achieved batch size (at the stage's instance count); None while
-    unmeasured or within ``service_time_deadband`` of the profile (the latency calibration
-    keeps the small errors)."""
+    unmeasured, within ``service_time_deadband`` of the profile (the latency calibration
+    keeps the small errors), or too soon after a change (the window may hold another
+    variant's or setting's batches)."""
     if tele.exec_ms is None or not tele.batch_size or tele.exec_ms <= 0:
+        return None
+    if hist.last_change is not None and t - hist.last_change < tun.calibration_settle_s:
         return None
     profiled = prof.mean_ms(tele.batch_size) * prof.instance_slowdown(cur.instances or 1)
     lo, hi = tun.calibration_bounds

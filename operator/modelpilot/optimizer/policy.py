@@ -364,7 +364,7 @@ def _model_stage(
         reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
         ctx.held.append(name)
         return None
-    if (batch_time := service_time_factor(cur, cur_prof, tele, tun)) is not None:
+    if (batch_time := service_time_factor(cur, cur_prof, tele, hist, t, tun)) is not None:
         # The stage's node runs every variant's batches that much slower or faster.
         models = {v.model for v in stage.variants}
         profiles = replace(

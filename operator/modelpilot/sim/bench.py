@@ -203,7 +203,7 @@ def run_trace(
         (Reactive(spec, profiles, trace.past_mean(10.0), items, retrieval_ms, 5.0), reference),
     ]
 
-    def config(firsts: dict[str, StagePlan]) -> Config:
+    def config(firsts: dict[str, StagePlan], seasons: tuple[int, ...] = ()) -> Config:
         return Config(
             slo_ms=slo_ms,
             stages=[
@@ -221,9 +221,7 @@ def run_trace(
                 for name, stage in stages.items()
             ],
             startup_s=startup_s,
-            # The synthetic "recurring" trace compresses a day into an hour: the policies see
-            # an hourly season where the operator reads days and weeks from Prometheus.
-            seasons=(SEASON_S,),
+            seasons=seasons,
         )
 
     jobs = []
@@ -235,7 +233,11 @@ def run_trace(
             firsts = {
                 n: replace(p, replicas=policy.policies[n].replicas) for n, p in firsts.items()
             }
-        jobs.append((trace, policy, config(firsts)))
+        # Only ModelPilot reads a rate history. The synthetic "recurring" trace compresses a
+        # day into an hour: it is given an hourly season where the operator reads days and
+        # weeks from Prometheus.
+        seasons = (SEASON_S,) if isinstance(policy, ModelPilot) else ()
+        jobs.append((trace, policy, config(firsts, seasons)))
     workers = os.cpu_count() or 1
     if not only or "oracle" in only:
         base = config({n: start(n, reference[n]) for n in stages})

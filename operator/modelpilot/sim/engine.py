@@ -7,7 +7,7 @@ Triton's dynamic-batching rule: it sends as soon as the batch is full (``max_bat
 counts items, and a request carries ``items`` of them: a re-ranked query is all its
 candidate pairs), or when the oldest request has waited ``max_queue_delay``. A batch of
 ``b`` items takes the variant's measured latency at ``b`` times log-normal noise fitted to
-the measured p95/p50. A request leaving a stage reaches the next one ``hop_ms`` later
+that variant's measured p95/p50. A request leaving a stage reaches the next one ``hop_ms`` later
 (a fixed-latency step between them, e.g. the ANN search). New replicas are ready only after
 ``startup_s``; a variant switch is a surge rollout. A stage that routes (the re-ranker with
 a small share in its plan) serves that share of each batch's requests with the small
@@ -148,7 +148,9 @@ def _window_stats(
 class _Stage:
     """One stage's queue, replicas and bill."""
 
-    def __init__(self, cfg: StageConfig, n: int, seconds: int, noise: npt.NDArray[np.float64]):
+    def __init__(
+        self, cfg: StageConfig, n: int, seconds: int, noise: dict[str, npt.NDArray[np.float64]]
+    ):
         self.cfg = cfg
         self.arr: list[float] = []  # arrival times at this stage, ascending
         self.rid: list[int] = []  # request id of each arrival
@@ -171,7 +173,8 @@ class _Stage:
         self.finished: list[tuple[float, int, int]] = []  # (finish, first index, count)
         self.actions = 0
         self.small = 0  # requests served by the small route
-        self.route_rng = np.random.default_rng(len(noise))  # which requests route small
+        # which requests route small
+        self.route_rng = np.random.default_rng(len(next(iter(noise.values()))))
         self.add(cfg.start.replicas, cfg.start.variant or "", 0.0, 0.0)
 
     def add(self, count: int, variant: str, now: float, delay: float) -> None:
@@ -348,7 +351,7 @@ class _Stage:
             base = service_s.get(key)
             if base is None:
                 base = service_s[key] = self._batch_s(rep.variant, k, to_small)
-            service = base * self.noise[self.noise_i & 0xFFFF]
+            service = base * self.noise[rep.variant][self.noise_i & 0xFFFF]
             self.noise_i += 1
             finish = dispatch + service
             self.end[head : head + k] = finish
@@ -471,10 +474,16 @@ def simulate(
 
 def _noise(
     rng: np.random.Generator, cfg: Config, stage: StageConfig, size: int
-) -> npt.NDArray[np.float64]:
+) -> dict[str, npt.NDArray[np.float64]]:
+    """Per variant, ``size`` multipliers of its batch times (drawn from one sequence, so a
+    switch changes the spread, not the luck)."""
     if cfg.service == "exponential":
-        return rng.exponential(1.0, size)
-    # Log-normal with median 1 whose 95th percentile matches the profiles' p95/p50 ratio.
-    ratios = [p.p95_ms / p.p50_ms for m in stage.variant_models.values() for p in m.points]
-    sigma = math.log(max(float(np.median(ratios)), 1.0001)) / 1.645
-    return rng.lognormal(0.0, sigma, size)
+        draws = rng.exponential(1.0, size)
+        return {v: draws for v in stage.variant_models}
+    # Log-normal with median 1 whose 95th percentile matches the variant's p95/p50 ratio.
+    z = rng.standard_normal(size)
+    out = {}
+    for name, model in stage.variant_models.items():
+        ratio = float(np.median([p.p95_ms / p.p50_ms for p in model.points]))
+        out[name] = np.exp(math.log(max(ratio, 1.0001)) / 1.645 * z)
+    return out
