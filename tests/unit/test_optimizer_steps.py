@@ -289,6 +289,24 @@ def test_stabilize_remembers_the_measured_need_not_the_forecast() -> None:
     assert after.scale_down_window == ((T0, 3),)
 
 
+@pytest.mark.parametrize(
+    ("current", "desired", "expected"),
+    [
+        (40, 43, 40),  # within 10%: a need wandering around a steady load moves nothing
+        (40, 45, 44),  # beyond it, up at once (at most maxScaleUpStep, 4)
+        (40, 37, 40),
+        (40, 35, 35),  # down past the tolerance (the window's highest need is 35)
+        (3, 4, 4),  # a small stage still moves by one
+        (3, 2, 2),
+    ],
+)
+def test_stabilize_ignores_changes_within_the_tolerance(
+    current: int, desired: int, expected: int
+) -> None:
+    got, _ = stabilize("embedding", current, desired, StageHistory(), T0, SPEC, 0, [], None, 0.1)
+    assert got == expected
+
+
 # ------------------------------------------------------------------------------- budget
 def budget_plan(emb: tuple[int, str], inf: tuple[int, str]) -> plans.Plan:
     plan = plans.initial(SPEC)

@@ -457,7 +457,7 @@ def _model_stage(
         ctx.cooldown,
         reasons,
         remember,
-        tun.scale_down_tolerance,
+        tun.scale_tolerance,
     )
     hist = replace(hist, calibration_permille=calib_pm)
     if variant.name == cur.variant:
@@ -595,6 +595,6 @@ def _service_stage(
     remember = min(max(replicas_for(measured), bounds[0]), bounds[1]) if trend else None
     replicas, hist = stabilize(
         name, cur.replicas, desired, hist, t, spec, cooldown, reasons, remember,
-        tun.scale_down_tolerance,
+        tun.scale_tolerance,
     )  # fmt: skip
     return replace(cur, replicas=replicas), hist

@@ -21,9 +21,9 @@ def stabilize(
     tolerance: float = 0.0,
 ) -> tuple[int, StageHistory]:
     """Scale up at once (bounded by maxScaleUpStep); scale down only to the highest
-    recommendation over the stabilization window, outside the cooldown, and only by more than
-    ``tolerance`` of the current count (HPA's tolerance: a need that wanders by a replica
-    around a steady load must not move the stage back and forth). ``remember`` is the
+    recommendation over the stabilization window, outside the cooldown. Either way only by
+    more than ``tolerance`` of the current count (HPA's tolerance: a need that wanders by a
+    replica around a steady load must not move the stage, nor ratchet it up). ``remember`` is the
     recommendation to keep for that window when it differs from ``desired`` (a forecast)."""
     window = spec.optimizer.scale_down_stabilization_seconds
     recent = tuple(r for r in hist.scale_down_window if now - r[0] < window)
@@ -35,11 +35,11 @@ def stabilize(
             kept.pop()
         kept.append(r)
     hist = replace(hist, scale_down_window=tuple(kept))
-    if desired > current:
+    if desired > current and desired - current > tolerance * current:
         new = min(desired, current + spec.optimizer.max_scale_up_step)
         reasons.append(f"{name}: scale up {current} -> {new} (needs {desired})")
         return new, hist
-    if desired < current:
+    if desired <= current:
         ceiling = max(r for _, r in kept)
         if ceiling >= current or current - ceiling <= tolerance * current:
             return current, hist

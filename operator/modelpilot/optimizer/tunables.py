@@ -37,7 +37,7 @@ class Tunables:
     quality_margin: float = 0.10  # a declared quality this far from the measured one is reported
     switch_saving: float = 0.15  # a variant switch must save at least this share of cost
     cooldown_intervals: int = 2  # no scale-down or switch within this many intervals of a change
-    scale_down_tolerance: float = 0.1  # a scale-down must shed more than this share (HPA's)
+    scale_tolerance: float = 0.1  # a replica change must be more than this share (HPA's)
     # Calibration.
     # Batches measured this many times slower (or its inverse faster) than profiled rescale the
     # stage's profile; closer, the latency calibration below corrects alone.
