@@ -667,28 +667,30 @@ def test_a_profile_mean_is_its_log_normal_mean() -> None:
 
 
 @pytest.mark.parametrize(
-    ("exec_ratio", "batch", "instances", "expected"),
+    ("exec_ratio", "batch", "instances", "kept", "expected"),
     [
-        (2.0, 8.0, 1, 2.0),  # batches take twice the profile's time
-        (0.5, 8.0, 1, 0.5),
-        (1.1, 8.0, 1, None),  # within the deadband: the latency calibration's business
-        (2.0, None, 1, None),  # no achieved batch size: unmeasured
-        (2.0, 8.0, 2, None),  # two instances share the cores: twice as long is as profiled
-        (4.0, 8.0, 2, 2.0),
+        (2.0, 8.0, 1, 1000, 2000),  # batches take twice the profile's time
+        (0.5, 8.0, 1, 1000, 500),
+        (1.1, 8.0, 1, 1000, 1000),  # within the deadband: the latency calibration's business
+        (2.0, None, 1, 1500, 1500),  # no achieved batch size: kept as last measured
+        (2.0, 8.0, 2, 1000, 1000),  # two instances share the cores: twice as long is as profiled
+        (4.0, 8.0, 2, 1000, 2000),
+        (2.1, 8.0, 1, 2000, 2000),  # within 10% of the factor in use: kept, no churn
+        (1.1, 8.0, 1, 2000, 1000),  # back to the profile
     ],
 )
 def test_measured_batch_times_rescale_the_profile(
-    exec_ratio: float, batch: float | None, instances: int, expected: float | None
+    exec_ratio: float, batch: float | None, instances: int, kept: int, expected: int
 ) -> None:
     prof = _with_instances({1: 1.0, 2: 1.0}).models["inf_small"]
     exec_ms = exec_ratio * prof.mean_ms(8.0)
     tele = StageTelemetry(rate_rps=100, batch_size=batch, exec_ms=exec_ms)
     cur = plans.StagePlan(4, "small", 8, 0, instances=instances)
-    got = calibration.service_time_factor(cur, prof, tele, StageHistory(), 10_000, Tunables())
-    assert got == (None if expected is None else pytest.approx(expected))
+    hist = StageHistory(batch_time_permille=kept)
+    assert calibration.service_time_factor(cur, prof, tele, hist, 10_000, Tunables()) == expected
     # Within a minute of a change the window may hold the previous variant's batches.
-    just = StageHistory(last_change=9_990)
-    assert calibration.service_time_factor(cur, prof, tele, just, 10_000, Tunables()) is None
+    just = replace(hist, last_change=9_990)
+    assert calibration.service_time_factor(cur, prof, tele, just, 10_000, Tunables()) == kept
 
 
 def test_a_stage_measured_twice_as_slow_is_sized_for_it_and_says_why() -> None:

@@ -941,6 +941,12 @@ class StageHistoryStatus(_Model):
         description="Batch sizes the tuner retreated from while the stage measured over its "
         "latency budget, not tried again until ``until``.",
     )
+    batch_time_permille: int = Field(
+        default=1000,
+        alias="batchTimePermille",
+        description="Triton's measured batch time over the profile's, in thousandths: the "
+        "stage's variants are sized with their profiles scaled by it (1000: as profiled).",
+    )
 
 
 class ModelDeploymentStatus(_Model):

@@ -86,21 +86,25 @@ def service_time_factor(
     hist: StageHistory,
     t: int,
     tun: Tunables,
-) -> float | None:
-    """Measured over profiled batch time: Triton's mean compute time per batch against the
-    profile's mean for the achieved batch size (at the stage's instance count); None while
-    unmeasured, within ``service_time_deadband`` of the profile (the latency calibration
-    keeps the small errors), or too soon after a change (the window may hold another
-    variant's or setting's batches)."""
+) -> int:
+    """Measured over profiled batch time, in thousandths, to size the stage with: Triton's
+    mean compute time per batch against the profile's mean for the achieved batch size (at the
+    stage's instance count). Kept as it was while unmeasured, too soon after a change (the
+    window may hold another variant's or setting's batches) or within
+    ``service_time_hysteresis`` of the measured ratio; 1000 when the ratio is within
+    ``service_time_deadband`` of the profile (the latency calibration keeps small errors)."""
+    kept = hist.batch_time_permille
     if tele.exec_ms is None or not tele.batch_size or tele.exec_ms <= 0:
-        return None
+        return kept
     if hist.last_change is not None and t - hist.last_change < tun.calibration_settle_s:
-        return None
+        return kept
     profiled = prof.mean_ms(tele.batch_size) * prof.instance_slowdown(cur.instances or 1)
     lo, hi = tun.calibration_bounds
-    factor = min(max(tele.exec_ms / profiled, lo), hi)
+    ratio = min(max(tele.exec_ms / profiled, lo), hi)
+    if abs(math.log(ratio * 1000 / kept)) <= math.log(tun.service_time_hysteresis):
+        return kept
     band = tun.service_time_deadband
-    return None if 1 / band <= factor <= band else factor
+    return 1000 if 1 / band <= ratio <= band else round(1000 * ratio)
 
 
 def learn(

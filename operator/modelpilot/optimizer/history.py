@@ -17,6 +17,7 @@ class StageHistory:
     rejected: tuple[tuple[str, int, str], ...] = ()  # (variant, until, why): failed verification
     # (instances, batch, until): no batch this large at that instance count until then
     backoff: tuple[tuple[int, int, int], ...] = ()
+    batch_time_permille: int = 1000  # measured / profiled batch time the stage is sized with
 
     def rejected_at(self, t: int) -> set[str]:
         return {v for v, until, _ in self.rejected if until > t}
@@ -53,6 +54,7 @@ class History:
                 "batchingBackoff": [
                     {"instances": k, "maxBatchSize": b, "until": until} for k, b, until in h.backoff
                 ],
+                "batchTimePermille": h.batch_time_permille,
             }
             for name, h in sorted(self.stages.items())
         }
@@ -83,5 +85,6 @@ class History:
                 h.get("verificationStarted", h.get("trialStarted")),
                 rejected,
                 backoff,
+                int(h.get("batchTimePermille") or 1000),
             )
         return cls(stages)

@@ -364,8 +364,11 @@ def _model_stage(
         reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
         ctx.held.append(name)
         return None
-    if (batch_time := service_time_factor(cur, cur_prof, tele, hist, t, tun)) is not None:
+    batch_pm = service_time_factor(cur, cur_prof, tele, hist, t, tun)
+    hist = replace(hist, batch_time_permille=batch_pm)
+    if batch_pm != 1000:
         # The stage's node runs every variant's batches that much slower or faster.
+        batch_time = batch_pm / 1000
         models = {v.model for v in stage.variants}
         profiles = replace(
             profiles,
@@ -374,9 +377,13 @@ def _model_stage(
             },
         )
         cur_prof = cur_prof.scaled(batch_time)
+        seen = (
+            f"Triton computes a {tele.batch_size:.1f}-item batch in {tele.exec_ms:.1f} ms"
+            if tele.exec_ms and tele.batch_size
+            else "as last measured"
+        )
         reasons.append(
-            f"{name}: batches run {batch_time:.2f}x the profile's time (Triton computes a "
-            f"{tele.batch_size or 0:.1f}-item batch in {tele.exec_ms or 0:.1f} ms): sized with "
+            f"{name}: batches run {batch_time:.2f}x the profile's time ({seen}): sized with "
             f"the profile scaled so"
         )
     per_sample = _samples_per_request(name, tele)
