@@ -732,10 +732,11 @@ def test_a_season_that_fits_forecasts_what_followed_at_todays_level() -> None:
     got = seasonal_forecast(history(1.5, past), 45.0, Tunables())
     assert got is not None and got.period_s == 86400
     assert got.level == pytest.approx(1.5)
-    assert got.rate == pytest.approx(1.5 * past[N])  # the next step only: a 45 s horizon
+    # a 45 s horizon: the next step, and the one after (a step's rate trails its minute)
+    assert got.rate == pytest.approx(1.5 * max(past[N : N + 2]))
     later = seasonal_forecast(history(1.5, past), 150.0, Tunables())
-    assert later is not None and later.rate == pytest.approx(1.5 * max(past[N : N + 3]))
-    assert "1 day ago the next 180s reached" in later.reason
+    assert later is not None and later.rate == pytest.approx(1.5 * max(past[N : N + 4]))
+    assert "1 day ago the next 240s reached" in later.reason
 
 
 def test_a_season_that_does_not_explain_the_last_hour_is_not_trusted() -> None:
@@ -771,5 +772,5 @@ def test_a_recurring_ramp_is_met_ahead_and_said_so() -> None:
     )  # fmt: skip
     plain = decide(spec, plans.initial(spec), snap(1e6, 200.0), History(), PROFILES, 1e6)
     assert ahead.plan["inference"].replicas > plain.plan["inference"].replicas
-    said = "inference: 1 day ago the next 60s reached"
+    said = "inference: 1 day ago the next 120s reached"
     assert any(r.startswith(said) for r in ahead.reasons), ahead.reasons

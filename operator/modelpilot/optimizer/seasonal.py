@@ -37,7 +37,9 @@ def seasonal_forecast(
     when no season is trusted (see the module)."""
     recent, step = history.recent, history.step_s
     n = len(recent)
-    ahead = max(1, math.ceil(horizon_s / step))
+    # One step more than the horizon: each step's rate is the mean of the minute before it,
+    # so a ramp within the horizon shows in full only at the step after.
+    ahead = max(1, math.ceil(horizon_s / step)) + 1
     best: tuple[float, SeasonalForecast] | None = None
     for season in history.seasons:
         then, after = season.past[:n], season.past[n : n + ahead]

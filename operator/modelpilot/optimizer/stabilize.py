@@ -40,7 +40,9 @@ def stabilize(
         reasons.append(f"{name}: scale up {current} -> {new} (needs {desired})")
         return new, hist
     if desired <= current:
-        ceiling = max(r for _, r in kept)
+        # Never below what this decision needs: the window remembers the measured need, which
+        # a forecast (a climb, a season) may exceed.
+        ceiling = max(max(r for _, r in kept), desired)
         if ceiling >= current or current - ceiling <= tolerance * current:
             return current, hist
         if hist.last_change is not None and now - hist.last_change < cooldown:
