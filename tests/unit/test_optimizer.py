@@ -687,10 +687,10 @@ def test_measured_batch_times_rescale_the_profile(
     tele = StageTelemetry(rate_rps=100, batch_size=batch, exec_ms=exec_ms)
     cur = plans.StagePlan(4, "small", 8, 0, instances=instances)
     hist = StageHistory(batch_time_permille=kept)
-    assert calibration.service_time_factor(cur, prof, tele, hist, 10_000, Tunables()) == expected
+    assert calibration.batch_time_permille(cur, prof, tele, hist, 10_000, Tunables()) == expected
     # Within a minute of a change the window may hold the previous variant's batches.
     just = replace(hist, last_change=9_990)
-    assert calibration.service_time_factor(cur, prof, tele, just, 10_000, Tunables()) == kept
+    assert calibration.batch_time_permille(cur, prof, tele, just, 10_000, Tunables()) == kept
 
 
 def test_a_stage_measured_twice_as_slow_is_sized_for_it_and_says_why() -> None:

@@ -3,7 +3,7 @@
 Two corrections, from live telemetry. The batch times themselves: Triton reports how long
 it computes the batches it runs, and a stage whose batches take markedly longer or shorter
 than the profile says (another machine, another build) is sized with its profile scaled by
-the ratio (:func:`service_time_factor`). Then the latency: a factor learnt online (measured
+the ratio (:func:`batch_time_permille`). Then the latency: a factor learnt online (measured
 p95 / predicted p95) corrects the model's tail; near 1 it scales the predicted latency, far
 from it the profile's batch times too (see :func:`modelpilot.optimizer.sizing.calibrated`),
 so a machine much faster or slower than the profiled one is sized for its own capacity even
@@ -79,7 +79,7 @@ def step_factor(
     return round(1000 * min(max(new, lo), hi))
 
 
-def service_time_factor(
+def batch_time_permille(
     cur: StagePlan,
     prof: ModelProfile,
     tele: StageTelemetry,
@@ -91,8 +91,8 @@ def service_time_factor(
     mean compute time per batch against the profile's mean for the achieved batch size (at the
     stage's instance count). Kept as it was while unmeasured, too soon after a change (the
     window may hold another variant's or setting's batches) or within
-    ``service_time_hysteresis`` of the measured ratio; 1000 when the ratio is within
-    ``service_time_deadband`` of the profile (the latency calibration keeps small errors)."""
+    ``batch_time_hysteresis`` of the measured ratio; 1000 when the ratio is within
+    ``batch_time_deadband`` of the profile (the latency calibration keeps small errors)."""
     kept = hist.batch_time_permille
     if tele.exec_ms is None or not tele.batch_size or tele.exec_ms <= 0:
         return kept
@@ -101,9 +101,9 @@ def service_time_factor(
     profiled = prof.mean_ms(tele.batch_size) * prof.instance_slowdown(cur.instances or 1)
     lo, hi = tun.calibration_bounds
     ratio = min(max(tele.exec_ms / profiled, lo), hi)
-    if abs(math.log(ratio * 1000 / kept)) <= math.log(tun.service_time_hysteresis):
+    if abs(math.log(ratio * 1000 / kept)) <= math.log(tun.batch_time_hysteresis):
         return kept
-    band = tun.service_time_deadband
+    band = tun.batch_time_deadband
     return 1000 if 1 / band <= ratio <= band else round(1000 * ratio)
 
 

@@ -45,7 +45,7 @@ from modelpilot.api.v1alpha1 import (
 )
 from modelpilot.contract import MODEL_STAGES
 from modelpilot.optimizer.budget import enforce_budget
-from modelpilot.optimizer.calibration import learn, service_time_factor
+from modelpilot.optimizer.calibration import batch_time_permille, learn
 from modelpilot.optimizer.forecast import burst_headroom, forecast
 from modelpilot.optimizer.gateway import KnobStep, Measured, tune_cache, tune_routing
 from modelpilot.optimizer.history import History, StageHistory
@@ -364,7 +364,7 @@ def _model_stage(
         reasons.append(f"{name}: hold, no profile for variant {cur.variant}")
         ctx.held.append(name)
         return None
-    batch_pm = service_time_factor(cur, cur_prof, tele, hist, t, tun)
+    batch_pm = batch_time_permille(cur, cur_prof, tele, hist, t, tun)
     hist = replace(hist, batch_time_permille=batch_pm)
     if batch_pm != 1000:
         # The stage's node runs every variant's batches that much slower or faster.

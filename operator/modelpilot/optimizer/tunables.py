@@ -41,8 +41,8 @@ class Tunables:
     # Calibration.
     # Batches measured this many times slower (or its inverse faster) than profiled rescale the
     # stage's profile; closer, the latency calibration below corrects alone.
-    service_time_deadband: float = 1.25
-    service_time_hysteresis: float = 1.1  # a factor within this of the measured ratio stays
+    batch_time_deadband: float = 1.25
+    batch_time_hysteresis: float = 1.1  # a factor within this of the measured ratio stays
     calibration_smoothing: float = 0.3  # EWMA weight (log scale) of the newest ratio
     calibration_bounds: tuple[float, float] = (0.04, 25.0)  # a profile 20x off still fits
     calibration_max_step: float = 3.0  # one update moves the factor at most this many times
