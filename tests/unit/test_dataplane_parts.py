@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import TypeAdapter, ValidationError
 from tritonclient.http import InferResult
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
@@ -25,6 +26,7 @@ from modelpilot_services.stages.shadow import NotReady, Shadow
 from modelpilot_services.stages.store import Store
 from modelpilot_services.toolkit.http import ApiError
 from modelpilot_services.toolkit.metrics import Arrivals
+from modelpilot_services.toolkit.schemas import Filter
 from modelpilot_services.toolkit.triton import decode_response, encode_request
 from tests.helpers import ROOT
 
@@ -387,3 +389,16 @@ def test_arrivals_are_counted_per_whole_second_with_quiet_seconds_as_zero() -> N
         )
         == 10
     )
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, [1, 2**64]])
+def test_metadata_and_filters_hold_64_bit_integers_only(value: object) -> None:
+    """A larger integer is valid JSON but cannot be passed on (orjson refuses it): it is
+    a 4xx at the edge, not a 500 from the hop that tries."""
+    adapter = TypeAdapter(Filter)
+    assert adapter.validate_python({"n": 2**63 - 1, "m": -(2**63)}) == {
+        "n": 2**63 - 1,
+        "m": -(2**63),
+    }
+    with pytest.raises(ValidationError, match="64 bits"):
+        adapter.validate_python({"n": value})

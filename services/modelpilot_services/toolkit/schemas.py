@@ -21,7 +21,18 @@ def _finite(value: float) -> float:
     return value
 
 
-Scalar = Annotated[str, StringConstraints(max_length=1024)] | bool | int | float
+def _int64(value: object) -> object:
+    # JSON allows any integer; the services pass metadata on as JSON through orjson, which
+    # (like the index and most stores) holds 64-bit integers only.
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError("integers must fit in 64 bits")
+    return value
+
+
+Scalar = Annotated[
+    Annotated[str, StringConstraints(max_length=1024)] | bool | int | float,
+    AfterValidator(_int64),
+]
 Metadata = Annotated[dict[Key, Scalar], Field(max_length=32)]
 Filter = Annotated[
     dict[Key, Scalar | Annotated[list[Scalar], Field(min_length=1, max_length=64)]],
