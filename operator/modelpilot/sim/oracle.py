@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelpilot.render.plan import StagePlan
-from modelpilot.sim.engine import Config, simulate
+from modelpilot.sim.engine import Config, StageConfig, simulate
 from modelpilot.sim.policies import ModelSized, Observation
 from modelpilot.sim.traces import Trace
 
@@ -88,12 +88,13 @@ class MinuteJudge:
         return self.p95_ms(arrivals, start, plan) <= self.cfg.slo_ms
 
 
+def _stage_cost(stage: StageConfig, plan: StagePlan) -> float:
+    return plan.replicas * stage.variant_costs.get(plan.variant or "", 1.0)
+
+
 def cost(plan: Mapping[str, StagePlan], cfg: Config) -> float:
     """Replica cost per hour of ``plan``."""
-    return sum(
-        plan[s.name].replicas * s.variant_costs.get(plan[s.name].variant or "", 1.0)
-        for s in cfg.stages
-    )
+    return sum(_stage_cost(s, plan[s.name]) for s in cfg.stages)
 
 
 def _clamped(plan: Mapping[str, StagePlan], cfg: Config) -> dict[str, StagePlan]:
@@ -137,9 +138,7 @@ def plan_minute(
             return plan
         rate *= ESCALATE
     held: dict[str, StagePlan] = plan
-    by_cost = sorted(
-        cfg.stages, key=lambda s: -cost({s.name: held[s.name]}, replace(cfg, stages=[s]))
-    )
+    by_cost = sorted(cfg.stages, key=lambda s: -_stage_cost(s, held[s.name]))
     for stage in by_cost:
         name = stage.name
         lo, hi = limits[name][0] - 1, plan[name].replicas  # lo fails (or is below min), hi meets
